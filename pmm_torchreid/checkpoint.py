@@ -1,0 +1,156 @@
+"""Checkpoints that torchreid can read back: atomic writes, safe loads.
+
+torchreid's engine saves rank-1 as a NumPy scalar, which ``torch.load`` refuses
+under ``weights_only=True`` (the default since torch 2.6), and its
+``load_checkpoint`` would unpickle arbitrary objects on older torch.  These
+helpers save plain Python numbers, write through a temporary file and an atomic
+rename, and always load with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import OrderedDict
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+__all__ = [
+    'to_plain', 'save_checkpoint', 'load_checkpoint', 'resume_from_checkpoint',
+    'load_pretrained_weights'
+]
+
+
+def to_plain(obj: Any) -> Any:
+    """Turns NumPy scalars and arrays nested in dicts, lists and tuples into
+    Python numbers and lists, so ``torch.load(weights_only=True)`` accepts them."""
+    if type(obj) in (dict, OrderedDict):
+        return type(obj)((k, to_plain(v)) for k, v in obj.items())
+    if type(obj) in (list, tuple):
+        return type(obj)(to_plain(v) for v in obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
+
+
+def save_checkpoint(state: dict, fpath: str) -> str:
+    """Writes ``state`` to ``fpath`` atomically (temporary file, fsync, rename).
+
+    A process killed at any moment leaves either the old file or the new one,
+    never a truncated one.
+    """
+    folder = os.path.dirname(os.path.abspath(fpath))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(fpath) + '.',
+                               suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(to_plain(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, fpath)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return fpath
+
+
+def load_checkpoint(fpath: str, map_location: Optional[str] = None) -> dict:
+    """Loads a checkpoint with ``torch.load(weights_only=True)``.
+
+    Raises:
+        FileNotFoundError: naming the path.
+        RuntimeError: naming the file when it needs arbitrary unpickling
+            (it is refused, not executed) or is not a torch file.
+    """
+    if not fpath:
+        raise ValueError('checkpoint path is empty')
+    fpath = os.path.abspath(os.path.expanduser(fpath))
+    if not os.path.isfile(fpath):
+        raise FileNotFoundError('no checkpoint file at "{}"'.format(fpath))
+    if map_location is None:
+        map_location = None if torch.cuda.is_available() else 'cpu'
+    try:
+        return torch.load(fpath, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise RuntimeError(
+            'refused to load "{}": it is not a plain weights/checkpoint file '
+            'that torch.load(weights_only=True) accepts, and arbitrary '
+            'unpickling could run code from it ({}: {})'.format(
+                fpath, type(error).__name__, str(error).splitlines()[0]
+                if str(error) else ''
+            )
+        ) from error
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.DataParallel) else model
+
+
+def _strip_module(state_dict: dict) -> dict:
+    return OrderedDict(
+        (k[len('module.'):] if k.startswith('module.') else k, v)
+        for k, v in state_dict.items()
+    )
+
+
+def resume_from_checkpoint(
+    fpath: str, model: nn.Module, optimizer=None, scheduler=None
+) -> int:
+    """Restores model, optimizer and scheduler; returns the epoch to start from."""
+    print('Loading checkpoint from "{}"'.format(fpath))
+    checkpoint = load_checkpoint(fpath)
+    for key in ('state_dict', 'epoch'):
+        if key not in checkpoint:
+            raise KeyError(
+                'checkpoint "{}" has no "{}" entry; it is not a training '
+                'checkpoint (use model.load_weights for weights only)'.format(
+                    fpath, key
+                )
+            )
+    _unwrap(model).load_state_dict(_strip_module(checkpoint['state_dict']))
+    print('Loaded model weights')
+    if optimizer is not None and checkpoint.get('optimizer') is not None:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        print('Loaded optimizer')
+    if scheduler is not None and checkpoint.get('scheduler') is not None:
+        scheduler.load_state_dict(checkpoint['scheduler'])
+        print('Loaded scheduler')
+    start_epoch = int(checkpoint['epoch'])
+    print('Last epoch = {}'.format(start_epoch))
+    if checkpoint.get('rank1') is not None:
+        print('Last rank1 = {:.1%}'.format(float(checkpoint['rank1'])))
+    return start_epoch
+
+
+def load_pretrained_weights(model: nn.Module, weight_path: str) -> None:
+    """Loads matching weights (same name and shape) like torchreid's, safely.
+
+    Layers whose name or shape differ (e.g. a classifier for another number of
+    identities) are skipped and listed.
+    """
+    checkpoint = load_checkpoint(weight_path)
+    state = checkpoint.get('state_dict', checkpoint) \
+        if isinstance(checkpoint, dict) else checkpoint
+    state = _strip_module(state)
+    target = _unwrap(model)
+    own = target.state_dict()
+    matched = {k: v for k, v in state.items()
+               if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise RuntimeError(
+            'no layer of "{}" matches the model (names or shapes differ)'.format(
+                weight_path
+            )
+        )
+    own.update(matched)
+    target.load_state_dict(own)
+    print('Loaded pretrained weights from "{}"'.format(weight_path))
+    skipped = sorted(set(state) - set(matched))
+    if skipped:
+        print('** Skipped layers (unmatched name or size): {}'.format(skipped))

@@ -1,0 +1,312 @@
+"""Configuration: torchreid's default keys plus the plugin's, and adapters.
+
+Merge order (as in Dassl/detectron2): :func:`get_default_config` (torchreid's
+keys and :func:`add_pmm_config`) -> yaml file -> command-line flags -> trailing
+``KEY VALUE`` pairs -> :func:`check_config` -> freeze.  Models and engines never
+see ``cfg``: the ``*_kwargs`` adapters turn it into constructor arguments.
+"""
+from __future__ import annotations
+
+import torch
+from yacs.config import CfgNode as CN
+
+__all__ = [
+    'get_default_config', 'add_pmm_config', 'check_config', 'is_pmm_model',
+    'imagedata_kwargs', 'model_kwargs', 'optimizer_kwargs',
+    'lr_scheduler_kwargs', 'engine_kwargs', 'engine_run_kwargs'
+]
+
+
+def _torchreid_defaults() -> CN:
+    # The keys of torchreid's scripts/default_config.py (deep-person-reid 1.4),
+    # so that its yaml files and command-line overrides work here unchanged.
+    cfg = CN()
+    cfg.use_gpu = torch.cuda.is_available()  # train and test on a GPU
+
+    cfg.model = CN()
+    cfg.model.name = 'pmm'  # model name (torchreid's or the plugin's)
+    cfg.model.pretrained = True  # load ImageNet weights into the backbone
+    cfg.model.load_weights = ''  # path to model weights
+    cfg.model.resume = ''  # path to a checkpoint to resume training from
+
+    cfg.data = CN()
+    cfg.data.type = 'image'  # only image reID is supported by the plugin
+    cfg.data.root = 'reid-data'  # folder that holds the datasets
+    cfg.data.sources = ['pmm_synthetic']  # training dataset(s)
+    cfg.data.targets = ['pmm_synthetic']  # evaluation dataset(s)
+    cfg.data.workers = 4  # number of data-loading processes
+    cfg.data.split_id = 0  # split index (datasets with several splits)
+    cfg.data.height = 256  # image height
+    cfg.data.width = 128  # image width
+    cfg.data.combineall = False  # train on train + query + gallery
+    cfg.data.transforms = ['random_flip']  # training augmentation (+ 'cutout')
+    cfg.data.k_tfm = 1  # times an image is augmented independently
+    cfg.data.norm_mean = [0.485, 0.456, 0.406]  # ImageNet mean
+    cfg.data.norm_std = [0.229, 0.224, 0.225]  # ImageNet std
+    cfg.data.save_dir = 'log'  # where logs and checkpoints go
+    cfg.data.load_train_targets = False  # also load the targets' train set
+
+    cfg.market1501 = CN()
+    cfg.market1501.use_500k_distractors = False  # add 500k gallery distractors
+    cfg.cuhk03 = CN()
+    cfg.cuhk03.labeled_images = False  # labeled (True) or detected images
+    cfg.cuhk03.classic_split = False  # classic 20 splits instead of 767/700
+    cfg.cuhk03.use_metric_cuhk03 = False  # CUHK03 single-shot metric
+
+    cfg.sampler = CN()
+    cfg.sampler.train_sampler = 'RandomIdentitySampler'  # batch sampler
+    cfg.sampler.train_sampler_t = 'RandomSampler'  # target train sampler
+    cfg.sampler.num_instances = 4  # images per identity in a batch
+    cfg.sampler.num_cams = 1  # cameras per batch (RandomDomainSampler)
+    cfg.sampler.num_datasets = 1  # datasets per batch (RandomDatasetSampler)
+
+    cfg.video = CN()  # kept for torchreid's yaml files; unused by the plugin
+    cfg.video.seq_len = 15  # images sampled from a tracklet
+    cfg.video.sample_method = 'evenly'  # how tracklet images are sampled
+    cfg.video.pooling_method = 'avg'  # how tracklet features are pooled
+
+    cfg.train = CN()
+    cfg.train.optim = 'adam'  # optimizer
+    cfg.train.lr = 0.0003  # base learning rate
+    cfg.train.weight_decay = 5e-4  # weight decay
+    cfg.train.max_epoch = 60  # number of epochs
+    cfg.train.start_epoch = 0  # first epoch (set by model.resume)
+    cfg.train.batch_size = 32  # images per training batch
+    cfg.train.fixbase_epoch = 0  # epochs training only open_layers
+    cfg.train.open_layers = ['classifier']  # layers trained during fixbase
+    cfg.train.staged_lr = False  # different lr for new and base layers
+    cfg.train.new_layers = ['classifier']  # new layers (staged_lr)
+    cfg.train.base_lr_mult = 0.1  # lr multiplier of base layers (staged_lr)
+    cfg.train.lr_scheduler = 'single_step'  # lr schedule
+    cfg.train.stepsize = [20]  # epochs at which the lr drops
+    cfg.train.gamma = 0.1  # lr drop factor
+    cfg.train.print_freq = 20  # iterations between log lines
+    cfg.train.seed = 1  # seed of Python, NumPy and torch RNGs
+
+    cfg.sgd = CN()
+    cfg.sgd.momentum = 0.9  # momentum (sgd, rmsprop)
+    cfg.sgd.dampening = 0.  # dampening for momentum
+    cfg.sgd.nesterov = False  # Nesterov momentum
+    cfg.rmsprop = CN()
+    cfg.rmsprop.alpha = 0.99  # smoothing constant
+    cfg.adam = CN()
+    cfg.adam.beta1 = 0.9  # decay of the first moment
+    cfg.adam.beta2 = 0.999  # decay of the second moment
+
+    cfg.loss = CN()
+    cfg.loss.name = 'pmm'  # 'pmm' (PMMEngine), 'softmax' or 'triplet'
+    cfg.loss.softmax = CN()
+    cfg.loss.softmax.label_smooth = True  # label smoothing (torchreid engines)
+    cfg.loss.triplet = CN()
+    cfg.loss.triplet.margin = 0.3  # margin (torchreid's triplet engine)
+    cfg.loss.triplet.weight_t = 1.  # triplet weight (torchreid's engine)
+    cfg.loss.triplet.weight_x = 0.  # cross-entropy weight (torchreid's engine)
+
+    cfg.test = CN()
+    cfg.test.batch_size = 100  # images per evaluation batch
+    cfg.test.dist_metric = 'euclidean'  # 'euclidean' or 'cosine'
+    cfg.test.normalize_feature = False  # L2-normalise features first
+    cfg.test.ranks = [1, 5, 10, 20]  # CMC ranks to print
+    cfg.test.evaluate = False  # evaluate only, no training
+    cfg.test.eval_freq = -1  # evaluate every N epochs (-1: at the end)
+    cfg.test.start_eval = 0  # first epoch that may be evaluated
+    cfg.test.rerank = False  # k-reciprocal re-ranking (test only)
+    cfg.test.visrank = False  # save ranked results (needs test.evaluate)
+    cfg.test.visrank_topk = 10  # gallery images per ranked result
+    return cfg
+
+
+def add_pmm_config(cfg: CN) -> CN:
+    """Adds the plugin's keys to a torchreid config (in place) and returns it."""
+    cfg.pmm = CN()
+    cfg.pmm.mix = 'hard_mix'  # 'hard_mix' (the paper) or 'none' (no guidance)
+    cfg.pmm.block_size = [3, 2]  # block height, width on the feature map
+    cfg.pmm.top_k = 8  # blocks replaced per sample (3 Market, 6 Duke, 8 CUHK03)
+    cfg.pmm.num_stages = 3  # stage I + (num_stages - 1) mixed part stages
+    cfg.pmm.embedding_dim = 512  # size of each stage's embedding
+    cfg.pmm.soft_margin = True  # soft-margin triplet (softplus) as in the paper
+    cfg.pmm.triplet_margin = 0.3  # hinge margin when soft_margin is False
+    cfg.pmm.weight_triplet = 1.0  # weight of every stage's triplet loss
+    cfg.pmm.weight_ce = 1.0  # weight of every stage's cross-entropy loss
+    cfg.pmm.label_smooth = 0.1  # label-smoothing epsilon of the cross-entropy
+
+    cfg.train.warmup_epochs = 0  # staircase warm-up length ('warmup_multi_step')
+    cfg.train.warmup_interval = 1  # the warm-up raises the lr every N epochs
+
+    cfg.data.cutout_size = 64  # side of the Cutout square (transform 'cutout')
+    cfg.data.cutout_prob = 0.5  # probability of Cutout per image
+    return cfg
+
+
+def get_default_config() -> CN:
+    """A fresh default config (never a shared module-level object)."""
+    return add_pmm_config(_torchreid_defaults())
+
+
+def is_pmm_model(name: str) -> bool:
+    return name == 'pmm' or name.startswith('pmm_')
+
+
+def check_config(cfg: CN) -> None:
+    """Raises ``ValueError`` naming the key, value and expectation."""
+    from .guidance import MIX_MODES
+
+    def fail(key, value, expected):
+        raise ValueError(
+            'config {} = {!r}: expected {}'.format(key, value, expected)
+        )
+
+    if cfg.data.type != 'image':
+        fail('data.type', cfg.data.type, "'image' (video reID is not supported)")
+    if cfg.loss.name not in ('pmm', 'softmax', 'triplet'):
+        fail('loss.name', cfg.loss.name, "'pmm', 'softmax' or 'triplet'")
+    pmm_model = is_pmm_model(cfg.model.name)
+    if pmm_model != (cfg.loss.name == 'pmm'):
+        fail('loss.name', cfg.loss.name,
+             "'pmm' exactly when model.name is a PMM model (model.name = "
+             "{!r})".format(cfg.model.name))
+    if not pmm_model:
+        return
+    if cfg.pmm.mix not in MIX_MODES:
+        fail('pmm.mix', cfg.pmm.mix, 'one of {}'.format(list(MIX_MODES)))
+    if len(cfg.pmm.block_size) != 2 or min(cfg.pmm.block_size) < 1:
+        fail('pmm.block_size', cfg.pmm.block_size, '[height, width] >= 1')
+    if cfg.pmm.top_k < 0:
+        fail('pmm.top_k', cfg.pmm.top_k, 'a number of blocks >= 0')
+    if cfg.pmm.num_stages < 1:
+        fail('pmm.num_stages', cfg.pmm.num_stages, '>= 1')
+    if cfg.test.evaluate:
+        return
+    if cfg.sampler.train_sampler != 'RandomIdentitySampler':
+        fail('sampler.train_sampler', cfg.sampler.train_sampler,
+             "'RandomIdentitySampler': PMM needs every batch to hold several "
+             'identities with several images each')
+    n, k = cfg.train.batch_size, cfg.sampler.num_instances
+    if k < 2 or n % k != 0 or n // k < 2:
+        fail('train.batch_size / sampler.num_instances', (n, k),
+             'num_instances >= 2 and a batch size that is a multiple of it '
+             'with at least 2 identities per batch')
+    # the block grid at the configured input size (every backbone: stride 16)
+    from .guidance import check_block_grid
+    height, width = cfg.data.height // 16, cfg.data.width // 16
+    try:
+        check_block_grid(height, width, cfg.pmm.block_size, cfg.pmm.top_k)
+    except ValueError as error:
+        raise ValueError(
+            'config pmm.block_size = {} / pmm.top_k = {} at input {}x{} '
+            '(feature map {}x{}): {}'.format(
+                list(cfg.pmm.block_size), cfg.pmm.top_k, cfg.data.height,
+                cfg.data.width, height, width, error
+            )
+        ) from None
+
+
+def imagedata_kwargs(cfg: CN) -> dict:
+    return {
+        'root': cfg.data.root,
+        'sources': cfg.data.sources,
+        'targets': cfg.data.targets,
+        'height': cfg.data.height,
+        'width': cfg.data.width,
+        'transforms': cfg.data.transforms,
+        'k_tfm': cfg.data.k_tfm,
+        'norm_mean': cfg.data.norm_mean,
+        'norm_std': cfg.data.norm_std,
+        'use_gpu': cfg.use_gpu,
+        'split_id': cfg.data.split_id,
+        'combineall': cfg.data.combineall,
+        'load_train_targets': cfg.data.load_train_targets,
+        'batch_size_train': cfg.train.batch_size,
+        'batch_size_test': cfg.test.batch_size,
+        'workers': cfg.data.workers,
+        'num_instances': cfg.sampler.num_instances,
+        'num_cams': cfg.sampler.num_cams,
+        'num_datasets': cfg.sampler.num_datasets,
+        'train_sampler': cfg.sampler.train_sampler,
+        'train_sampler_t': cfg.sampler.train_sampler_t,
+        'cuhk03_labeled': cfg.cuhk03.labeled_images,
+        'cuhk03_classic_split': cfg.cuhk03.classic_split,
+        'market1501_500k': cfg.market1501.use_500k_distractors,
+        'cutout_size': cfg.data.cutout_size,
+        'cutout_prob': cfg.data.cutout_prob,
+    }
+
+
+def model_kwargs(cfg: CN, num_classes: int) -> dict:
+    kwargs = {
+        'name': cfg.model.name,
+        'num_classes': num_classes,
+        'loss': cfg.loss.name,
+        'pretrained': cfg.model.pretrained,
+    }
+    if is_pmm_model(cfg.model.name):
+        kwargs.update(
+            embedding_dim=cfg.pmm.embedding_dim,
+            num_stages=cfg.pmm.num_stages
+        )
+    return kwargs
+
+
+def optimizer_kwargs(cfg: CN) -> dict:
+    return {
+        'optim': cfg.train.optim,
+        'lr': cfg.train.lr,
+        'weight_decay': cfg.train.weight_decay,
+        'momentum': cfg.sgd.momentum,
+        'sgd_dampening': cfg.sgd.dampening,
+        'sgd_nesterov': cfg.sgd.nesterov,
+        'rmsprop_alpha': cfg.rmsprop.alpha,
+        'adam_beta1': cfg.adam.beta1,
+        'adam_beta2': cfg.adam.beta2,
+        'staged_lr': cfg.train.staged_lr,
+        'new_layers': cfg.train.new_layers,
+        'base_lr_mult': cfg.train.base_lr_mult,
+    }
+
+
+def lr_scheduler_kwargs(cfg: CN) -> dict:
+    return {
+        'lr_scheduler': cfg.train.lr_scheduler,
+        'stepsize': cfg.train.stepsize,
+        'gamma': cfg.train.gamma,
+        'max_epoch': cfg.train.max_epoch,
+        'warmup_epochs': cfg.train.warmup_epochs,
+        'warmup_interval': cfg.train.warmup_interval,
+    }
+
+
+def engine_kwargs(cfg: CN) -> dict:
+    """Arguments of :class:`pmm_torchreid.engine.PMMEngine`."""
+    return {
+        'use_gpu': cfg.use_gpu,
+        'mix': cfg.pmm.mix,
+        'block_size': tuple(cfg.pmm.block_size),
+        'top_k': cfg.pmm.top_k,
+        'seed': cfg.train.seed,
+        'soft_margin': cfg.pmm.soft_margin,
+        'triplet_margin': cfg.pmm.triplet_margin,
+        'weight_triplet': cfg.pmm.weight_triplet,
+        'weight_ce': cfg.pmm.weight_ce,
+        'label_smooth': cfg.pmm.label_smooth,
+    }
+
+
+def engine_run_kwargs(cfg: CN) -> dict:
+    return {
+        'save_dir': cfg.data.save_dir,
+        'max_epoch': cfg.train.max_epoch,
+        'start_epoch': cfg.train.start_epoch,
+        'fixbase_epoch': cfg.train.fixbase_epoch,
+        'open_layers': cfg.train.open_layers,
+        'start_eval': cfg.test.start_eval,
+        'eval_freq': cfg.test.eval_freq,
+        'test_only': cfg.test.evaluate,
+        'print_freq': cfg.train.print_freq,
+        'dist_metric': cfg.test.dist_metric,
+        'normalize_feature': cfg.test.normalize_feature,
+        'visrank': cfg.test.visrank,
+        'visrank_topk': cfg.test.visrank_topk,
+        'use_metric_cuhk03': cfg.cuhk03.use_metric_cuhk03,
+        'ranks': cfg.test.ranks,
+        'rerank': cfg.test.rerank,
+    }

@@ -1,0 +1,192 @@
+"""``PMMEngine``: torchreid's engine with PMM's guided, stage-wise training step."""
+from __future__ import annotations
+
+import os.path as osp
+import shutil
+from collections import OrderedDict
+from typing import Dict, Sequence
+
+import torch
+import torchreid
+
+from .checkpoint import save_checkpoint
+from .guidance import build_mixer
+from .losses import batch_hard_triplet, smoothed_cross_entropy
+
+__all__ = ['SafeCheckpointMixin', 'PMMEngine', 'with_safe_checkpoints']
+
+
+class SafeCheckpointMixin(object):
+    """Replaces ``Engine.save_model``: plain numbers, atomic files.
+
+    The files keep torchreid's names and keys (``model/model.pth.tar-<epoch>``
+    with ``state_dict``, ``epoch``, ``rank1``, ``optimizer``, ``scheduler``), so
+    torchreid's ``load_pretrained_weights`` and ``FeatureExtractor`` read them.
+    """
+
+    def save_model(self, epoch, rank1, save_dir, is_best=False):
+        for name in self.get_model_names():
+            scheduler = self._scheds[name]
+            state = {
+                'state_dict': self._models[name].state_dict(),
+                'epoch': int(epoch) + 1,
+                'rank1': float(rank1),
+                'optimizer': self._optims[name].state_dict(),
+                'scheduler': scheduler.state_dict()
+                if scheduler is not None else None,
+            }
+            state.update(self.extra_checkpoint_state())
+            fpath = osp.join(
+                save_dir, name, 'model.pth.tar-{}'.format(int(epoch) + 1)
+            )
+            save_checkpoint(state, fpath)
+            print('Checkpoint saved to "{}"'.format(fpath))
+            if is_best:
+                best = osp.join(save_dir, name, 'model-best.pth.tar')
+                shutil.copyfile(fpath, best + '.tmp')
+                shutil.move(best + '.tmp', best)
+
+    def extra_checkpoint_state(self) -> Dict:
+        """More entries for the checkpoint (plain values or tensors only)."""
+        return {}
+
+
+def with_safe_checkpoints(engine_cls):
+    """A subclass of a torchreid engine class that saves safe checkpoints."""
+    return type(
+        'Safe' + engine_cls.__name__, (SafeCheckpointMixin, engine_cls), {}
+    )
+
+
+class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
+    r"""Training engine of PMM (Zhang et al., ICASSP 2021).
+
+    Each step runs the stages in sequence; between stages the Grad-CAM of the
+    previous stage (a gradient with respect to that stage's input only) picks
+    the ``top_k`` most salient blocks, which are replaced by the same blocks
+    of a random sample of another identity (A-Hard-Mix).  Every stage gets a
+    batch-hard triplet loss and a label-smoothed cross-entropy; the stage
+    losses are SUMMED (torchreid's ``compute_loss`` would average them).
+
+    Args:
+        datamanager (DataManager): ``torchreid.data.ImageDataManager`` with an
+            identity sampler (every batch needs >= 2 identities).
+        model (nn.Module): a :class:`pmm_torchreid.models.PMM` (optionally in
+            ``nn.DataParallel``).
+        optimizer (Optimizer): optimizer.
+        scheduler (LRScheduler, optional): stepped once per epoch. Default is
+            None.
+        use_gpu (bool, optional): use a GPU when available. Default is True.
+        mix (str, optional): ``'hard_mix'`` (the paper) or ``'none'`` (the same
+            network without guidance). Default is ``'hard_mix'``.
+        block_size (sequence of int, optional): block height and width on the
+            feature map. Default is (3, 2).
+        top_k (int, optional): blocks replaced per sample. Default is 8.
+        seed (int, optional): seed of the negative-partner generator. Default
+            is 1.
+        soft_margin (bool, optional): soft-margin triplet loss. Default is True.
+        triplet_margin (float, optional): margin when ``soft_margin`` is False.
+            Default is 0.3.
+        weight_triplet (float, optional): weight of each triplet loss. Default
+            is 1.
+        weight_ce (float, optional): weight of each cross-entropy loss.
+            Default is 1.
+        label_smooth (float, optional): label-smoothing epsilon. Default is 0.1.
+
+    Examples::
+
+        import torchreid, pmm_torchreid
+        from pmm_torchreid.engine import PMMEngine
+        datamanager = torchreid.data.ImageDataManager(
+            root='reid-data', sources='market1501', height=384, width=128,
+            batch_size_train=64, train_sampler='RandomIdentitySampler',
+            num_instances=4
+        )
+        model = torchreid.models.build_model(
+            'pmm', num_classes=datamanager.num_train_pids
+        )
+        optimizer = torchreid.optim.build_optimizer(model, optim='adam',
+                                                    lr=1e-3)
+        engine = PMMEngine(datamanager, model, optimizer, top_k=3)
+        engine.run(save_dir='log/pmm', max_epoch=400, eval_freq=50)
+    """
+
+    def __init__(
+        self,
+        datamanager,
+        model,
+        optimizer,
+        scheduler=None,
+        use_gpu: bool = True,
+        mix: str = 'hard_mix',
+        block_size: Sequence[int] = (3, 2),
+        top_k: int = 8,
+        seed: int = 1,
+        soft_margin: bool = True,
+        triplet_margin: float = 0.3,
+        weight_triplet: float = 1.0,
+        weight_ce: float = 1.0,
+        label_smooth: float = 0.1
+    ):
+        super(PMMEngine, self).__init__(datamanager, use_gpu)
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.register_model('model', model, optimizer, scheduler)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.mixer = build_mixer(
+            mix, block=block_size, k=top_k, generator=self.generator
+        )
+        self.soft_margin = soft_margin
+        self.triplet_margin = triplet_margin
+        self.weight_triplet = weight_triplet
+        self.weight_ce = weight_ce
+        self.label_smooth = label_smooth
+
+    def stage_losses(self, outputs: Dict, pids: torch.Tensor):
+        """Sum of the stage losses and the per-stage summary.
+
+        Raises:
+            FloatingPointError: naming the stage, epoch and iteration when a
+                loss is not finite.
+        """
+        total = 0.0
+        summary = OrderedDict()
+        stages = zip(outputs['logits'], outputs['embeddings'])
+        for s, (logits, emb) in enumerate(stages, 1):
+            loss_t = batch_hard_triplet(
+                emb, pids, self.triplet_margin, self.soft_margin
+            )
+            loss_x = smoothed_cross_entropy(logits, pids, self.label_smooth)
+            loss = self.weight_triplet * loss_t + self.weight_ce * loss_x
+            if not bool(torch.isfinite(loss)):
+                raise FloatingPointError(
+                    'stage {} loss is not finite (triplet {}, cross-entropy '
+                    '{}) at epoch {}, iteration {}'.format(
+                        s, loss_t.item(), loss_x.item(),
+                        getattr(self, 'epoch', 0) + 1,
+                        getattr(self, 'batch_idx', 0) + 1
+                    )
+                )
+            total = total + loss
+            summary['loss_t{}'.format(s)] = loss_t.item()
+            summary['loss_x{}'.format(s)] = loss_x.item()
+            summary['acc{}'.format(s)] = (
+                logits.argmax(1) == pids
+            ).float().mean().item() * 100
+        return total, summary
+
+    def forward_backward(self, data):
+        imgs, pids = self.parse_data_for_train(data)
+        if self.use_gpu:
+            imgs, pids = imgs.cuda(), pids.cuda()
+        outputs = self.model(imgs, pids, mixer=self.mixer)
+        loss, summary = self.stage_losses(outputs, pids)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        summary['loss'] = loss.item()
+        return summary
+
+    def extra_checkpoint_state(self):
+        return {'pmm_generator': self.generator.get_state()}

@@ -1,0 +1,293 @@
+"""Grad-CAM guidance and A-Hard-Mix: the operations PMM adds between its stages.
+
+Every function works on whole batches (no per-sample Python loop) and on any
+feature-map size that the block size divides.  Shapes use ``N`` for the batch,
+``C`` for channels and ``H x W`` for the spatial size of the feature map.
+
+The spec of the method is ``docs`` in the shared folder (PMM_SPEC.md); in short,
+a later stage sees the part map ``P`` with the ``k`` most salient blocks of the
+previous stage (by Grad-CAM) replaced by the same blocks of a sample of another
+identity.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    'grad_cam', 'block_mask', 'sample_negatives', 'hard_mix', 'HardMix',
+    'MIX_MODES', 'build_mixer', 'check_block_grid'
+]
+
+#: Values accepted by ``pmm.mix``.
+MIX_MODES = ('hard_mix', 'none')
+
+
+def grad_cam(
+    logits: torch.Tensor, feature_map: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Grad-CAM of the true-class logits at ``feature_map``.
+
+    The gradient of ``sum_i logits[i, labels[i]]`` with respect to
+    ``feature_map`` is taken with :func:`torch.autograd.grad`, so only the part
+    of the graph between ``feature_map`` and ``logits`` is traversed (the head,
+    never the backbone) and no parameter's ``.grad`` is touched.  The graph is
+    retained for the training loss.
+
+    Args:
+        logits (Tensor): N x num_classes, computed from ``feature_map``.
+        feature_map (Tensor): N x C x H x W, must require grad.
+        labels (Tensor): N integer class indices.
+
+    Returns:
+        Tensor: N x H x W, ``ReLU(sum_c w_c * feature_map_c)`` with
+        ``w = mean over H, W of the gradient``; detached (it guides, it never
+        trains).
+
+    Examples::
+
+        >>> fmap = backbone(images)              # N x C x H x W
+        >>> logits, _ = head(fmap)
+        >>> cam = grad_cam(logits, fmap, pids)   # N x H x W
+    """
+    if feature_map.dim() != 4:
+        raise ValueError(
+            'grad_cam: feature_map must be N x C x H x W, got shape {}'.format(
+                tuple(feature_map.shape)
+            )
+        )
+    if not feature_map.requires_grad:
+        raise ValueError(
+            'grad_cam: feature_map does not require grad, so the logits carry '
+            'no gradient to it; call feature_map.requires_grad_() before the '
+            'head runs'
+        )
+    labels = labels.to(device=logits.device, dtype=torch.long)
+    score = logits.gather(1, labels.view(-1, 1)).sum()
+    (grad, ) = torch.autograd.grad(score, feature_map, retain_graph=True)
+    with torch.no_grad():
+        weights = grad.mean(dim=(2, 3), keepdim=True)
+        cam = F.relu((weights * feature_map.detach()).sum(dim=1))
+    return cam
+
+
+def check_block_grid(
+    height: int, width: int, block: Sequence[int], k: Optional[int] = None
+) -> Tuple[int, int]:
+    """Checks that ``block`` tiles an ``height x width`` map (and ``k`` fits).
+
+    Returns:
+        tuple: the number of block rows and block columns.
+
+    Raises:
+        ValueError: naming the sizes, and the block sizes that would fit.
+    """
+    if len(block) != 2:
+        raise ValueError(
+            'block size must be (height, width), got {!r}'.format(block)
+        )
+    bh, bw = int(block[0]), int(block[1])
+    if bh < 1 or bw < 1 or height % bh != 0 or width % bw != 0:
+        heights = [d for d in range(1, height + 1) if height % d == 0]
+        widths = [d for d in range(1, width + 1) if width % d == 0]
+        raise ValueError(
+            'block size {}x{} does not tile the {}x{} feature map; block '
+            'heights that divide {} are {} and block widths that divide {} '
+            'are {}'.format(bh, bw, height, width, height, heights, width,
+                            widths)
+        )
+    rows, cols = height // bh, width // bw
+    if k is not None and not 0 <= k <= rows * cols:
+        raise ValueError(
+            'top-k = {} blocks is not possible: a {}x{} map in {}x{} blocks has '
+            '{} blocks'.format(k, height, width, bh, bw, rows * cols)
+        )
+    return rows, cols
+
+
+def block_mask(cam: torch.Tensor, block: Sequence[int], k: int) -> torch.Tensor:
+    """Mask that is 0 on the ``k`` hottest blocks of each CAM and 1 elsewhere.
+
+    The map is cut into non-overlapping ``block[0] x block[1]`` blocks; each
+    block's score is the sum of the CAM over it.  Ties are broken in favour of
+    the block that comes first in row-major order, so the result is
+    deterministic.
+
+    Args:
+        cam (Tensor): N x H x W.
+        block (sequence of int): block height and width; must divide H and W.
+        k (int): number of blocks to mark per sample, 0 <= k <= blocks.
+
+    Returns:
+        Tensor: N x 1 x H x W of 0/1 in ``cam``'s dtype.
+
+    Examples::
+
+        >>> cam = torch.zeros(1, 4, 4); cam[0, 2:, :2] = 1
+        >>> block_mask(cam, (2, 2), 1)[0, 0]
+        tensor([[1., 1., 1., 1.],
+                [1., 1., 1., 1.],
+                [0., 0., 1., 1.],
+                [0., 0., 1., 1.]])
+    """
+    if cam.dim() != 3:
+        raise ValueError(
+            'block_mask: cam must be N x H x W, got shape {}'.format(
+                tuple(cam.shape)
+            )
+        )
+    n, height, width = cam.shape
+    rows, cols = check_block_grid(height, width, block, k)
+    bh, bw = int(block[0]), int(block[1])
+    scores = cam.reshape(n, rows, bh, cols, bw).sum(dim=(2, 4)).reshape(n, -1)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    keep = torch.ones_like(scores)
+    keep.scatter_(1, order[:, :k], 0.0)
+    keep = keep.view(n, 1, rows, 1, cols, 1).expand(n, 1, rows, bh, cols, bw)
+    return keep.reshape(n, 1, height, width).contiguous()
+
+
+def sample_negatives(
+    labels: torch.Tensor, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """For every sample, a uniformly random batch index of another identity.
+
+    Works for any batch layout (not only P identities x K instances).  The draw
+    happens on the generator's device (CPU by default) so that a seeded CPU
+    generator makes runs reproducible on every device.
+
+    Args:
+        labels (Tensor): N identity labels.
+        generator (torch.Generator, optional): source of randomness.
+
+    Returns:
+        Tensor: N long indices on ``labels.device`` with
+        ``labels[result[i]] != labels[i]``.
+
+    Raises:
+        ValueError: if some sample has no partner of another identity (e.g.
+            a batch with a single identity).
+    """
+    if labels.dim() != 1:
+        raise ValueError(
+            'sample_negatives: labels must be 1-D, got shape {}'.format(
+                tuple(labels.shape)
+            )
+        )
+    device = generator.device if generator is not None else labels.device
+    lab = labels.to(device)
+    other = lab.view(-1, 1) != lab.view(1, -1)
+    lonely = ~other.any(dim=1)
+    if bool(lonely.any()):
+        raise ValueError(
+            'sample_negatives: a batch of {} samples with {} identit{} leaves '
+            'no sample of another identity to mix with; PMM needs at least 2 '
+            'identities per batch (use sampler.train_sampler '
+            'RandomIdentitySampler with train.batch_size >= 2 x '
+            'sampler.num_instances)'.format(
+                lab.numel(), int(torch.unique(lab).numel()),
+                'y' if torch.unique(lab).numel() == 1 else 'ies'
+            )
+        )
+    picks = torch.multinomial(
+        other.float(), 1, replacement=True, generator=generator
+    ).view(-1)
+    return picks.to(labels.device)
+
+
+def hard_mix(
+    x: torch.Tensor, mask: torch.Tensor, negatives: torch.Tensor
+) -> torch.Tensor:
+    """A-Hard-Mix: ``mask * x + (1 - mask) * x[negatives]``, exactly.
+
+    Positions where ``mask`` is 1 keep the sample's own features; positions
+    where it is 0 take the features of the partner ``negatives[i]``.  Gradients
+    flow into both.  Labels are not mixed.
+
+    Args:
+        x (Tensor): N x C x H x W.
+        mask (Tensor): N x 1 x H x W of 0/1 (see :func:`block_mask`).
+        negatives (Tensor): N batch indices (see :func:`sample_negatives`).
+
+    Returns:
+        Tensor: N x C x H x W.
+    """
+    if mask.dim() != 4 or mask.shape[0] != x.shape[0] or mask.shape[1] != 1 \
+            or mask.shape[2:] != x.shape[2:]:
+        raise ValueError(
+            'hard_mix: mask of shape {} does not fit x of shape {} (expected '
+            'N x 1 x H x W)'.format(tuple(mask.shape), tuple(x.shape))
+        )
+    if negatives.shape != (x.shape[0], ):
+        raise ValueError(
+            'hard_mix: negatives must hold one index per sample ({}), got '
+            'shape {}'.format(x.shape[0], tuple(negatives.shape))
+        )
+    return torch.where(mask.bool(), x, x.index_select(0, negatives))
+
+
+class HardMix(object):
+    """The A-Hard-Mix rule of PMM, called by the model between two stages.
+
+    Args:
+        block (sequence of int): block height and width on the feature map.
+            Default is (3, 2), the paper's blocks on a 24 x 8 map.
+        k (int): number of blocks replaced per sample. Default is 8 (CUHK03).
+        generator (torch.Generator, optional): draws the negative partners.
+
+    Examples::
+
+        >>> mixer = HardMix(block=(3, 2), k=8,
+        ...                 generator=torch.Generator().manual_seed(1))
+        >>> outputs = model(images, pids, mixer=mixer)
+    """
+
+    name = 'hard_mix'
+
+    def __init__(
+        self,
+        block: Sequence[int] = (3, 2),
+        k: int = 8,
+        generator: Optional[torch.Generator] = None
+    ):
+        self.block = (int(block[0]), int(block[1]))
+        self.k = int(k)
+        self.generator = generator
+
+    def __call__(
+        self, part_map: torch.Tensor, cam_map: torch.Tensor,
+        cam_logits: torch.Tensor, labels: torch.Tensor
+    ):
+        """Mixes ``part_map`` guided by the Grad-CAM of ``cam_logits`` at ``cam_map``.
+
+        Returns:
+            tuple: the mixed map (N x C x H x W), the mask (N x 1 x H x W) and
+            the partner indices (N).
+        """
+        cam = grad_cam(cam_logits, cam_map, labels)
+        mask = block_mask(cam, self.block, self.k).to(part_map.dtype)
+        negatives = sample_negatives(labels, self.generator)
+        return hard_mix(part_map, mask, negatives), mask, negatives
+
+    def __repr__(self):
+        return 'HardMix(block={}, k={})'.format(self.block, self.k)
+
+
+def build_mixer(
+    mode: str,
+    block: Sequence[int] = (3, 2),
+    k: int = 8,
+    generator: Optional[torch.Generator] = None
+):
+    """Returns the mixing rule for ``pmm.mix`` (``None`` for ``'none'``)."""
+    if mode == 'hard_mix':
+        return HardMix(block=block, k=k, generator=generator)
+    if mode == 'none':
+        return None
+    raise ValueError(
+        'pmm.mix = {!r} is not a mixing rule; expected one of {}'.format(
+            mode, list(MIX_MODES)
+        )
+    )

@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Cost of PMM's Grad-CAM guidance: the training step with ``pmm.mix hard_mix``
+versus ``none`` (same model, same batch), plus the reference code's way of
+taking the Grad-CAM (a full ``backward(retain_graph=True)`` through the whole
+network, then zeroing the parameter gradients) for comparison.
+
+Runs the real ``PMMEngine.forward_backward`` on random images; the three modes
+are interleaved so that drifts of the machine hit them alike, and the median
+step time is reported.
+
+Examples::
+
+    python scripts/benchmark.py                      # resnet50 and osnet_x0_25
+    python scripts/benchmark.py --backbones resnet18 --repeats 5
+"""
+import argparse
+import os.path as osp
+import statistics
+import sys
+import time
+import types
+
+import torch
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+import pmm_torchreid  # noqa: E402,F401
+from pmm_torchreid.engine import PMMEngine  # noqa: E402
+from pmm_torchreid.guidance import (  # noqa: E402
+    HardMix, block_mask, hard_mix, sample_negatives
+)
+from pmm_torchreid.models import MODEL_FACTORY  # noqa: E402
+
+
+class ReferenceHardMix(HardMix):
+    """A-Hard-Mix with the Grad-CAM taken the reference code's way."""
+
+    name = 'reference'
+
+    def __init__(self, model, **kwargs):
+        super().__init__(**kwargs)
+        self.model = model
+
+    def __call__(self, part_map, cam_map, cam_logits, labels):
+        grads = []
+        handle = cam_map.register_hook(lambda g: grads.append(g))
+        score = cam_logits.gather(1, labels.view(-1, 1)).sum()
+        score.backward(retain_graph=True)  # through the whole network
+        handle.remove()
+        self.model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            weights = grads[0].mean(dim=(2, 3), keepdim=True)
+            cam = torch.relu((weights * cam_map).sum(dim=1))
+        mask = block_mask(cam, self.block, self.k).to(part_map.dtype)
+        negatives = sample_negatives(labels, self.generator)
+        return hard_mix(part_map, mask, negatives), mask, negatives
+
+
+def bench_backbone(backbone, batch, height, width, block, top_k, repeats,
+                   warmup, modes):
+    torch.manual_seed(0)
+    ids, per_id = batch // 4, 4
+    model = MODEL_FACTORY['pmm_' + backbone](
+        num_classes=max(ids, 2) * 10, pretrained=False
+    )
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    fake_dm = types.SimpleNamespace(train_loader=None, test_loader={})
+    engine = PMMEngine(fake_dm, model, optimizer, use_gpu=False, mix='none',
+                       block_size=block, top_k=top_k)
+    gen = torch.Generator().manual_seed(1)
+    mixers = {
+        'none': None,
+        'hard_mix': HardMix(block=block, k=top_k, generator=gen),
+        'reference': ReferenceHardMix(model, block=block, k=top_k,
+                                      generator=gen),
+    }
+    data = {
+        'img': torch.randn(batch, 3, height, width),
+        'pid': torch.arange(ids).repeat_interleave(per_id),
+    }
+    times = {m: [] for m in modes}
+    for i in range(warmup + repeats):
+        for mode in modes:
+            engine.mixer = mixers[mode]
+            start = time.perf_counter()
+            engine.forward_backward(data)
+            if i >= warmup:
+                times[mode].append(time.perf_counter() - start)
+    med = {m: statistics.median(t) for m, t in times.items()}
+    print('\n{} | batch {} ({} ids x {}) | {}x{} | block {}x{} top-{} | '
+          '{} repeats, median step'.format(
+              backbone, batch, ids, per_id, height, width, block[0], block[1],
+              top_k, repeats))
+    print('  {:<10} {:>10} {:>10} {:>14}'.format(
+        'mix', 'step (s)', 'images/s', 'vs none'))
+    for m in modes:
+        print('  {:<10} {:>10.3f} {:>10.1f} {:>13.3f}x'.format(
+            m, med[m], batch / med[m], med[m] / med['none']))
+    return med
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--backbones', nargs='+',
+                        default=['resnet50', 'osnet_x0_25'])
+    parser.add_argument('--batch', type=int, default=16)
+    parser.add_argument('--height', type=int, default=384)
+    parser.add_argument('--width', type=int, default=128)
+    parser.add_argument('--block', type=int, nargs=2, default=[3, 2])
+    parser.add_argument('--top-k', type=int, default=8)
+    parser.add_argument('--repeats', type=int, default=7)
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--threads', type=int, default=0,
+                        help='torch threads (0: leave the default)')
+    parser.add_argument('--modes', nargs='+',
+                        default=['none', 'hard_mix', 'reference'],
+                        choices=['none', 'hard_mix', 'reference'])
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if 'none' not in args.modes:
+        args.modes.insert(0, 'none')
+    print('torch {} | {} threads | device cpu'.format(
+        torch.__version__, torch.get_num_threads()))
+    for backbone in args.backbones:
+        bench_backbone(backbone, args.batch, args.height, args.width,
+                       tuple(args.block), args.top_k, args.repeats,
+                       args.warmup, args.modes)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Train and evaluate with torchreid, PMM included: torchreid's scripts/main.py
+for the plugin.
+
+Examples::
+
+    python scripts/main.py --config-file configs/pmm_demo.yaml
+    python scripts/main.py --config-file configs/pmm_cuhk03.yaml --root reid-data
+    python scripts/main.py --config-file configs/pmm_cuhk03.yaml \\
+        test.evaluate True test.visrank True \\
+        model.load_weights log/pmm_cuhk03/model/model.pth.tar-400
+"""
+import argparse
+import os.path as osp
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+import torchreid  # noqa: E402
+
+import pmm_torchreid  # noqa: E402,F401  (registers the models and datasets)
+from pmm_torchreid import config as C  # noqa: E402
+from pmm_torchreid.checkpoint import (  # noqa: E402
+    load_pretrained_weights, resume_from_checkpoint
+)
+from pmm_torchreid.data import build_datamanager  # noqa: E402
+from pmm_torchreid.engine import PMMEngine, with_safe_checkpoints  # noqa: E402
+from pmm_torchreid.models import MODEL_FACTORY  # noqa: E402
+from pmm_torchreid.optim import build_lr_scheduler  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        '--config-file', type=str, default='', help='path to config file'
+    )
+    parser.add_argument(
+        '-s', '--sources', type=str, nargs='+',
+        help='source datasets (delimited by space)'
+    )
+    parser.add_argument(
+        '-t', '--targets', type=str, nargs='+',
+        help='target datasets (delimited by space)'
+    )
+    parser.add_argument(
+        '--transforms', type=str, nargs='+', help='data augmentation'
+    )
+    parser.add_argument(
+        '--root', type=str, default='', help='path to data root'
+    )
+    parser.add_argument(
+        '-m', '--model', type=str, default='', help='model name (model.name)'
+    )
+    parser.add_argument(
+        'opts', default=None, nargs=argparse.REMAINDER,
+        help='modify config options using the command-line (KEY VALUE pairs)'
+    )
+    return parser
+
+
+def setup_config(args: argparse.Namespace):
+    """defaults -> yaml -> flags -> KEY VALUE pairs -> checks -> freeze."""
+    cfg = C.get_default_config()
+    if args.config_file:
+        if not osp.isfile(args.config_file):
+            raise FileNotFoundError(
+                'config file "{}" does not exist'.format(args.config_file)
+            )
+        cfg.merge_from_file(args.config_file)
+    if args.root:
+        cfg.data.root = args.root
+    if args.sources:
+        cfg.data.sources = args.sources
+    if args.targets:
+        cfg.data.targets = args.targets
+    if args.transforms:
+        cfg.data.transforms = args.transforms
+    if args.model:
+        cfg.model.name = args.model
+    if args.opts:
+        if len(args.opts) % 2:
+            raise ValueError(
+                'command-line overrides come as KEY VALUE pairs; got an odd '
+                'number of items: {}'.format(args.opts)
+            )
+        cfg.merge_from_list(args.opts)
+    C.check_config(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def build_model(cfg, num_classes: int) -> nn.Module:
+    kwargs = C.model_kwargs(cfg, num_classes)
+    name = kwargs.pop('name')
+    if C.is_pmm_model(name):
+        if name not in MODEL_FACTORY:
+            raise KeyError(
+                'model.name = {!r} is not a PMM model; expected one of '
+                '{}'.format(name, sorted(MODEL_FACTORY))
+            )
+        return MODEL_FACTORY[name](**kwargs)
+    return torchreid.models.build_model(
+        name, kwargs['num_classes'], loss=kwargs['loss'],
+        pretrained=kwargs['pretrained'], use_gpu=cfg.use_gpu
+    )
+
+
+def build_engine(cfg, datamanager, model, optimizer, scheduler):
+    if cfg.loss.name == 'pmm':
+        return PMMEngine(
+            datamanager, model, optimizer, scheduler=scheduler,
+            **C.engine_kwargs(cfg)
+        )
+    if cfg.loss.name == 'softmax':
+        engine_cls = with_safe_checkpoints(torchreid.engine.ImageSoftmaxEngine)
+        return engine_cls(
+            datamanager, model, optimizer=optimizer, scheduler=scheduler,
+            use_gpu=cfg.use_gpu, label_smooth=cfg.loss.softmax.label_smooth
+        )
+    engine_cls = with_safe_checkpoints(torchreid.engine.ImageTripletEngine)
+    return engine_cls(
+        datamanager, model, optimizer=optimizer, margin=cfg.loss.triplet.margin,
+        weight_t=cfg.loss.triplet.weight_t, weight_x=cfg.loss.triplet.weight_x,
+        scheduler=scheduler, use_gpu=cfg.use_gpu,
+        label_smooth=cfg.loss.softmax.label_smooth
+    )
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    cfg = setup_config(args)
+    torchreid.utils.set_random_seed(cfg.train.seed)
+
+    log_name = 'test.log' if cfg.test.evaluate else 'train.log'
+    log_name += time.strftime('-%Y-%m-%d-%H-%M-%S')
+    sys.stdout = torchreid.utils.Logger(osp.join(cfg.data.save_dir, log_name))
+
+    print('Show configuration\n{}\n'.format(cfg))
+    print('Collecting env info ...')
+    print('** System info **\n{}\n'.format(torchreid.utils.collect_env_info()))
+
+    if cfg.use_gpu:
+        torch.backends.cudnn.benchmark = True
+
+    datamanager = build_datamanager(**C.imagedata_kwargs(cfg))
+
+    print('Building model: {}'.format(cfg.model.name))
+    model = build_model(cfg, datamanager.num_train_pids)
+    num_params, flops = torchreid.utils.compute_model_complexity(
+        model, (1, 3, cfg.data.height, cfg.data.width)
+    )
+    print('Model complexity: params={:,} flops={:,}'.format(num_params, flops))
+
+    if cfg.model.load_weights:
+        load_pretrained_weights(model, cfg.model.load_weights)
+
+    if cfg.use_gpu:
+        model = nn.DataParallel(model).cuda()
+
+    optimizer = torchreid.optim.build_optimizer(model, **C.optimizer_kwargs(cfg))
+    scheduler = build_lr_scheduler(optimizer, **C.lr_scheduler_kwargs(cfg))
+
+    start_epoch = cfg.train.start_epoch
+    if cfg.model.resume:
+        start_epoch = resume_from_checkpoint(
+            cfg.model.resume, model, optimizer=optimizer, scheduler=scheduler
+        )
+
+    print('Building {}-engine for {}-reid'.format(cfg.loss.name, cfg.data.type))
+    engine = build_engine(cfg, datamanager, model, optimizer, scheduler)
+    run_kwargs = C.engine_run_kwargs(cfg)
+    run_kwargs['start_epoch'] = start_epoch
+    engine.run(**run_kwargs)
+    return engine
+
+
+if __name__ == '__main__':
+    main()

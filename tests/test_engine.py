@@ -1,0 +1,186 @@
+"""PMMEngine's training step, its losses, checkpoints, schedule and Cutout."""
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from pmm_torchreid.checkpoint import load_checkpoint, save_checkpoint
+from pmm_torchreid.data import Cutout
+from pmm_torchreid.engine import PMMEngine
+from pmm_torchreid.losses import batch_hard_triplet, smoothed_cross_entropy
+from pmm_torchreid.models import PMM
+from pmm_torchreid.optim import WarmupMultiStepLR
+
+
+def _engine(mix='hard_mix', seed=1, **kwargs):
+    torch.manual_seed(0)
+    model = PMM(4, backbone='resnet18', pretrained=False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    fake = types.SimpleNamespace(train_loader=None, test_loader={})
+    engine = PMMEngine(fake, model, opt, use_gpu=False, mix=mix,
+                       block_size=(2, 1), top_k=2, seed=seed, **kwargs)
+    model.train()
+    return engine
+
+
+def _data():
+    torch.manual_seed(1)
+    return {'img': torch.randn(8, 3, 64, 32),
+            'pid': torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])}
+
+
+def test_step_sums_the_stage_losses_and_reports_each_stage():
+    engine = _engine()
+    data = _data()
+    summary = engine.forward_backward(data)
+    for s in (1, 2, 3):
+        for key in ('loss_t{}', 'loss_x{}', 'acc{}'):
+            assert key.format(s) in summary
+        assert 0 <= summary['acc{}'.format(s)] <= 100
+    total = sum(summary['loss_t{}'.format(s)] + summary['loss_x{}'.format(s)]
+                for s in (1, 2, 3))
+    assert summary['loss'] == pytest.approx(total, rel=1e-5)
+
+
+def test_loss_weights_apply_to_every_stage():
+    base = _engine().forward_backward(_data())
+    weighted = _engine(weight_triplet=2.0, weight_ce=0.5).forward_backward(
+        _data())
+    expected = sum(2 * base['loss_t{}'.format(s)]
+                   + 0.5 * base['loss_x{}'.format(s)] for s in (1, 2, 3))
+    assert weighted['loss'] == pytest.approx(expected, rel=1e-4)
+
+
+def test_non_finite_loss_names_stage_and_iteration():
+    engine = _engine()
+    engine.epoch, engine.batch_idx = 2, 6
+    with torch.no_grad():
+        engine.model.part_heads[0].classifier.weight.fill_(float('nan'))
+    with pytest.raises(FloatingPointError,
+                       match=r'stage 2 .*epoch 3, iteration 7'):
+        engine.forward_backward(_data())
+
+
+def test_negatives_are_reproducible_from_the_seed():
+    draws = []
+    for _ in range(2):
+        engine = _engine(seed=7)
+        out = engine.model(_data()['img'], _data()['pid'], mixer=engine.mixer)
+        draws.append(torch.stack(out['negatives']))
+    assert torch.equal(draws[0], draws[1])
+    other = _engine(seed=8)
+    out = other.model(_data()['img'], _data()['pid'], mixer=other.mixer)
+    assert not torch.equal(draws[0], torch.stack(out['negatives']))
+
+
+def test_mix_none_trains_without_guidance():
+    engine = _engine(mix='none')
+    assert engine.mixer is None
+    summary = engine.forward_backward(_data())
+    assert np.isfinite(summary['loss'])
+
+
+def test_triplet_soft_and_hard_margin():
+    emb = torch.tensor([[0., 0.], [0., 1.], [3., 0.], [3., 2.]])
+    labels = torch.tensor([0, 0, 1, 1])
+    # hardest positive / negative per anchor: d_ap = 1, 1, 2, 2;
+    # d_an = 3, sqrt(10), 3, sqrt(10)
+    d_ap = torch.tensor([1., 1., 2., 2.])
+    d_an = torch.tensor([3., 10**0.5, 3., 10**0.5])
+    soft = batch_hard_triplet(emb, labels)
+    assert soft.item() == pytest.approx(
+        torch.nn.functional.softplus(d_ap - d_an).mean().item(), rel=1e-5)
+    hard = batch_hard_triplet(emb, labels, margin=1.5, soft_margin=False)
+    assert hard.item() == pytest.approx(
+        torch.relu(d_ap - d_an + 1.5).mean().item(), rel=1e-5)
+
+
+def test_label_smoothing_matches_the_formula():
+    logits = torch.tensor([[2., 0., -1.]])
+    eps = 0.1
+    target = torch.tensor([[1 - eps + eps / 3, eps / 3, eps / 3]])
+    expected = -(target * logits.log_softmax(1)).sum()
+    got = smoothed_cross_entropy(logits, torch.tensor([0]), eps)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_save_model_writes_plain_safe_checkpoints(tmp_path):
+    engine = _engine()
+    engine.save_model(epoch=4, rank1=np.float64(0.25), save_dir=str(tmp_path),
+                      is_best=True)
+    fpath = tmp_path / 'model' / 'model.pth.tar-5'
+    ckpt = torch.load(fpath, weights_only=True)  # torch's safe loader accepts it
+    assert ckpt['epoch'] == 5 and type(ckpt['rank1']) is float
+    assert ckpt['rank1'] == 0.25
+    assert (tmp_path / 'model' / 'model-best.pth.tar').is_file()
+    assert sorted(os.listdir(tmp_path / 'model')) == [
+        'model-best.pth.tar', 'model.pth.tar-5']  # no temporary left over
+    assert set(load_checkpoint(str(fpath))) >= {
+        'state_dict', 'optimizer', 'scheduler', 'pmm_generator'}
+
+
+def test_save_checkpoint_replaces_atomically(tmp_path, monkeypatch):
+    fpath = str(tmp_path / 'ckpt.pth')
+    save_checkpoint({'epoch': 1}, fpath)
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b'partial')
+        raise KeyboardInterrupt  # killed in the middle of writing
+
+    monkeypatch.setattr(torch, 'save', broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({'epoch': 2}, fpath)
+    monkeypatch.undo()
+    assert load_checkpoint(fpath)['epoch'] == 1  # the old file is intact
+    assert os.listdir(tmp_path) == ['ckpt.pth']
+
+
+def test_load_checkpoint_refuses_arbitrary_pickles(tmp_path):
+    flag = tmp_path / 'pwned'
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(flag), 'w'))
+
+    fpath = tmp_path / 'evil.pth'
+    torch.save({'state_dict': {}, 'x': Evil()}, fpath)
+    with pytest.raises(RuntimeError, match='refused to load'):
+        load_checkpoint(str(fpath))
+    assert not flag.exists()
+
+
+def test_warmup_schedule_is_the_papers():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([param], lr=1e-3)
+    sched = WarmupMultiStepLR(opt, [200, 300], gamma=0.1, warmup_epochs=50,
+                              warmup_interval=5)
+    lrs = []
+    for _ in range(400):
+        lrs.append(opt.param_groups[0]['lr'])
+        opt.step()
+        sched.step()
+    for epoch in range(50):
+        assert lrs[epoch] == pytest.approx(1e-4 * (epoch // 5 + 1))
+    assert lrs[50] == pytest.approx(1e-3) and lrs[199] == pytest.approx(1e-3)
+    assert lrs[200] == pytest.approx(1e-4) and lrs[299] == pytest.approx(1e-4)
+    assert lrs[300] == pytest.approx(1e-5) and lrs[399] == pytest.approx(1e-5)
+
+
+def test_cutout_zeroes_one_clipped_square():
+    torch.manual_seed(0)
+    import random
+    random.seed(3)
+    img = torch.rand(3, 96, 48) + 1  # no zeros to start with
+    assert torch.equal(Cutout(16, p=0.0)(img), img)
+    for _ in range(20):
+        out = Cutout(16, p=1.0)(img)
+        zero = (out == 0).all(0)
+        rows, cols = zero.any(1).nonzero(), zero.any(0).nonzero()
+        assert 1 <= len(rows) <= 16 and 1 <= len(cols) <= 16
+        # the zeroed area is exactly a rectangle
+        assert int(zero.sum()) == len(rows) * len(cols)
+        assert torch.equal(out[:, ~zero], img[:, ~zero])
+    with pytest.raises(ValueError, match='size'):
+        Cutout(0)

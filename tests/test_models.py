@@ -1,0 +1,180 @@
+"""The PMM network: shapes, gradients, parameter count, registration, weights."""
+import os
+import types
+import urllib.error
+
+import pytest
+import torch
+import torch.nn as nn
+import torchreid
+import torchvision
+from torchvision.models.resnet import Bottleneck
+
+import pmm_torchreid
+from pmm_torchreid.engine import PMMEngine
+from pmm_torchreid.guidance import HardMix
+from pmm_torchreid.models import MODEL_FACTORY, PMM, build_backbone
+from pmm_torchreid.registry import register_into
+
+from conftest import SHARED
+
+
+def _batch(n_ids=3, per_id=2, height=64, width=32):
+    torch.manual_seed(0)
+    labels = torch.arange(n_ids).repeat_interleave(per_id)
+    return torch.randn(len(labels), 3, height, width), labels
+
+
+@pytest.mark.parametrize('backbone, channels', [('resnet18', 512),
+                                                ('osnet_x0_25', 128)])
+def test_shapes_in_train_and_eval(backbone, channels):
+    model = PMM(num_classes=7, backbone=backbone, pretrained=False)
+    assert model.feature_channels == channels
+    images, labels = _batch()
+    model.train()
+    out = model(images, labels, mixer=HardMix((2, 1), 2))
+    assert [t.shape for t in out['logits']] == [(6, 7)] * 3
+    assert [t.shape for t in out['embeddings']] == [(6, 512)] * 3
+    assert [t.shape for t in out['masks']] == [(6, 1, 4, 2)] * 2
+    assert [t.shape for t in out['negatives']] == [(6, )] * 2
+    model.eval()
+    feats = model(images)
+    assert isinstance(feats, torch.Tensor) and feats.shape == (6, 1536)
+    assert torch.isfinite(feats).all()
+
+
+@pytest.mark.parametrize('stages, dim', [(1, 64), (2, 128), (4, 32)])
+def test_stage_count_and_embedding_size_are_knobs(stages, dim):
+    model = PMM(3, backbone='resnet18', pretrained=False,
+                num_stages=stages, embedding_dim=dim)
+    images, labels = _batch()
+    out = model.train()(images, labels, mixer=HardMix((2, 1), 1))
+    assert len(out['logits']) == stages and len(out['masks']) == stages - 1
+    assert model.eval()(images).shape == (6, stages * dim)
+
+
+def test_no_mixer_feeds_the_part_map_unchanged():
+    model = PMM(3, backbone='resnet18', pretrained=False).train()
+    images, labels = _batch()
+    out = model(images, labels)
+    assert 'masks' not in out
+    # stages II and III see the same input P: with equal weights, equal outputs
+    model.part_heads[1].load_state_dict(model.part_heads[0].state_dict())
+    out = model(images, labels)
+    torch.testing.assert_close(out['embeddings'][1], out['embeddings'][2])
+
+
+def test_mixed_stage_sees_partner_blocks():
+    model = PMM(3, backbone='resnet18', pretrained=False).train()
+    images, labels = _batch()
+    seen = []
+    model.part_heads[0].register_forward_pre_hook(
+        lambda m, inp: seen.append(inp[0].detach()))
+    fmap = model.backbone(images)
+    part = model.part_trunk(fmap).detach()
+    out = model(images, labels, mixer=HardMix((2, 1), 2))
+    mask, neg = out['masks'][0], out['negatives'][0]
+    expected = torch.where(mask.bool(), part, part[neg])
+    torch.testing.assert_close(seen[-1], expected)
+    assert bool((labels[neg] != labels).all())
+    assert int((mask == 0).sum()) == 6 * 2 * 2  # 2 blocks of 2x1 per sample
+
+
+def test_one_engine_step_gives_every_parameter_a_gradient():
+    model = PMM(3, backbone='resnet18', pretrained=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    fake = types.SimpleNamespace(train_loader=None, test_loader={})
+    engine = PMMEngine(fake, model, opt, use_gpu=False, block_size=(2, 1),
+                       top_k=2)
+    model.train()
+    images, labels = _batch(n_ids=3, per_id=4)
+    engine.forward_backward({'img': images, 'pid': labels})
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def _count(*modules):
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def test_parameter_count_matches_bdb_for_resnet50():
+    classes = 751
+    model = PMM(classes, backbone='resnet50', pretrained=False)
+    body, _ = build_backbone('resnet50', pretrained=False)
+    # BDB (Dai et al., ICCV 2019): global 2048->512 (1x1 conv + BN), part
+    # bottleneck, part 2048->1024 (Linear + BN), classifiers 512 and 1024 wide
+    bdb = _count(body, Bottleneck(2048, 512),
+                 nn.Conv2d(2048, 512, 1, bias=False), nn.BatchNorm2d(512),
+                 nn.Linear(2048, 1024), nn.BatchNorm1d(1024),
+                 nn.Linear(512, classes), nn.Linear(1024, classes))
+    ours = _count(model)
+    assert abs(ours - bdb) / bdb < 1e-3, (ours, bdb)
+    assert ours - bdb == classes  # one more classifier bias, nothing else
+
+
+def test_registered_with_torchreid():
+    for name in ('pmm', 'pmm_resnet50', 'pmm_resnet18', 'pmm_osnet_x0_25'):
+        assert name in vars(torchreid.models)['__model_factory']
+    model = torchreid.models.build_model('pmm_resnet18', num_classes=4,
+                                         pretrained=False, use_gpu=False)
+    assert isinstance(model, PMM) and model.backbone_name == 'resnet18'
+    assert torchreid.models.build_model(
+        'resnet18', num_classes=4, pretrained=False).__class__.__name__ \
+        == 'ResNet'  # torchreid's own models are untouched
+
+
+def test_registration_is_idempotent_and_refuses_a_different_model():
+    pmm_torchreid.register()
+    pmm_torchreid.register()
+    table = vars(torchreid.models)['__model_factory']
+    assert table['pmm'] is MODEL_FACTORY['pmm']
+    with pytest.raises(ValueError, match="different model named 'pmm'"):
+        register_into(table, {'pmm': lambda **kw: None}, 'model')
+    assert table['pmm'] is MODEL_FACTORY['pmm']
+    with pytest.raises(ValueError, match="named 'resnet50'"):
+        register_into(table, {'x_new': MODEL_FACTORY['pmm'],
+                              'resnet50': MODEL_FACTORY['pmm']}, 'model')
+    assert 'x_new' not in table  # nothing half-registered
+
+
+def test_data_parallel_passes_labels_through_forward():
+    model = nn.DataParallel(PMM(3, backbone='resnet18', pretrained=False))
+    images, labels = _batch()
+    out = model.train()(images, labels, mixer=HardMix((2, 1), 1))
+    assert out['logits'][0].shape == (6, 3)
+    assert model.eval()(images).shape == (6, 1536)
+
+
+def test_pretrained_resnet_without_network_names_the_file(monkeypatch,
+                                                          tmp_path):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError('no network')
+
+    monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', offline)
+    with pytest.raises(RuntimeError) as info:
+        MODEL_FACTORY['pmm'](num_classes=3, pretrained=True)
+    url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
+    msg = str(info.value)
+    assert os.path.join(str(tmp_path), 'hub', 'checkpoints',
+                        os.path.basename(url)) in msg
+    assert url in msg and 'model.pretrained False' in msg
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, 'weights')),
+                    reason='../shared/weights not present')
+def test_pretrained_osnet_loads_the_shared_imagenet_weights(monkeypatch,
+                                                            tmp_path):
+    (tmp_path / 'checkpoints').mkdir()
+    src = os.path.join(SHARED, 'weights', 'osnet_x0_25_imagenet.pth')
+    os.symlink(src, tmp_path / 'checkpoints' / 'osnet_x0_25_imagenet.pth')
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    model = MODEL_FACTORY['pmm_osnet_x0_25'](num_classes=3, pretrained=True)
+    state = torch.load(src, map_location='cpu', weights_only=True)
+    state = state.get('state_dict', state)
+    key = next(k for k in state if k.endswith('conv1.conv.weight'))
+    torch.testing.assert_close(model.backbone[0].conv.weight,
+                               state[key].float())
