@@ -76,7 +76,7 @@ def test_feature_extractor_loads_the_checkpoint(trained, synthetic_root):
     save_dir, _ = trained
     path = os.path.join(save_dir, 'model', 'model.pth.tar-1')
     extractor = torchreid.utils.FeatureExtractor(
-        model_name='pmm_osnet_x0_25', model_path=path, image_size=(64, 32),
+        model_name='pmm_resnet18', model_path=path, image_size=(64, 32),
         device='cpu', verbose=False)
     query = sorted(glob.glob(os.path.join(synthetic_root, 'pmm_synthetic',
                                           'query', '*.png')))[:4]
