@@ -9,7 +9,6 @@ are then checked against the values of Zhang et al., ICASSP 2021 (see
 ``shared/docs/PMM_SPEC.md``).
 """
 import glob
-import importlib.util
 import os.path as osp
 
 import pytest
@@ -25,6 +24,8 @@ from pmm_torchreid.engine import PMMEngine
 from pmm_torchreid.guidance import check_block_grid
 from pmm_torchreid.optim import build_lr_scheduler
 
+from conftest import load_main_script
+
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = sorted(glob.glob(osp.join(REPO, 'configs', '*.yaml')))
 
@@ -36,16 +37,7 @@ PAPER = {
 }
 
 
-def _load_main_script():
-    spec = importlib.util.spec_from_file_location(
-        'pmm_scripts_main', osp.join(REPO, 'scripts', 'main.py')
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # defines functions only; main() is not run
-    return module
-
-
-main_script = _load_main_script()
+main_script = load_main_script()
 
 
 def setup_config(*argv):

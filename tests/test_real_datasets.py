@@ -11,7 +11,6 @@ writes ``splits.json`` next to ``campus``, so the test links ``campus`` into a
 temporary root and never writes into the shared folder.
 """
 import glob
-import importlib.util
 import os
 import os.path as osp
 import re
@@ -29,21 +28,14 @@ import pmm_torchreid  # noqa: F401  (registers the PMM models)
 from pmm_torchreid import config as C
 from pmm_torchreid.data import Cutout, build_datamanager
 
+from conftest import load_main_script
+
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CUHK03_CONFIG = osp.join(REPO, 'configs', 'pmm_cuhk03.yaml')
 CUHK01_CAMPUS = osp.join(osp.dirname(REPO), 'shared', 'data', 'cuhk01', 'campus')
 
 
-def _load_main_script():
-    spec = importlib.util.spec_from_file_location(
-        'pmm_scripts_main', osp.join(REPO, 'scripts', 'main.py')
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # defines functions only; main() is not run
-    return module
-
-
-main_script = _load_main_script()
+main_script = load_main_script()
 
 
 # ---------------------------------------------------------------------------
