@@ -9,6 +9,7 @@ rename, and always load with ``weights_only=True``.
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 from collections import OrderedDict
 from typing import Any, Optional
@@ -19,7 +20,7 @@ import torch.nn as nn
 
 __all__ = [
     'to_plain', 'save_checkpoint', 'load_checkpoint', 'resume_from_checkpoint',
-    'load_pretrained_weights'
+    'load_pretrained_weights', 'capture_rng_state', 'restore_rng_state'
 ]
 
 
@@ -88,6 +89,36 @@ def load_checkpoint(fpath: str, map_location: Optional[str] = None) -> dict:
         ) from error
 
 
+def capture_rng_state() -> dict:
+    """The states of Python's, NumPy's and torch's global generators (and
+    CUDA's when it is in use), as plain values and tensors.
+
+    torchreid's samplers draw from Python's ``random`` and NumPy, its
+    augmentations from torch; DataLoader workers are seeded from torch's.
+    """
+    state = {
+        'python': random.getstate(),
+        'numpy': to_plain(np.random.get_state()),
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Sets the global generators back to :func:`capture_rng_state`'s values."""
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state(
+        (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
+    )
+    torch.set_rng_state(state['torch'])
+    if state.get('cuda') is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.DataParallel) else model
 
@@ -100,9 +131,15 @@ def _strip_module(state_dict: dict) -> dict:
 
 
 def resume_from_checkpoint(
-    fpath: str, model: nn.Module, optimizer=None, scheduler=None
+    fpath: str, model: nn.Module, optimizer=None, scheduler=None, engine=None
 ) -> int:
-    """Restores model, optimizer and scheduler; returns the epoch to start from."""
+    """Restores model, optimizer and scheduler; returns the epoch to start from.
+
+    With ``engine`` (a :class:`pmm_torchreid.engine.SafeCheckpointMixin`
+    engine), the random-number states saved with the checkpoint are restored
+    too, so that the resumed run continues exactly as the uninterrupted one
+    (call it last, right before ``engine.run``).
+    """
     print('Loading checkpoint from "{}"'.format(fpath))
     checkpoint = load_checkpoint(fpath)
     for key in ('state_dict', 'epoch'):
@@ -121,6 +158,8 @@ def resume_from_checkpoint(
     if scheduler is not None and checkpoint.get('scheduler') is not None:
         scheduler.load_state_dict(checkpoint['scheduler'])
         print('Loaded scheduler')
+    if engine is not None:
+        engine.restore_checkpoint_state(checkpoint)
     start_epoch = int(checkpoint['epoch'])
     print('Last epoch = {}'.format(start_epoch))
     if checkpoint.get('rank1') is not None:

@@ -7,11 +7,17 @@ see ``cfg``: the ``*_kwargs`` adapters turn it into constructor arguments.
 """
 from __future__ import annotations
 
+import difflib
+import os.path as osp
+from typing import List, Sequence
+
 import torch
+import yaml
 from yacs.config import CfgNode as CN
 
 __all__ = [
     'get_default_config', 'add_pmm_config', 'check_config', 'is_pmm_model',
+    'merge_file', 'merge_list', 'check_paths', 'DATASET_LAYOUTS',
     'imagedata_kwargs', 'model_kwargs', 'optimizer_kwargs',
     'lr_scheduler_kwargs', 'engine_kwargs', 'engine_run_kwargs'
 ]
@@ -135,6 +141,7 @@ def add_pmm_config(cfg: CN) -> CN:
 
     cfg.data.cutout_size = 64  # side of the Cutout square (transform 'cutout')
     cfg.data.cutout_prob = 0.5  # probability of Cutout per image
+    cfg.data.skip_bad_images = False  # leave unreadable images out (else stop)
     return cfg
 
 
@@ -147,17 +154,198 @@ def is_pmm_model(name: str) -> bool:
     return name == 'pmm' or name.startswith('pmm_')
 
 
+# --------------------------------------------------------------------------
+# merging with errors that name the file, the key and the value
+# --------------------------------------------------------------------------
+def _all_keys(cfg: CN, prefix: str = '') -> List[str]:
+    keys = []
+    for key, value in cfg.items():
+        full = prefix + key
+        keys += _all_keys(value, full + '.') if isinstance(value, CN) else [full]
+    return keys
+
+
+def _explain(error: Exception, cfg: CN, where: str) -> Exception:
+    message = str(error).strip('"\'')
+    if isinstance(error, KeyError) and 'Non-existent config key' in message:
+        key = message.split(':', 1)[1].strip()
+        close = difflib.get_close_matches(key, _all_keys(cfg), n=3)
+        return KeyError(
+            '{}: unknown config key {!r}{}'.format(
+                where, key, '; did you mean {}?'.format(
+                    ' or '.join(repr(c) for c in close)) if close else
+                ' (no key of that name exists; see pmm_torchreid/config.py)'
+            )
+        )
+    return type(error)('{}: {}'.format(where, message))
+
+
+def merge_file(cfg: CN, path: str) -> CN:
+    """``cfg.merge_from_file(path)`` with errors naming the file and the key.
+
+    Raises:
+        FileNotFoundError: no such file.
+        KeyError: an unknown key (with the closest existing keys).
+        ValueError: a value of the wrong type, or a file that is not yaml.
+    """
+    if not osp.isfile(path):
+        raise FileNotFoundError('config file "{}" does not exist'.format(path))
+    where = 'config file "{}"'.format(path)
+    try:
+        cfg.merge_from_file(path)
+    except yaml.YAMLError as error:
+        raise ValueError('{} is not valid yaml: {}'.format(where, error)) \
+            from None
+    except (KeyError, ValueError, AssertionError, AttributeError) as error:
+        raise _explain(error, cfg, where) from None
+    return cfg
+
+
+def merge_list(cfg: CN, opts: Sequence[str]) -> CN:
+    """``cfg.merge_from_list(opts)`` with errors naming the key and value."""
+    opts = list(opts)
+    if len(opts) % 2:
+        raise ValueError(
+            'command-line overrides come as KEY VALUE pairs; got an odd '
+            'number of items: {}'.format(opts)
+        )
+    try:
+        cfg.merge_from_list(opts)
+    except (KeyError, ValueError, AssertionError, AttributeError) as error:
+        raise _explain(error, cfg, 'command line') from None
+    return cfg
+
+
+# --------------------------------------------------------------------------
+# checks (before any heavy work)
+# --------------------------------------------------------------------------
+#: What torchreid reads under ``data.root`` for the common datasets: a list
+#: of alternative layouts, each a list of paths relative to the root.
+DATASET_LAYOUTS = {
+    'market1501': [
+        ['market1501/Market-1501-v15.09.15/' + d
+         for d in ('bounding_box_train', 'query', 'bounding_box_test')],
+        ['market1501/' + d
+         for d in ('bounding_box_train', 'query', 'bounding_box_test')],
+    ],
+    'dukemtmcreid': [
+        ['dukemtmc-reid/DukeMTMC-reID/' + d
+         for d in ('bounding_box_train', 'query', 'bounding_box_test')],
+    ],
+    'cuhk03': [[
+        'cuhk03/cuhk03_release/cuhk-03.mat',
+        'cuhk03/cuhk03_new_protocol_config_detected.mat',
+        'cuhk03/cuhk03_new_protocol_config_labeled.mat',
+    ]],
+    'cuhk01': [['cuhk01/campus'], ['cuhk01/CUHK01.zip']],
+    'msmt17': [
+        ['msmt17/MSMT17_V1/train', 'msmt17/MSMT17_V1/test'],
+        ['msmt17/MSMT17_V2/mask_train_v2', 'msmt17/MSMT17_V2/mask_test_v2'],
+    ],
+}
+
+#: Datasets that the plugin generates itself under ``data.root``.
+GENERATED_DATASETS = ('pmm_synthetic', )
+
+TRANSFORMS = ('random_flip', 'random_crop', 'random_patch', 'color_jitter',
+              'random_erase', 'cutout')
+OPTIMIZERS = ('adam', 'amsgrad', 'sgd', 'rmsprop', 'radam')
+LR_SCHEDULERS = ('single_step', 'multi_step', 'cosine', 'warmup_multi_step')
+
+
+def _fail(key, value, expected):
+    raise ValueError('config {} = {!r}: expected {}'.format(key, value, expected))
+
+
+def _registered(kind: str) -> dict:
+    import torchreid
+    from .registry import _table
+    if kind == 'model':
+        return _table(torchreid.models, '__model_factory')
+    return _table(torchreid.data.datasets, '__image_datasets')
+
+
 def check_config(cfg: CN) -> None:
-    """Raises ``ValueError`` naming the key, value and expectation."""
+    """Checks every value the run depends on, before any data is read.
+
+    Raises:
+        ValueError: naming the key, the value and what was expected.
+    """
     from .guidance import MIX_MODES
 
-    def fail(key, value, expected):
-        raise ValueError(
-            'config {} = {!r}: expected {}'.format(key, value, expected)
-        )
-
+    fail = _fail
     if cfg.data.type != 'image':
         fail('data.type', cfg.data.type, "'image' (video reID is not supported)")
+    models = _registered('model')
+    if cfg.model.name not in models:
+        close = difflib.get_close_matches(cfg.model.name, list(models), n=3)
+        fail('model.name', cfg.model.name, 'a registered model{} (all: '
+             '{})'.format(' such as {}'.format(close) if close else '',
+                          sorted(models)))
+    datasets = _registered('dataset')
+    for key in ('sources', 'targets'):
+        names = list(cfg.data[key])
+        if not names:
+            fail('data.' + key, names, 'at least one dataset')
+        for name in names:
+            if name not in datasets:
+                fail('data.' + key, names, 'image datasets registered with '
+                     'torchreid; {!r} is not one of {}'.format(
+                         name, sorted(datasets)))
+    for key in ('height', 'width'):
+        if cfg.data[key] < 16:
+            fail('data.' + key, cfg.data[key], 'at least 16 pixels')
+    unknown = [t for t in cfg.data.transforms if t.lower() not in TRANSFORMS]
+    if unknown:
+        fail('data.transforms', list(cfg.data.transforms),
+             'names among {} ({} unknown)'.format(list(TRANSFORMS), unknown))
+    for key in ('norm_mean', 'norm_std'):
+        if len(cfg.data[key]) != 3:
+            fail('data.' + key, list(cfg.data[key]), '3 values (R, G, B)')
+    if min(cfg.data.norm_std) <= 0:
+        fail('data.norm_std', list(cfg.data.norm_std), 'positive values')
+    if cfg.data.workers < 0:
+        fail('data.workers', cfg.data.workers, '>= 0')
+    if cfg.data.cutout_size < 1:
+        fail('data.cutout_size', cfg.data.cutout_size, '>= 1 pixel')
+    if not 0 <= cfg.data.cutout_prob <= 1:
+        fail('data.cutout_prob', cfg.data.cutout_prob, 'a probability in [0, 1]')
+    if cfg.train.optim not in OPTIMIZERS:
+        fail('train.optim', cfg.train.optim, 'one of {}'.format(list(OPTIMIZERS)))
+    if cfg.train.lr_scheduler not in LR_SCHEDULERS:
+        fail('train.lr_scheduler', cfg.train.lr_scheduler,
+             'one of {}'.format(list(LR_SCHEDULERS)))
+    if not cfg.train.lr > 0:
+        fail('train.lr', cfg.train.lr, 'a positive learning rate')
+    if cfg.train.weight_decay < 0:
+        fail('train.weight_decay', cfg.train.weight_decay, '>= 0')
+    if cfg.train.max_epoch < 1:
+        fail('train.max_epoch', cfg.train.max_epoch, '>= 1')
+    if not 0 <= cfg.train.start_epoch <= cfg.train.max_epoch:
+        fail('train.start_epoch', cfg.train.start_epoch,
+             '0 <= start_epoch <= train.max_epoch ({})'.format(
+                 cfg.train.max_epoch))
+    if cfg.train.batch_size < 1 or cfg.test.batch_size < 1:
+        fail('train.batch_size / test.batch_size',
+             (cfg.train.batch_size, cfg.test.batch_size), 'positive sizes')
+    if cfg.train.lr_scheduler in ('multi_step', 'warmup_multi_step') and \
+            sorted(cfg.train.stepsize) != list(cfg.train.stepsize):
+        fail('train.stepsize', list(cfg.train.stepsize),
+             'increasing epochs for {}'.format(cfg.train.lr_scheduler))
+    if not cfg.train.gamma > 0:
+        fail('train.gamma', cfg.train.gamma, 'a positive factor')
+    if cfg.train.warmup_epochs < 0 or cfg.train.warmup_interval < 1:
+        fail('train.warmup_epochs / train.warmup_interval',
+             (cfg.train.warmup_epochs, cfg.train.warmup_interval),
+             'warmup_epochs >= 0 and warmup_interval >= 1')
+    if cfg.test.eval_freq == 0 or cfg.test.eval_freq < -1:
+        fail('test.eval_freq', cfg.test.eval_freq,
+             'a number of epochs >= 1, or -1 (only at the end)')
+    if cfg.test.dist_metric not in ('euclidean', 'cosine'):
+        fail('test.dist_metric', cfg.test.dist_metric, "'euclidean' or 'cosine'")
+    if cfg.test.visrank and not cfg.test.evaluate:
+        fail('test.visrank', True, 'test.evaluate True as well (torchreid '
+             'draws ranked results only in evaluation-only runs)')
     if cfg.loss.name not in ('pmm', 'softmax', 'triplet'):
         fail('loss.name', cfg.loss.name, "'pmm', 'softmax' or 'triplet'")
     pmm_model = is_pmm_model(cfg.model.name)
@@ -167,38 +355,110 @@ def check_config(cfg: CN) -> None:
              "{!r})".format(cfg.model.name))
     if not pmm_model:
         return
-    if cfg.pmm.mix not in MIX_MODES:
-        fail('pmm.mix', cfg.pmm.mix, 'one of {}'.format(list(MIX_MODES)))
+    _check_pmm(cfg, MIX_MODES)
+
+
+def _check_pmm(cfg: CN, mix_modes) -> None:
+    fail = _fail
+    if cfg.pmm.mix not in mix_modes:
+        fail('pmm.mix', cfg.pmm.mix, 'one of {}'.format(list(mix_modes)))
     if len(cfg.pmm.block_size) != 2 or min(cfg.pmm.block_size) < 1:
-        fail('pmm.block_size', cfg.pmm.block_size, '[height, width] >= 1')
+        fail('pmm.block_size', list(cfg.pmm.block_size), '[height, width] >= 1')
     if cfg.pmm.top_k < 0:
         fail('pmm.top_k', cfg.pmm.top_k, 'a number of blocks >= 0')
     if cfg.pmm.num_stages < 1:
         fail('pmm.num_stages', cfg.pmm.num_stages, '>= 1')
+    if cfg.pmm.embedding_dim < 1:
+        fail('pmm.embedding_dim', cfg.pmm.embedding_dim, '>= 1')
+    if not 0 <= cfg.pmm.label_smooth < 1:
+        fail('pmm.label_smooth', cfg.pmm.label_smooth, 'an epsilon in [0, 1)')
+    for key in ('weight_triplet', 'weight_ce', 'triplet_margin'):
+        if cfg.pmm[key] < 0:
+            fail('pmm.' + key, cfg.pmm[key], '>= 0')
     if cfg.test.evaluate:
         return
     if cfg.sampler.train_sampler != 'RandomIdentitySampler':
         fail('sampler.train_sampler', cfg.sampler.train_sampler,
              "'RandomIdentitySampler': PMM needs every batch to hold several "
-             'identities with several images each')
+             'identities with several images each, so that every sample has '
+             'a partner of another identity to mix with')
     n, k = cfg.train.batch_size, cfg.sampler.num_instances
     if k < 2 or n % k != 0 or n // k < 2:
         fail('train.batch_size / sampler.num_instances', (n, k),
              'num_instances >= 2 and a batch size that is a multiple of it '
-             'with at least 2 identities per batch')
-    # the block grid at the configured input size (every backbone: stride 16)
+             'with at least 2 identities per batch (e.g. {} or {})'.format(
+                 (max(2, k) * 2, max(2, k)), (max(2, k) * 8, max(2, k))))
+    if cfg.pmm.mix == 'none':
+        return
+    # the block grid on the map the backbone gives at the configured size
     from .guidance import check_block_grid
-    height, width = cfg.data.height // 16, cfg.data.width // 16
+    from .models import feature_map_size, model_backbone
+    backbone = model_backbone(cfg.model.name)
+    height, width = feature_map_size(backbone, cfg.data.height, cfg.data.width)
     try:
         check_block_grid(height, width, cfg.pmm.block_size, cfg.pmm.top_k)
     except ValueError as error:
         raise ValueError(
-            'config pmm.block_size = {} / pmm.top_k = {} at input {}x{} '
-            '(feature map {}x{}): {}'.format(
+            'config pmm.block_size = {} / pmm.top_k = {}: at input {}x{} '
+            '(data.height x data.width) the {} backbone gives a {}x{} feature '
+            'map, and {}'.format(
                 list(cfg.pmm.block_size), cfg.pmm.top_k, cfg.data.height,
-                cfg.data.width, height, width, error
+                cfg.data.width, backbone, height, width, error
             )
         ) from None
+
+
+def _layout_text(name: str, root: str) -> str:
+    layouts = DATASET_LAYOUTS[name]
+    return ' or '.join(
+        '[{}]'.format(', '.join(osp.join(root, p) for p in layout))
+        for layout in layouts
+    )
+
+
+def check_paths(cfg: CN) -> None:
+    """Checks that the files the run will read exist (datasets, weights).
+
+    Raises:
+        FileNotFoundError: naming the key, the path and the expected layout.
+    """
+    root = osp.abspath(osp.expanduser(cfg.data.root))
+    for key in ('model.load_weights', 'model.resume'):
+        section, name = key.split('.')
+        path = cfg[section][name]
+        if path and not osp.isfile(path):
+            raise FileNotFoundError(
+                'config {} = {!r}: no such file'.format(key, path)
+            )
+    datasets = _registered('dataset')
+    names = list(cfg.data.targets) if cfg.test.evaluate else \
+        list(cfg.data.sources) + list(cfg.data.targets)
+    for name in dict.fromkeys(names):
+        if name in GENERATED_DATASETS:
+            continue
+        if name in DATASET_LAYOUTS:
+            layouts = DATASET_LAYOUTS[name]
+            if any(all(osp.exists(osp.join(root, p)) for p in layout)
+                   for layout in layouts):
+                continue
+            missing = [osp.join(root, p) for p in layouts[0]
+                       if not osp.exists(osp.join(root, p))]
+            raise FileNotFoundError(
+                'dataset {!r} not found under data.root = {!r} ({}): expected '
+                '{}; missing {}{}'.format(
+                    name, cfg.data.root, root, _layout_text(name, root),
+                    missing[0], '' if osp.isdir(root) else
+                    ' (the root folder itself does not exist)'
+                )
+            )
+        folder = osp.join(root, getattr(datasets[name], 'dataset_dir', name))
+        if not osp.exists(folder):
+            raise FileNotFoundError(
+                'dataset {!r} not found under data.root = {!r}: expected the '
+                'folder {} (see torchreid\'s dataset documentation)'.format(
+                    name, cfg.data.root, folder
+                )
+            )
 
 
 def imagedata_kwargs(cfg: CN) -> dict:
@@ -229,6 +489,7 @@ def imagedata_kwargs(cfg: CN) -> dict:
         'market1501_500k': cfg.market1501.use_500k_distractors,
         'cutout_size': cfg.data.cutout_size,
         'cutout_prob': cfg.data.cutout_prob,
+        'skip_bad_images': cfg.data.skip_bad_images,
     }
 
 

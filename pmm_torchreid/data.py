@@ -1,12 +1,23 @@
-"""Data pieces of the PMM recipe that torchreid lacks: Cutout, and a data manager
-builder that accepts it as the transform name ``'cutout'``."""
+"""Data pieces that torchreid lacks: Cutout (the PMM recipe), a data manager
+builder that accepts it as the transform ``'cutout'`` and can leave bad images
+out, and an image reader that raises instead of retrying forever."""
 from __future__ import annotations
 
+import os
 import random
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+from PIL import Image
 
-__all__ = ['Cutout', 'build_datamanager']
+__all__ = [
+    'Cutout', 'build_datamanager', 'BadImageError', 'read_image',
+    'install_safe_image_reader', 'find_bad_images', 'drop_bad_images'
+]
 
 
 class Cutout(object):
@@ -48,15 +59,31 @@ class Cutout(object):
         return 'Cutout(size={}, p={})'.format(self.size, self.p)
 
 
-def build_datamanager(cutout_size: int = 64, cutout_prob: float = 0.5, **kwargs):
-    """``torchreid.data.ImageDataManager(**kwargs)``, plus ``'cutout'``.
+def build_datamanager(
+    cutout_size: int = 64,
+    cutout_prob: float = 0.5,
+    skip_bad_images: bool = False,
+    **kwargs
+):
+    """``torchreid.data.ImageDataManager(**kwargs)``, plus ``'cutout'`` and
+    ``skip_bad_images``.
 
     When ``'cutout'`` is among ``kwargs['transforms']``, it is removed before
     torchreid sees the list and a :class:`Cutout` is appended to the training
-    transform, after normalisation.  ``use_gpu`` or ``device`` is passed on to
-    whichever the installed torchreid accepts.
+    transform, after normalisation.
+
+    With ``skip_bad_images``, every image of every dataset is decoded once
+    while the data manager is built, and the bad ones are left out of the
+    train/query/gallery lists (one warning each) before torchreid builds its
+    samplers.  Without it, a bad image stops the run with
+    :class:`BadImageError` naming the file the first time it is read.
     """
     import torchreid
+    if skip_bad_images:
+        return _with_bad_images_dropped(
+            build_datamanager, cutout_size=cutout_size,
+            cutout_prob=cutout_prob, **kwargs
+        )
     transforms = kwargs.get('transforms') or []
     if isinstance(transforms, str):
         transforms = [transforms]
@@ -75,3 +102,151 @@ def build_datamanager(cutout_size: int = 64, cutout_prob: float = 0.5, **kwargs)
                 compose.transforms.append(op)
                 seen.add(id(compose))
     return datamanager
+
+
+def _with_bad_images_dropped(build, **kwargs):
+    """Runs ``build(**kwargs)`` with torchreid's dataset factory filtered."""
+    import torchreid
+    module = sys.modules[torchreid.data.ImageDataManager.__module__]
+    original = module.init_image_dataset
+    cache = {}
+
+    def init_and_check(name, **dataset_kwargs):
+        dataset = original(name, **dataset_kwargs)
+        bad = drop_bad_images(dataset, cache=cache)
+        if bad:
+            print('=> {} {}: left out {} bad image(s)'.format(
+                name, dataset_kwargs.get('mode', 'train'), len(bad)))
+        return dataset
+
+    module.init_image_dataset = init_and_check
+    try:
+        return build(**kwargs)
+    finally:
+        module.init_image_dataset = original
+
+
+# --------------------------------------------------------------------------
+# image reading that never hangs
+# --------------------------------------------------------------------------
+class BadImageError(OSError):
+    """An image file that cannot be decoded (corrupt, truncated, unreadable)."""
+
+
+def read_image(path: str, attempts: int = 3, delay: float = 0.05):
+    """Reads an RGB ``PIL.Image``; raises instead of retrying forever.
+
+    torchreid's ``utils.read_image`` loops without end on a file that never
+    decodes.  This one tries ``attempts`` times (``delay`` seconds apart, to
+    ride out a transient network-filesystem error) and then raises.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        BadImageError: naming the file and the decoder's complaint.
+    """
+    attempts = max(1, int(attempts))
+    reason = None
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(delay)
+        if not os.path.exists(path):
+            raise FileNotFoundError('image "{}" does not exist'.format(path))
+        try:
+            with Image.open(path) as img:
+                return img.convert('RGB')
+        except Exception as error:  # PIL raises OSError, SyntaxError, ...
+            reason = '{}: {}'.format(type(error).__name__, error)
+    raise BadImageError(
+        'cannot read image "{}" ({}; tried {} times). List every bad file with '
+        '`python scripts/check_dataset.py --config-file ...`, or set '
+        'data.skip_bad_images True to leave bad files out'.format(
+            path, reason, attempts
+        )
+    )
+
+
+_MISSING = 'the file does not exist'
+
+
+def _decode_error(path: str) -> Optional[str]:
+    """None if ``path`` decodes to an RGB image, else why not."""
+    if not os.path.exists(path):
+        return _MISSING
+    try:
+        with Image.open(path) as img:
+            img.convert('RGB')
+    except Exception as error:  # PIL raises OSError, SyntaxError, ...
+        return '{}: {}'.format(type(error).__name__, error)
+    return None
+
+
+def install_safe_image_reader() -> None:
+    """Makes torchreid's image datasets read through :func:`read_image`.
+
+    torchreid's ``ImageDataset.__getitem__`` calls the ``read_image`` bound in
+    its own module; that name (and ``torchreid.utils.read_image``) is pointed
+    at ours.  Called by ``import pmm_torchreid``; idempotent.  DataLoader
+    workers started with ``fork`` (Linux's default) inherit it.
+    """
+    import torchreid
+    dataset_module = sys.modules[torchreid.data.ImageDataset.__module__]
+    tools_module = sys.modules[torchreid.utils.set_random_seed.__module__]
+    for module in (dataset_module, tools_module, torchreid.utils):
+        if hasattr(module, 'read_image'):
+            module.read_image = read_image
+
+
+def find_bad_images(paths: Sequence[str], workers: int = 4) -> List[Tuple[str, str]]:
+    """Decodes every image once; returns ``(path, reason)`` of the bad ones.
+
+    Reading happens in ``workers`` threads (PIL releases the GIL while it
+    decodes); the order of the result follows ``paths``.
+    """
+    paths = list(paths)
+    with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
+        reasons = list(pool.map(_decode_error, paths, chunksize=64))
+    return [(p, r) for p, r in zip(paths, reasons) if r is not None]
+
+
+def _relabel(items: List[tuple]) -> List[tuple]:
+    """Train items with identities renumbered 0..P-1 (in the old order)."""
+    pids = sorted({item[1] for item in items})
+    new = {pid: i for i, pid in enumerate(pids)}
+    return [(item[0], new[item[1]]) + tuple(item[2:]) for item in items]
+
+
+def drop_bad_images(
+    dataset, workers: int = 4, cache: Optional[dict] = None
+) -> List[Tuple[str, str]]:
+    """Removes unreadable images from a torchreid dataset, in place.
+
+    The train, query and gallery lists are filtered (train identities are
+    renumbered if one loses all its images) and the dataset's counts
+    recomputed; one warning names each bad file.  Returns the bad files.
+    ``cache`` (path -> reason or None) spares decoding a file twice when the
+    same lists come in several datasets (torchreid builds one per mode).
+    """
+    cache = {} if cache is None else cache
+    lists = ('train', 'query', 'gallery')
+    paths = sorted({item[0] for name in lists
+                    for item in getattr(dataset, name)})
+    new = [p for p in paths if p not in cache]
+    found = dict(find_bad_images(new, workers))
+    for path in new:
+        cache[path] = found.get(path)
+    for path, reason in sorted(found.items()):
+        warnings.warn('skipping bad image "{}" ({}; data.skip_bad_images is '
+                      'True)'.format(path, reason))
+    bad = {p: cache[p] for p in paths if cache[p] is not None}
+    if not bad:
+        return []
+    for name in lists:
+        items = [item for item in getattr(dataset, name) if item[0] not in bad]
+        if name == 'train':
+            items = _relabel(items)
+        setattr(dataset, name, items)
+    mode = getattr(dataset, 'mode', 'train')
+    dataset.data = getattr(dataset, mode)
+    dataset.num_train_pids = dataset.get_num_pids(dataset.train)
+    dataset.num_train_cams = dataset.get_num_cams(dataset.train)
+    return sorted(bad.items())

@@ -1,6 +1,7 @@
 """``PMMEngine``: torchreid's engine with PMM's guided, stage-wise training step."""
 from __future__ import annotations
 
+import math
 import os.path as osp
 import shutil
 from collections import OrderedDict
@@ -9,7 +10,7 @@ from typing import Dict, Sequence
 import torch
 import torchreid
 
-from .checkpoint import save_checkpoint
+from .checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
 from .guidance import build_mixer
 from .losses import batch_hard_triplet, smoothed_cross_entropy
 
@@ -22,7 +23,12 @@ class SafeCheckpointMixin(object):
     The files keep torchreid's names and keys (``model/model.pth.tar-<epoch>``
     with ``state_dict``, ``epoch``, ``rank1``, ``optimizer``, ``scheduler``), so
     torchreid's ``load_pretrained_weights`` and ``FeatureExtractor`` read them.
+    They add ``rng_state`` (Python, NumPy, torch) so that a resumed run
+    continues exactly, and a non-finite loss stops the run before the next
+    checkpoint could hold its damage.
     """
+
+    last_checkpoint = None  # path of the newest checkpoint this run wrote
 
     def save_model(self, epoch, rank1, save_dir, is_best=False):
         for name in self.get_model_names():
@@ -40,6 +46,7 @@ class SafeCheckpointMixin(object):
                 save_dir, name, 'model.pth.tar-{}'.format(int(epoch) + 1)
             )
             save_checkpoint(state, fpath)
+            self.last_checkpoint = fpath
             print('Checkpoint saved to "{}"'.format(fpath))
             if is_best:
                 best = osp.join(save_dir, name, 'model-best.pth.tar')
@@ -48,7 +55,35 @@ class SafeCheckpointMixin(object):
 
     def extra_checkpoint_state(self) -> Dict:
         """More entries for the checkpoint (plain values or tensors only)."""
-        return {}
+        return {'rng_state': capture_rng_state()}
+
+    def restore_checkpoint_state(self, checkpoint: Dict) -> None:
+        """Restores what :meth:`extra_checkpoint_state` saved (if present)."""
+        if checkpoint.get('rng_state') is not None:
+            restore_rng_state(checkpoint['rng_state'])
+            print('Restored the random-number states')
+        else:
+            print('** The checkpoint holds no random-number states: the '
+                  'resumed run will not repeat an uninterrupted one exactly')
+
+    def non_finite_error(self, what: str) -> FloatingPointError:
+        """The error that stops a run whose loss is not finite."""
+        return FloatingPointError(
+            '{} at epoch {}, iteration {}; training stopped, the last good '
+            'checkpoint is {}'.format(
+                what, getattr(self, 'epoch', 0) + 1,
+                getattr(self, 'batch_idx', 0) + 1,
+                '"{}"'.format(self.last_checkpoint) if self.last_checkpoint
+                else 'none (none was saved in this run yet)'
+            )
+        )
+
+    def forward_backward(self, data):
+        summary = super(SafeCheckpointMixin, self).forward_backward(data)
+        loss = summary.get('loss') if isinstance(summary, dict) else None
+        if loss is not None and not math.isfinite(float(loss)):
+            raise self.non_finite_error('loss is not finite ({})'.format(loss))
+        return summary
 
 
 def with_safe_checkpoints(engine_cls):
@@ -160,13 +195,9 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
             loss_x = smoothed_cross_entropy(logits, pids, self.label_smooth)
             loss = self.weight_triplet * loss_t + self.weight_ce * loss_x
             if not bool(torch.isfinite(loss)):
-                raise FloatingPointError(
+                raise self.non_finite_error(
                     'stage {} loss is not finite (triplet {}, cross-entropy '
-                    '{}) at epoch {}, iteration {}'.format(
-                        s, loss_t.item(), loss_x.item(),
-                        getattr(self, 'epoch', 0) + 1,
-                        getattr(self, 'batch_idx', 0) + 1
-                    )
+                    '{})'.format(s, loss_t.item(), loss_x.item())
                 )
             total = total + loss
             summary['loss_t{}'.format(s)] = loss_t.item()
@@ -189,4 +220,11 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
         return summary
 
     def extra_checkpoint_state(self):
-        return {'pmm_generator': self.generator.get_state()}
+        state = super(PMMEngine, self).extra_checkpoint_state()
+        state['pmm_generator'] = self.generator.get_state()
+        return state
+
+    def restore_checkpoint_state(self, checkpoint):
+        super(PMMEngine, self).restore_checkpoint_state(checkpoint)
+        if checkpoint.get('pmm_generator') is not None:
+            self.generator.set_state(checkpoint['pmm_generator'])

@@ -8,6 +8,8 @@ one tensor, the concatenation of the stage embeddings, so torchreid's
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -17,8 +19,8 @@ import torchvision
 from torchvision.models.resnet import Bottleneck
 
 __all__ = [
-    'PMM', 'build_backbone', 'BACKBONES', 'pmm_resnet50', 'pmm_resnet18',
-    'pmm_osnet_x0_25', 'MODEL_FACTORY'
+    'PMM', 'build_backbone', 'BACKBONES', 'feature_map_size', 'model_backbone',
+    'pmm_resnet50', 'pmm_resnet18', 'pmm_osnet_x0_25', 'MODEL_FACTORY'
 ]
 
 
@@ -67,21 +69,83 @@ def _resnet(arch: str, pretrained: bool) -> Tuple[nn.Module, int]:
     return body, channels
 
 
-def _osnet_x0_25(pretrained: bool) -> Tuple[nn.Module, int]:
-    import torchreid
-    torch_home = os.path.expanduser(
+#: torchreid's ImageNet OSNet-x0.25 weights: where torchreid downloads them
+#: from, and the SHA-256 of that file (torchreid publishes none; this is the
+#: hash of the file it serves, recorded here so a changed file is refused).
+OSNET_X0_25_URL = \
+    'https://drive.google.com/uc?id=1rb8UN5ZzPKRc_xvtHlyDh-cSz88YX9hs'
+OSNET_X0_25_SHA256 = \
+    'f54941a66bad4ddd07f2907f498c810ce639ce7a1abeaf2a151f8da118d84693'
+
+
+def _torch_home() -> str:
+    return os.path.expanduser(
         os.getenv('TORCH_HOME', os.path.join(
             os.getenv('XDG_CACHE_HOME', '~/.cache'), 'torch'))
     )
-    path = os.path.join(torch_home, 'checkpoints', 'osnet_x0_25_imagenet.pth')
-    try:
-        net = torchreid.models.osnet.osnet_x0_25(
-            num_classes=1, pretrained=pretrained, loss='softmax'
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_osnet_x0_25_weights() -> str:
+    """Path of the verified ImageNet OSNet-x0.25 weights, downloading them
+    (with ``gdown``, as torchreid does) only when they are not cached.
+
+    Raises:
+        RuntimeError: the download failed, or the file's SHA-256 differs from
+            :data:`OSNET_X0_25_SHA256` (the file is then left untouched, or
+            a fresh download is deleted).
+    """
+    path = os.path.join(_torch_home(), 'checkpoints', 'osnet_x0_25_imagenet.pth')
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + '.download'
+        try:
+            import gdown
+            gdown.download(OSNET_X0_25_URL, tmp, quiet=False)
+            if not os.path.isfile(tmp):
+                raise RuntimeError('gdown wrote no file')
+            actual = _sha256(tmp)
+            if actual != OSNET_X0_25_SHA256:
+                raise RuntimeError('downloaded file has SHA-256 {}, expected '
+                                   '{}'.format(actual, OSNET_X0_25_SHA256))
+            os.replace(tmp, path)
+        except Exception as error:  # no network, bad hash, ...
+            raise _checkpoint_hint(path, OSNET_X0_25_URL, error) from error
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    actual = _sha256(path)
+    if actual != OSNET_X0_25_SHA256:
+        raise RuntimeError(
+            'refusing "{}": its SHA-256 is {}, but torchreid\'s OSNet-x0.25 '
+            'ImageNet weights have {}; delete the file to download it '
+            'again'.format(path, actual, OSNET_X0_25_SHA256)
         )
-    except Exception as error:  # gdown cannot reach Google Drive, ...
-        raise _checkpoint_hint(
-            path, 'torchreid\'s osnet_x0_25 ImageNet weights', error
-        ) from error
+    return path
+
+
+def _osnet_x0_25(pretrained: bool) -> Tuple[nn.Module, int]:
+    import torchreid
+    net = torchreid.models.osnet.osnet_x0_25(
+        num_classes=1, pretrained=False, loss='softmax'
+    )
+    if pretrained:
+        from .checkpoint import load_checkpoint
+        state = load_checkpoint(fetch_osnet_x0_25_weights(), 'cpu')
+        own = net.state_dict()
+        matched = {k: v for k, v in state.items()
+                   if k in own and own[k].shape == v.shape}
+        own.update(matched)
+        net.load_state_dict(own)
+        print('Loaded ImageNet weights into osnet_x0_25 ({} of {} '
+              'tensors)'.format(len(matched), len(own)))
     body = nn.Sequential(
         net.conv1, net.maxpool, net.conv2, net.conv3, net.conv4, net.conv5
     )
@@ -106,6 +170,25 @@ def build_backbone(name: str, pretrained: bool = True) -> Tuple[nn.Module, int]:
             )
         )
     return BACKBONES[name](pretrained)
+
+
+@functools.lru_cache(maxsize=64)
+def feature_map_size(name: str, height: int, width: int) -> Tuple[int, int]:
+    """Height and width of the backbone's map for a ``height x width`` input.
+
+    Computed exactly (padding and rounding included) by running the backbone
+    on PyTorch's ``meta`` device: no weights are allocated, no data is read.
+    """
+    if name not in BACKBONES:
+        raise KeyError(
+            'unknown backbone {!r}; expected one of {}'.format(
+                name, sorted(BACKBONES)
+            )
+        )
+    with torch.device('meta'):
+        body, _ = BACKBONES[name](False)
+        out = body(torch.empty(1, 3, int(height), int(width)))
+    return int(out.shape[2]), int(out.shape[3])
 
 
 # --------------------------------------------------------------------------
@@ -295,6 +378,7 @@ def _factory(backbone: str) -> Callable[..., PMM]:
             **kwargs
         )
 
+    build.backbone = backbone
     build.__name__ = build.__qualname__ = 'pmm_' + backbone
     build.__doc__ = (
         'PMM with a {} backbone; torchreid factory signature '
@@ -314,3 +398,14 @@ MODEL_FACTORY = {
     'pmm_resnet18': pmm_resnet18,
     'pmm_osnet_x0_25': pmm_osnet_x0_25,
 }
+
+
+def model_backbone(name: str) -> str:
+    """The backbone of a PMM model name (``'pmm'`` -> ``'resnet50'``)."""
+    if name not in MODEL_FACTORY:
+        raise KeyError(
+            'model.name = {!r} is not a PMM model; expected one of {}'.format(
+                name, sorted(MODEL_FACTORY)
+            )
+        )
+    return MODEL_FACTORY[name].backbone

@@ -53,7 +53,9 @@ def _table(module, attr: str) -> Dict[str, Callable]:
 
 
 def register() -> None:
-    """Registers the PMM models and the synthetic dataset with torchreid.
+    """Registers the PMM models and the synthetic dataset with torchreid, and
+    makes its image datasets raise on a bad image instead of retrying forever
+    (:func:`pmm_torchreid.data.install_safe_image_reader`).
 
     Examples::
 
@@ -62,8 +64,10 @@ def register() -> None:
     """
     import torchreid
     from .models import MODEL_FACTORY
+    from .data import install_safe_image_reader
     from .synthetic import DATASETS
     register_into(_table(torchreid.models, '__model_factory'), MODEL_FACTORY,
                   'model')
     register_into(_table(torchreid.data.datasets, '__image_datasets'),
                   DATASETS, 'image dataset')
+    install_safe_image_reader()

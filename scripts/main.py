@@ -69,11 +69,7 @@ def setup_config(args: argparse.Namespace):
     """defaults -> yaml -> flags -> KEY VALUE pairs -> checks -> freeze."""
     cfg = C.get_default_config()
     if args.config_file:
-        if not osp.isfile(args.config_file):
-            raise FileNotFoundError(
-                'config file "{}" does not exist'.format(args.config_file)
-            )
-        cfg.merge_from_file(args.config_file)
+        C.merge_file(cfg, args.config_file)
     if args.root:
         cfg.data.root = args.root
     if args.sources:
@@ -85,12 +81,7 @@ def setup_config(args: argparse.Namespace):
     if args.model:
         cfg.model.name = args.model
     if args.opts:
-        if len(args.opts) % 2:
-            raise ValueError(
-                'command-line overrides come as KEY VALUE pairs; got an odd '
-                'number of items: {}'.format(args.opts)
-            )
-        cfg.merge_from_list(args.opts)
+        C.merge_list(cfg, args.opts)
     C.check_config(cfg)
     cfg.freeze()
     return cfg
@@ -136,6 +127,7 @@ def build_engine(cfg, datamanager, model, optimizer, scheduler):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     cfg = setup_config(args)
+    C.check_paths(cfg)  # datasets and weight files exist, before any work
     torchreid.utils.set_random_seed(cfg.train.seed)
 
     log_name = 'test.log' if cfg.test.evaluate else 'train.log'
@@ -150,6 +142,16 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
 
     datamanager = build_datamanager(**C.imagedata_kwargs(cfg))
+    if not cfg.test.evaluate and len(datamanager.train_loader) == 0:
+        raise ValueError(
+            'the training data give no batch: {} identities with {} images '
+            'cannot fill a batch of train.batch_size = {} with '
+            'sampler.num_instances = {} images per identity'.format(
+                datamanager.num_train_pids,
+                len(datamanager.train_loader.dataset), cfg.train.batch_size,
+                cfg.sampler.num_instances
+            )
+        )
 
     print('Building model: {}'.format(cfg.model.name))
     model = build_model(cfg, datamanager.num_train_pids)
@@ -167,14 +169,15 @@ def main(argv=None):
     optimizer = torchreid.optim.build_optimizer(model, **C.optimizer_kwargs(cfg))
     scheduler = build_lr_scheduler(optimizer, **C.lr_scheduler_kwargs(cfg))
 
-    start_epoch = cfg.train.start_epoch
-    if cfg.model.resume:
-        start_epoch = resume_from_checkpoint(
-            cfg.model.resume, model, optimizer=optimizer, scheduler=scheduler
-        )
-
     print('Building {}-engine for {}-reid'.format(cfg.loss.name, cfg.data.type))
     engine = build_engine(cfg, datamanager, model, optimizer, scheduler)
+
+    start_epoch = cfg.train.start_epoch
+    if cfg.model.resume:  # last: it restores the random-number states
+        start_epoch = resume_from_checkpoint(
+            cfg.model.resume, model, optimizer=optimizer, scheduler=scheduler,
+            engine=engine
+        )
     run_kwargs = C.engine_run_kwargs(cfg)
     run_kwargs['start_epoch'] = start_epoch
     engine.run(**run_kwargs)
