@@ -165,12 +165,19 @@ def _all_keys(cfg: CN, prefix: str = '') -> List[str]:
     return keys
 
 
+class ConfigKeyError(KeyError):
+    """An unknown config key (``str`` gives the message without quotes)."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ''
+
+
 def _explain(error: Exception, cfg: CN, where: str) -> Exception:
     message = str(error).strip('"\'')
-    if isinstance(error, KeyError) and 'Non-existent config key' in message:
+    if 'Non-existent' in message and ':' in message:  # yacs: file / list
         key = message.split(':', 1)[1].strip()
         close = difflib.get_close_matches(key, _all_keys(cfg), n=3)
-        return KeyError(
+        return ConfigKeyError(
             '{}: unknown config key {!r}{}'.format(
                 where, key, '; did you mean {}?'.format(
                     ' or '.join(repr(c) for c in close)) if close else
@@ -279,9 +286,12 @@ def check_config(cfg: CN) -> None:
     models = _registered('model')
     if cfg.model.name not in models:
         close = difflib.get_close_matches(cfg.model.name, list(models), n=3)
-        fail('model.name', cfg.model.name, 'a registered model{} (all: '
-             '{})'.format(' such as {}'.format(close) if close else '',
-                          sorted(models)))
+        from .models import MODEL_FACTORY
+        fail('model.name', cfg.model.name, 'a registered model{}: the PMM '
+             'models {} or one of torchreid\'s (see torchreid.models.'
+             'show_avai_models())'.format(
+                 ' (closest: {})'.format(close) if close else '',
+                 sorted(MODEL_FACTORY)))
     datasets = _registered('dataset')
     for key in ('sources', 'targets'):
         names = list(cfg.data[key])

@@ -109,14 +109,20 @@ def _with_bad_images_dropped(build, **kwargs):
     import torchreid
     module = sys.modules[torchreid.data.ImageDataManager.__module__]
     original = module.init_image_dataset
-    cache = {}
+    cache, reported = {}, set()
 
     def init_and_check(name, **dataset_kwargs):
         dataset = original(name, **dataset_kwargs)
-        bad = drop_bad_images(dataset, cache=cache)
-        if bad:
-            print('=> {} {}: left out {} bad image(s)'.format(
-                name, dataset_kwargs.get('mode', 'train'), len(bad)))
+        before = {s: len(getattr(dataset, s)) for s in ('train', 'query',
+                                                         'gallery')}
+        drop_bad_images(dataset, cache=cache)
+        counts = {s: n - len(getattr(dataset, s)) for s, n in before.items()}
+        if any(counts.values()) and name not in reported:
+            reported.add(name)
+            print('=> {}: left out {} bad image(s) ({} train, {} query, {} '
+                  'gallery)'.format(name, sum(counts.values()),
+                                    counts['train'], counts['query'],
+                                    counts['gallery']))
         return dataset
 
     module.init_image_dataset = init_and_check
