@@ -156,3 +156,32 @@ def test_foreign_or_half_folder_is_refused_and_kept(tmp_path, marker):
         Tiny(root=str(tmp_path), verbose=False)
     assert str(folder) in str(info.value) and 'Delete' in str(info.value)
     assert (folder / 'train' / '0001_c1_00.png').exists()  # nothing deleted
+
+
+def test_generation_killed_with_sigkill_leaves_no_dataset(tmp_path, synthetic_root):
+    import glob
+    import signal
+    import subprocess
+    import sys
+    import time
+    root = str(tmp_path)
+    code = ('import pmm_torchreid.synthetic as s; '
+            's.SyntheticPersons(root={!r}, verbose=False)'.format(root))
+    proc = subprocess.Popen([sys.executable, '-c', code],
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    deadline = time.time() + 120
+    while len(glob.glob(os.path.join(root, '.pmm_synthetic.tmp-*', '*', '*',
+                                     '*.png'))) < 100:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-generation, no cleanup can run
+    proc.wait()
+    assert not os.path.exists(os.path.join(root, 'pmm_synthetic'))
+    assert glob.glob(os.path.join(root, '.pmm_synthetic.tmp-*'))  # the debris
+    # the next user regenerates it whole, clears the debris, and gets the
+    # same bytes as an uninterrupted generation
+    got = SyntheticPersons(root=root, verbose=False).dataset_dir
+    assert not glob.glob(os.path.join(root, '.pmm_synthetic.tmp-*'))
+    ref = os.path.join(synthetic_root, 'pmm_synthetic')
+    assert _files(got) == _files(ref)
+    assert not filecmp.cmpfiles(got, ref, _files(ref), shallow=False)[1]
