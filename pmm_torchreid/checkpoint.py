@@ -42,10 +42,18 @@ def save_checkpoint(state: dict, fpath: str) -> str:
     """Writes ``state`` to ``fpath`` atomically (temporary file, fsync, rename).
 
     A process killed at any moment leaves either the old file or the new one,
-    never a truncated one.
+    never a truncated one; what it leaves is a hidden temporary file, which
+    the next save to the same path removes.
     """
     folder = os.path.dirname(os.path.abspath(fpath))
     os.makedirs(folder, exist_ok=True)
+    stale = '.' + os.path.basename(fpath) + '.'
+    for name in os.listdir(folder):  # debris of a writer that was killed
+        if name.startswith(stale) and name.endswith('.tmp'):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
     fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(fpath) + '.',
                                suffix='.tmp', dir=folder)
     try:

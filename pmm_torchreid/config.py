@@ -141,6 +141,7 @@ def add_pmm_config(cfg: CN) -> CN:
 
     cfg.data.cutout_size = 64  # side of the Cutout square (transform 'cutout')
     cfg.data.cutout_prob = 0.5  # probability of Cutout per image
+    cfg.data.check_images = True  # decode every image once before training
     cfg.data.skip_bad_images = False  # leave unreadable images out (else stop)
     return cfg
 
@@ -499,6 +500,7 @@ def imagedata_kwargs(cfg: CN) -> dict:
         'market1501_500k': cfg.market1501.use_500k_distractors,
         'cutout_size': cfg.data.cutout_size,
         'cutout_prob': cfg.data.cutout_prob,
+        'check_images': cfg.data.check_images,
         'skip_bad_images': cfg.data.skip_bad_images,
     }
 

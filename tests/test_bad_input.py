@@ -155,17 +155,33 @@ def run(script, *args, timeout=300):
     return proc, time.time() - start
 
 
-def test_training_on_a_bad_image_stops_naming_it(damaged_root, tmp_path):
-    root, bad_train, _ = damaged_root
-    # two loader workers: the error must cross the process boundary intact
+def test_bad_images_stop_the_run_before_training_listing_all(
+        damaged_root, tmp_path):
+    root, bad_train, bad_query = damaged_root
     proc, seconds = run(
         'main.py', '--config-file', 'configs/pmm_demo.yaml', '--root', root,
         'data.save_dir', str(tmp_path), 'data.workers', '2', *FAST
     )
     assert proc.returncode != 0
-    assert 'BadImageError' in proc.stderr and bad_train in proc.stderr
-    assert 'Will redo' not in proc.stdout  # torchreid's endless retry
+    assert 'BadImageError: 2 bad image(s) in dataset' in proc.stderr
+    assert bad_train in proc.stderr and bad_query in proc.stderr
+    assert 'epoch: [1/1]' not in proc.stdout  # stopped before any training
     print('stopped after {:.1f} s'.format(seconds))
+
+
+def test_without_the_check_a_bad_image_stops_the_run_when_read(
+        damaged_root, tmp_path):
+    root, _, bad_query = damaged_root
+    # two loader workers: the error must cross the process boundary intact
+    proc, _ = run(
+        'main.py', '--config-file', 'configs/pmm_demo.yaml', '--root', root,
+        'data.save_dir', str(tmp_path), 'data.workers', '2',
+        'data.check_images', 'False', 'test.evaluate', 'True', *FAST
+    )
+    assert proc.returncode != 0
+    assert 'BadImageError: cannot read image "{}"'.format(bad_query) \
+        in proc.stderr
+    assert 'Will redo' not in proc.stdout  # torchreid's endless retry
 
 
 def test_skip_bad_images_leaves_them_out_and_trains(damaged_root, tmp_path):

@@ -134,6 +134,8 @@ def test_resume_after_the_kill_equals_the_uninterrupted_run(runs):
         root, killed, 'train.max_epoch', '2', 'model.resume',
         osp.join(killed, 'model', 'model.pth.tar-1')))
     assert 'Restored the random-number states' in out
+    folder = osp.join(killed, 'model')  # saving tar-2 again cleared the debris
+    assert sorted(os.listdir(folder)) == ['model.pth.tar-1', 'model.pth.tar-2']
     assert_same_checkpoints(
         load_checkpoint(osp.join(killed, 'model', 'model.pth.tar-2')),
         load_checkpoint(osp.join(straight, 'model', 'model.pth.tar-2')))
