@@ -111,7 +111,8 @@ def main():
               time.time() - start, written))
     for result, count in sorted(results.items()):
         print('  {:<28} {}'.format(result, count))
-    print('  half-written temporary files left: {}'.format(leftovers))
+    print('  kills that landed during a write (a temporary file was left): '
+          '{}'.format(leftovers))
     return 0 if set(results) <= {'ok', 'missing'} else 1
 
 
