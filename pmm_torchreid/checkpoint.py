@@ -57,6 +57,7 @@ def save_checkpoint(state: dict, fpath: str) -> str:
     fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(fpath) + '.',
                                suffix='.tmp', dir=folder)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600)
         with os.fdopen(fd, 'wb') as f:
             torch.save(to_plain(state), f)
             f.flush()
@@ -67,6 +68,12 @@ def save_checkpoint(state: dict, fpath: str) -> str:
             os.unlink(tmp)
         raise
     return fpath
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(fpath: str, map_location: Optional[str] = None) -> dict:

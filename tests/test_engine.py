@@ -135,6 +135,10 @@ def test_save_checkpoint_replaces_atomically(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(fpath)['epoch'] == 1  # the old file is intact
     assert os.listdir(tmp_path) == ['ckpt.pth']
+    # the usual mode for a new file (not mkstemp's private 0600)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert os.stat(fpath).st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_load_checkpoint_refuses_arbitrary_pickles(tmp_path):
