@@ -326,23 +326,41 @@ def pairwise(items: Sequence[torch.Tensor], fn) -> 'OrderedDict[str, torch.Tenso
 def stage_overlap(cams: Sequence[torch.Tensor],
                   masks: Sequence[torch.Tensor]) -> Dict[str, 'OrderedDict']:
     """Per-sample pairwise overlaps: ``{'mask_iou': {pair: N}, 'cam_cosine':
-    {pair: N}}`` for the top-K masks (0 = selected) and the CAMs."""
+    {pair: N}}`` for the top-K masks (0 = selected) and the CAMs.
+
+    A pair in which one stage's CAM is all zero (no positive evidence, so
+    its "top-K blocks" are only the tie-break) gets NaN, and
+    :func:`summarize_overlap` leaves it out.
+    """
+    alive = [c.flatten(1).max(1).values > 0 for c in cams]
+
+    def masked(fn, items):
+        out = pairwise(list(items), fn)
+        valid = pairwise(alive, lambda a, b: a & b)
+        for pair in out:
+            out[pair] = torch.where(valid[pair], out[pair].float(),
+                                    torch.full_like(out[pair].float(),
+                                                    float('nan')))
+        return out
+
     return {
-        'mask_iou': pairwise([m == 0 for m in masks], mask_iou),
-        'cam_cosine': pairwise(list(cams), cam_cosine),
+        'mask_iou': masked(mask_iou, [m == 0 for m in masks]),
+        'cam_cosine': masked(cam_cosine, cams),
     }
 
 
 def summarize_overlap(per_sample: Dict[str, 'OrderedDict']) -> Dict:
     """Means over samples of :func:`stage_overlap` (lists of batches allowed),
-    plus ``'mean'``: the mean over the stage pairs."""
+    NaNs left out, plus ``'mean'``: the mean over the stage pairs."""
     out = {}
     for metric, pairs in per_sample.items():
         means = OrderedDict()
         for pair, values in pairs.items():
             if isinstance(values, (list, tuple)):
                 values = torch.cat([v.flatten().cpu() for v in values])
-            means[pair] = float(values.float().mean()) if values.numel() else \
+            values = values.float()
+            values = values[~torch.isnan(values)]
+            means[pair] = float(values.mean()) if values.numel() else \
                 float('nan')
         if means:
             means['mean'] = float(np.mean(list(means.values())))
@@ -432,10 +450,11 @@ def _tiles_for(i: int, image01: torch.Tensor, views: Dict,
     img = image01[i:i + 1]
     tiles = [('input', _to_uint8(img[0]))]
     for s, (cam, mask) in enumerate(zip(views['cams'], views['masks']), 1):
-        heat = overlay(img, upsample_cam(cam[i:i + 1], size))[0]
-        sel = upsample_mask(mask[i:i + 1], size)[0].cpu().numpy() == 0
-        tiles.append(('stage {} CAM'.format(stage_name(s)),
-                      _outline(_to_uint8(heat), sel)))
+        heat = _to_uint8(overlay(img, upsample_cam(cam[i:i + 1], size))[0])
+        if float(cam[i].max()) > 0:  # an all-zero CAM has no top-K of its own
+            sel = upsample_mask(mask[i:i + 1], size)[0].cpu().numpy() == 0
+            heat = _outline(heat, sel)
+        tiles.append(('stage {} CAM'.format(stage_name(s)), heat))
     if partners01 is not None and 'mix_inputs' in views:
         for s, keep in enumerate(views['mix_inputs'], 2):
             partner = partners01[s - 2][i:i + 1]
@@ -540,6 +559,13 @@ def contact_sheet(
     return np.asarray(canvas)
 
 
+def _usual_mode(path: str) -> None:
+    """Gives a ``mkstemp`` file (0600) the mode a plain ``open`` would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_png(array: np.ndarray, path: str) -> str:
     """Writes an H x W x 3 uint8 RGB array as a PNG, atomically."""
     from PIL import Image
@@ -550,6 +576,7 @@ def save_png(array: np.ndarray, path: str) -> str:
     try:
         with os.fdopen(fd, 'wb') as f:
             Image.fromarray(np.ascontiguousarray(array)).save(f, format='PNG')
+        _usual_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -572,6 +599,11 @@ def load_images(items: Sequence, transform, device=None) -> torch.Tensor:
 
 def item_name(item) -> str:
     return os.path.splitext(os.path.basename(item[0]))[0]
+
+
+def _fmt(value) -> str:
+    value = float(value)
+    return 'n/a (zero CAM)' if math.isnan(value) else '{:.2f}'.format(value)
 
 
 class StagePictures(object):
@@ -627,7 +659,7 @@ class StagePictures(object):
             item_name(item), item[1], kind, int(views['labels'][i]))
         if overlap is not None:
             text += '  top-K IoU ' + ' '.join(
-                '{} {:.2f}'.format(p, float(v[i]))
+                '{} {}'.format(p, _fmt(v[i]))
                 for p, v in overlap['mask_iou'].items())
         return text
 
@@ -649,8 +681,8 @@ class StagePictures(object):
             paths.append(save_png(panel, os.path.join(out_dir, name + '.png')))
         captions = [item_name(it) for it in items]
         if per['mask_iou']:  # mean top-K IoU over the stage pairs
-            mean_iou = torch.stack(list(per['mask_iou'].values())).mean(0)
-            captions = ['{}  IoU {:.2f}'.format(c, float(v))
+            mean_iou = torch.stack(list(per['mask_iou'].values())).nanmean(0)
+            captions = ['{}  IoU {}'.format(c, _fmt(v))
                         for c, v in zip(captions, mean_iou)]
         sheet = contact_sheet(res['images01'], views, captions, columns, title)
         sheet_path = save_png(sheet, os.path.join(out_dir, 'sheet.png'))
@@ -706,6 +738,10 @@ def format_overlap(summary: Dict, blocks: Optional[int] = None,
             lines.append('  {:34s} {:10s} {}'.format(
                 label, metric, '  '.join('{} {:.3f}'.format(p, v)
                                          for p, v in pairs.items())))
+    if summary.get('zero_cams'):
+        lines.append('  all-zero test-time CAMs (their pairs left out): ' +
+                     ', '.join('{} {}'.format(s, n)
+                               for s, n in summary['zero_cams'].items()))
     if blocks is not None and k is not None:
         lines.append('  random top-{} of {} blocks would give a mask IoU of '
                      '{:.3f}'.format(k, blocks, chance_iou(blocks, k)))

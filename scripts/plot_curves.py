@@ -117,6 +117,9 @@ def plot(rows, output, title='', dpi=100):
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=dpi, format='png')
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600
         os.replace(tmp, output)
     finally:
         plt.close(fig)

@@ -140,6 +140,15 @@ def test_overlap_is_one_for_identical_and_zero_for_disjoint():
     assert summary['mask_iou']['mean'] == pytest.approx(1 / 3)
     assert summary['cam_cosine']['I-II'] == pytest.approx(1.0)
 
+    # a stage with an all-zero CAM has no top-K blocks of its own (only the
+    # tie-break): its pairs are left out, not counted as overlap
+    dead = a.float().clone()
+    dead[0] = 0
+    per = stage_overlap([a.float(), dead], masks[:2])
+    assert torch.isnan(per['mask_iou']['I-II'][0])
+    assert per['mask_iou']['I-II'][1:].tolist() == [1.0, 1.0]
+    assert summarize_overlap(per)['mask_iou']['I-II'] == 1.0
+
 
 def test_chance_iou_matches_a_simulation():
     assert chance_iou(16, 16) == 1.0
@@ -303,6 +312,11 @@ def test_visualize_gradcam_script_writes_panels_sheet_and_overlap(
     cell_w = 4 * 32 + 3 + 8
     assert _png(os.path.join(out, 'sheet.png')) == (
         'PNG', 'RGB', (2 * cell_w + 4, 4 + 18 + 16 + 2 * (16 + 64 + 16) + 4))
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ('sheet.png', 'overlap.json', os.path.basename(panels[0])):
+        mode = os.stat(os.path.join(out, name)).st_mode & 0o777
+        assert mode == 0o666 & ~umask, name  # not mkstemp's 0600
     with open(os.path.join(out, 'overlap.json')) as f:
         report = json.load(f)
     assert report['overlap']['num_images'] == 40 and len(report['pictured']) == 3
