@@ -129,7 +129,7 @@ def add_pmm_config(cfg: CN) -> CN:
     cfg.pmm.weight_triplet = 1.0  # weight of every stage's triplet loss
     cfg.pmm.weight_ce = 1.0  # weight of every stage's cross-entropy loss
     cfg.pmm.label_smooth = 0.1  # label-smoothing epsilon of the cross-entropy
-    cfg.pmm.vis_freq = 0  # Grad-CAM pictures every N epochs during training (0: off)
+    cfg.pmm.vis_freq = 0  # Grad-CAM pictures every N epochs in training (0: off)
     cfg.pmm.vis_num = 8  # training images in those pictures (fixed, seeded)
 
     cfg.train.warmup_epochs = 0  # staircase warm-up length ('warmup_multi_step')

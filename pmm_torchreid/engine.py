@@ -302,6 +302,7 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
 
     def write_pictures(self) -> Dict:
         """Writes the pictures of the current epoch; returns the overlap."""
+        from .visualize import json_safe
         pics = self._pictures
         folder = osp.join(self.save_dir, 'gradcam',
                           'epoch-{:03d}'.format(self.epoch + 1))
@@ -315,7 +316,7 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
         overlap = res['overlap']
         tmp = osp.join(folder, '.overlap.json.tmp')
         with open(tmp, 'w') as f:
-            json.dump(overlap, f, indent=1)
+            json.dump(json_safe(overlap), f, indent=1, allow_nan=False)
         os.replace(tmp, osp.join(folder, 'overlap.json'))
         print('Grad-CAM pictures of {} training images saved to "{}" (top-K '
               'IoU between stages: {})'.format(

@@ -41,7 +41,7 @@ __all__ = [
     'cam_cosine', 'pairwise', 'stage_overlap', 'chance_iou', 'render_panel',
     'panel_size', 'contact_sheet', 'save_png', 'draw_partners',
     'normalization_of', 'summarize_overlap', 'tile_scale', 'load_images',
-    'item_name', 'StagePictures', 'format_overlap'
+    'item_name', 'StagePictures', 'format_overlap', 'json_safe'
 ]
 
 STAGE_NAMES = ('I', 'II', 'III', 'IV', 'V', 'VI', 'VII', 'VIII')
@@ -723,6 +723,17 @@ class StagePictures(object):
             'mixed': summarize_overlap(acc['mixed']) if acc['mixed'] else {},
             'zero_cams': {stage_name(s + 1): z for s, z in enumerate(zero)},
         }
+
+
+def json_safe(obj):
+    """``obj`` with NaN/inf floats turned into ``None`` (strict JSON)."""
+    if isinstance(obj, dict):
+        return type(obj)((k, json_safe(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def format_overlap(summary: Dict, blocks: Optional[int] = None,

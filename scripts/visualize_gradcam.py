@@ -49,7 +49,8 @@ from pmm_torchreid import config as C  # noqa: E402
 from pmm_torchreid.checkpoint import load_pretrained_weights  # noqa: E402
 from pmm_torchreid.data import build_datamanager  # noqa: E402
 from pmm_torchreid.visualize import (  # noqa: E402
-    StagePictures, _usual_mode, chance_iou, draw_partners, format_overlap
+    StagePictures, _usual_mode, chance_iou, draw_partners, format_overlap,
+    json_safe
 )
 
 
@@ -156,7 +157,7 @@ def main(argv=None):
         report['overlap'] = summary
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix='.overlap.', suffix='.tmp')
     with os.fdopen(fd, 'w') as f:
-        json.dump(report, f, indent=1)
+        json.dump(json_safe(report), f, indent=1, allow_nan=False)
     _usual_mode(tmp)
     os.replace(tmp, osp.join(out_dir, 'overlap.json'))
     print('Saved "{}"'.format(osp.join(out_dir, 'overlap.json')))

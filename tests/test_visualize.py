@@ -148,6 +148,12 @@ def test_overlap_is_one_for_identical_and_zero_for_disjoint():
     assert torch.isnan(per['mask_iou']['I-II'][0])
     assert per['mask_iou']['I-II'][1:].tolist() == [1.0, 1.0]
     assert summarize_overlap(per)['mask_iou']['I-II'] == 1.0
+    from pmm_torchreid.visualize import json_safe
+    all_dead = summarize_overlap(stage_overlap(
+        [dead[:1], dead[:1]], [m[:1] for m in masks[:2]]))
+    assert np.isnan(all_dead['mask_iou']['I-II'])
+    assert json.loads(json.dumps(json_safe(all_dead), allow_nan=False))[
+        'mask_iou']['I-II'] is None
 
 
 def test_chance_iou_matches_a_simulation():
