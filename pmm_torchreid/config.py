@@ -135,6 +135,8 @@ def add_pmm_config(cfg: CN) -> CN:
     cfg.pmm.weight_triplet = 1.0  # weight of every stage's triplet loss
     cfg.pmm.weight_ce = 1.0  # weight of every stage's cross-entropy loss
     cfg.pmm.label_smooth = 0.1  # label-smoothing epsilon of the cross-entropy
+    cfg.pmm.vis_freq = 0  # Grad-CAM pictures every N epochs in training (0: off)
+    cfg.pmm.vis_num = 8  # training images in those pictures (fixed, seeded)
 
     cfg.train.warmup_epochs = 0  # staircase warm-up length ('warmup_multi_step')
     cfg.train.warmup_interval = 1  # the warm-up raises the lr every N epochs
@@ -386,6 +388,11 @@ def _check_pmm(cfg: CN, mix_modes) -> None:
     for key in ('weight_triplet', 'weight_ce', 'triplet_margin'):
         if cfg.pmm[key] < 0:
             fail('pmm.' + key, cfg.pmm[key], '>= 0')
+    if cfg.pmm.vis_freq < 0:
+        fail('pmm.vis_freq', cfg.pmm.vis_freq,
+             'a number of epochs >= 1, or 0 for no pictures')
+    if cfg.pmm.vis_num < 1:
+        fail('pmm.vis_num', cfg.pmm.vis_num, 'a number of images >= 1')
     if cfg.test.evaluate:
         return
     if cfg.sampler.train_sampler != 'RandomIdentitySampler':
@@ -561,6 +568,8 @@ def engine_kwargs(cfg: CN) -> dict:
         'weight_triplet': cfg.pmm.weight_triplet,
         'weight_ce': cfg.pmm.weight_ce,
         'label_smooth': cfg.pmm.label_smooth,
+        'vis_freq': cfg.pmm.vis_freq,
+        'vis_num': cfg.pmm.vis_num,
     }
 
 

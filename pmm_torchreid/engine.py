@@ -1,9 +1,13 @@
 """``PMMEngine``: torchreid's engine with PMM's guided, stage-wise training step."""
 from __future__ import annotations
 
+import inspect
+import json
 import math
+import os
 import os.path as osp
 import shutil
+import time
 from collections import OrderedDict
 from typing import Dict, Sequence
 
@@ -127,6 +131,16 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
         weight_ce (float, optional): weight of each cross-entropy loss.
             Default is 1.
         label_smooth (float, optional): label-smoothing epsilon. Default is 0.1.
+        vis_freq (int, optional): every ``vis_freq`` epochs (and after the
+            last one) write Grad-CAM pictures of ``vis_num`` fixed training
+            images to ``<save_dir>/gradcam/epoch-XXX/`` and TensorBoard, with
+            the stage overlap. Default is 0 (off).
+        vis_num (int, optional): number of training images pictured.
+            Default is 8.
+
+    Training also writes ``<save_dir>/curves.csv``: per epoch the mean stage
+    losses and accuracies and the learning rate, and mAP/Rank-1 at every
+    evaluation (see :mod:`pmm_torchreid.curves`).
 
     Examples::
 
@@ -161,7 +175,9 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
         triplet_margin: float = 0.3,
         weight_triplet: float = 1.0,
         weight_ce: float = 1.0,
-        label_smooth: float = 0.1
+        label_smooth: float = 0.1,
+        vis_freq: int = 0,
+        vis_num: int = 8
     ):
         super(PMMEngine, self).__init__(datamanager, use_gpu)
         self.model = model
@@ -177,6 +193,14 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
         self.weight_triplet = weight_triplet
         self.weight_ce = weight_ce
         self.label_smooth = label_smooth
+        self.vis_freq = int(vis_freq)
+        self.vis_num = int(vis_num)
+        self.seed = int(seed)
+        self.block_size = tuple(int(b) for b in block_size)
+        self.top_k = int(top_k)
+        self._curves = None
+        self._epoch_sums = None
+        self._pictures = None
 
     def stage_losses(self, outputs: Dict, pids: torch.Tensor):
         """Sum of the stage losses and the per-stage summary.
@@ -217,7 +241,128 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
         loss.backward()
         self.optimizer.step()
         summary['loss'] = loss.item()
+        if self._epoch_sums is not None:
+            for key, value in summary.items():
+                self._epoch_sums[key] = self._epoch_sums.get(key, 0.0) + value
+            self._epoch_sums['_n'] = self._epoch_sums.get('_n', 0) + 1
         return summary
+
+    # ------------------------------------------------------------------
+    # curves (CSV) and Grad-CAM pictures during training
+    # ------------------------------------------------------------------
+    def run(self, *args, **kwargs):
+        """torchreid's ``Engine.run``; training also writes ``curves.csv``
+        and, with ``vis_freq > 0``, the Grad-CAM pictures."""
+        from .curves import CurveLog, curve_columns
+        bound = inspect.signature(torchreid.engine.Engine.run).bind(
+            self, *args, **kwargs)
+        bound.apply_defaults()
+        self.save_dir = bound.arguments['save_dir']
+        training = not bound.arguments['test_only']
+        if training:
+            num_stages = getattr(getattr(self.model, 'module', self.model),
+                                 'num_stages', 3)
+            self._curves = CurveLog(osp.join(self.save_dir, 'curves.csv'),
+                                    curve_columns(num_stages))
+            if self.vis_freq > 0:
+                self._setup_pictures()
+        try:
+            return super(PMMEngine, self).run(*args, **kwargs)
+        finally:
+            if self._curves is not None:
+                self._curves.close()
+                self._curves = None
+
+    def train(self, *args, **kwargs):
+        lr = self.get_current_lr()
+        start = time.time()
+        self._epoch_sums = {}
+        try:
+            result = super(PMMEngine, self).train(*args, **kwargs)
+        finally:
+            sums, self._epoch_sums = self._epoch_sums, None
+        if self._curves is not None and sums.get('_n'):
+            n = sums.pop('_n')
+            row = {key: value / n for key, value in sums.items()}
+            row.update(kind='train', epoch=self.epoch + 1,
+                       step=(self.epoch + 1) * self.num_batches, lr=float(lr),
+                       seconds=round(time.time() - start, 2))
+            self._curves.write(row)
+        if self._pictures is not None and (
+                (self.epoch + 1) % self.vis_freq == 0
+                or self.epoch + 1 == getattr(self, 'max_epoch', -1)):
+            self.write_pictures()
+        return result
+
+    def _evaluate(self, *args, **kwargs):
+        rank1, mAP = super(PMMEngine, self)._evaluate(*args, **kwargs)
+        if self._curves is not None:
+            name = kwargs.get('dataset_name', args[0] if args else '')
+            self._curves.write({
+                'kind': 'test', 'epoch': self.epoch + 1, 'dataset': name,
+                'mAP': float(mAP) * 100, 'rank1': float(rank1) * 100
+            })
+        return rank1, mAP
+
+    def _setup_pictures(self):
+        """Picks the fixed training images (and their partners) once."""
+        from .visualize import StagePictures, draw_partners
+        train = list(self.train_loader.dataset.train)
+        if not 1 <= self.vis_num <= len(train):
+            raise ValueError(
+                'config pmm.vis_num = {}: expected 1 to {} (the training set '
+                'size)'.format(self.vis_num, len(train)))
+        gen = torch.Generator().manual_seed(self.seed)
+        picks = torch.randperm(len(train), generator=gen)[:self.vis_num]
+        items = [train[i] for i in sorted(picks.tolist())]
+        pool_pids = [int(it[1]) for it in train]
+        num_stages = getattr(getattr(self.model, 'module', self.model),
+                             'num_stages', 3)
+        partners = []  # without a mixing rule: test-time CAMs only
+        if self.mixer is not None:
+            partners = [[train[j] for j in draw_partners(
+                [it[1] for it in items], pool_pids, gen)]
+                for _ in range(num_stages - 1)]
+        device = 'cuda' if self.use_gpu else 'cpu'
+        self._pictures = {
+            'maker': StagePictures(self.model, self.datamanager.transform_te,
+                                   self.block_size, self.top_k, device,
+                                   use_labels=True),
+            'items': items, 'partners': partners,
+        }
+
+    def write_pictures(self) -> Dict:
+        """Writes the pictures of the current epoch; returns the overlap."""
+        from .visualize import json_safe
+        pics = self._pictures
+        folder = osp.join(self.save_dir, 'gradcam',
+                          'epoch-{:03d}'.format(self.epoch + 1))
+        prefixes = ['{:02d}'.format(i) for i in range(len(pics['items']))]
+        res = pics['maker'].write(
+            pics['items'], pics['partners'], folder, columns=4,
+            title='epoch {}: Grad-CAM per stage at the true class, top-{} '
+            'blocks outlined (IoU: mean top-K IoU between stages)'.format(
+                self.epoch + 1, self.top_k),
+            prefixes=prefixes)
+        overlap = res['overlap']
+        tmp = osp.join(folder, '.overlap.json.tmp')
+        with open(tmp, 'w') as f:
+            json.dump(json_safe(overlap), f, indent=1, allow_nan=False)
+        os.replace(tmp, osp.join(folder, 'overlap.json'))
+        print('Grad-CAM pictures of {} training images saved to "{}" (top-K '
+              'IoU between stages: {})'.format(
+                  len(pics['items']), folder, ', '.join(
+                      '{} {:.3f}'.format(p, v)
+                      for p, v in overlap['mask_iou'].items())))
+        if self.writer is not None:
+            step = self.epoch + 1
+            self.writer.add_image('GradCAM/sheet', res['sheet_array'], step,
+                                  dataformats='HWC')
+            for metric, pairs in overlap.items():
+                for pair, value in pairs.items():
+                    self.writer.add_scalar(
+                        'GradCAM/{}/{}'.format(metric, pair), value, step)
+        return overlap
 
     def extra_checkpoint_state(self):
         state = super(PMMEngine, self).extra_checkpoint_state()

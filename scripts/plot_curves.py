@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Draws the training curves that PMMEngine writes to <save_dir>/curves.csv.
+
+Four plots in one PNG: the loss of every stage (triplet and cross-entropy),
+the training accuracy of every stage, the learning rate, and the evaluation
+mAP / Rank-1.
+
+Examples::
+
+    python scripts/plot_curves.py log/pmm_demo                 # -> log/pmm_demo/curves.png
+    python scripts/plot_curves.py log/pmm_demo/curves.csv -o curves.png
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+import tempfile
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from pmm_torchreid.curves import read_curves  # noqa: E402
+from pmm_torchreid.visualize import stage_name  # noqa: E402
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('source', help='curves.csv, or the save_dir holding it')
+    parser.add_argument('-o', '--output', default='',
+                        help='PNG to write (default: curves.png next to the '
+                        'CSV)')
+    parser.add_argument('--title', default='', help='title of the figure')
+    parser.add_argument('--dpi', type=int, default=100, help='resolution')
+    return parser
+
+
+def _stages(rows):
+    count = 0
+    for row in rows:
+        while 'loss_x{}'.format(count + 1) in row:
+            count += 1
+        break
+    return count
+
+
+def plot(rows, output, title='', dpi=100):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    train = [r for r in rows if r['kind'] == 'train']
+    test = [r for r in rows if r['kind'] == 'test']
+    if not train and not test:
+        raise ValueError('no training or evaluation rows to plot')
+    stages = _stages(train or rows)
+    colors = plt.get_cmap('tab10').colors
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    ax_loss, ax_acc, ax_lr, ax_eval = axes.ravel()
+    epochs = [r['epoch'] for r in train]
+    for s in range(1, stages + 1):
+        c = colors[(s - 1) % len(colors)]
+        name = stage_name(s)
+        ax_loss.plot(epochs, [r['loss_x{}'.format(s)] for r in train], '-',
+                     color=c, label='cross-entropy {}'.format(name))
+        ax_loss.plot(epochs, [r['loss_t{}'.format(s)] for r in train], '--',
+                     color=c, label='triplet {}'.format(name))
+        ax_acc.plot(epochs, [r['acc{}'.format(s)] for r in train], '-',
+                    color=c, label='stage {}'.format(name))
+    ax_loss.set_title('training losses per stage (epoch means)')
+    ax_loss.set_xlabel('epoch')
+    ax_loss.legend(fontsize=8, ncol=2)
+    ax_acc.set_title('training accuracy per stage (mixed inputs for II, III)')
+    ax_acc.set_xlabel('epoch')
+    ax_acc.set_ylabel('%')
+    ax_acc.legend(fontsize=8)
+    ax_lr.plot(epochs, [r['lr'] for r in train], '-', color='k',
+               drawstyle='steps-mid')
+    ax_lr.set_title('learning rate')
+    ax_lr.set_xlabel('epoch')
+    ax_lr.ticklabel_format(axis='y', style='sci', scilimits=(-3, 3))
+    datasets = sorted({r['dataset'] for r in test})
+    for d, name in enumerate(datasets):
+        pts = [r for r in test if r['dataset'] == name]
+        c = colors[d % len(colors)]
+        suffix = ' ({})'.format(name) if len(datasets) > 1 else ''
+        ax_eval.plot([r['epoch'] for r in pts], [r['mAP'] for r in pts], 'o-',
+                     color=c, label='mAP' + suffix)
+        ax_eval.plot([r['epoch'] for r in pts], [r['rank1'] for r in pts],
+                     's--', color=c, label='Rank-1' + suffix)
+        for r in pts[-1:]:
+            ax_eval.annotate('{:.1f}'.format(r['mAP']), (r['epoch'], r['mAP']),
+                             textcoords='offset points', xytext=(4, -12),
+                             fontsize=8)
+            ax_eval.annotate('{:.1f}'.format(r['rank1']),
+                             (r['epoch'], r['rank1']),
+                             textcoords='offset points', xytext=(4, 4),
+                             fontsize=8)
+    ax_eval.set_title('evaluation' + (' on ' + datasets[0]
+                                      if len(datasets) == 1 else ''))
+    ax_eval.set_xlabel('epoch')
+    ax_eval.set_ylabel('%')
+    ax_eval.set_ylim(0, 100)
+    if datasets:
+        ax_eval.legend(fontsize=8)
+    else:
+        ax_eval.text(0.5, 0.5, 'no evaluation yet', ha='center',
+                     transform=ax_eval.transAxes)
+    for ax in axes.ravel():
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    folder = osp.dirname(osp.abspath(output))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.curves.', suffix='.png')
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, format='png')
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600
+        os.replace(tmp, output)
+    finally:
+        plt.close(fig)
+        if osp.exists(tmp):
+            os.unlink(tmp)
+    return output
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    path = args.source
+    if osp.isdir(path):
+        path = osp.join(path, 'curves.csv')
+    rows = read_curves(path)
+    output = args.output or osp.join(osp.dirname(osp.abspath(path)),
+                                     'curves.png')
+    plot(rows, output, args.title, args.dpi)
+    print('Saved "{}" ({} rows)'.format(output, len(rows)))
+    return output
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""What each PMM stage looks at: Grad-CAM pictures of query images, and the
+mean pairwise overlap between the stages over the query set.
+
+Same flags and trailing KEY VALUE overrides as scripts/main.py (options of this
+script go before the KEY VALUE pairs).  For each chosen query image it writes
+one PNG: the image, the Grad-CAM of every stage with its top-K blocks, and the
+partner of another identity and the mixed input of each mixed stage as in
+training; plus a contact sheet of all of them, and ``overlap.json``.
+
+Query identities are not classes of the classifier, so each Grad-CAM is taken
+at the class that the summed logits of all stages predict.
+
+Examples::
+
+    python scripts/visualize_gradcam.py --config-file configs/pmm_demo.yaml \\
+        model.load_weights log/pmm_demo/model/model.pth.tar-24
+    python scripts/visualize_gradcam.py --config-file configs/pmm_demo.yaml \\
+        --num 16 --seed 3 --output log/pmm_demo/gradcam-q --sheet 8 \\
+        model.load_weights log/pmm_demo/model/model.pth.tar-24
+    python scripts/visualize_gradcam.py --config-file configs/pmm_demo.yaml \\
+        --indices 0 1 2 --sheet 3 \\
+        model.load_weights log/pmm_demo/model/model.pth.tar-24
+"""
+import importlib.util
+import json
+import os
+import os.path as osp
+import sys
+import tempfile
+
+import torch
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _load_main():
+    spec = importlib.util.spec_from_file_location(
+        'pmm_scripts_main', osp.join(ROOT, 'scripts', 'main.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+main_script = _load_main()
+
+from pmm_torchreid import config as C  # noqa: E402
+from pmm_torchreid.checkpoint import load_pretrained_weights  # noqa: E402
+from pmm_torchreid.data import build_datamanager  # noqa: E402
+from pmm_torchreid.visualize import (  # noqa: E402
+    StagePictures, _usual_mode, chance_iou, draw_partners, format_overlap,
+    json_safe
+)
+
+
+def build_parser():
+    parser = main_script.build_parser()
+    parser.description = __doc__.splitlines()[0]
+    parser.add_argument('--num', type=int, default=8,
+                        help='random query images to picture (seeded)')
+    parser.add_argument('--seed', type=int, default=0,
+                        help='seed of the image and partner choice')
+    parser.add_argument('--indices', type=int, nargs='+', default=None,
+                        help='picture these query indices instead of random '
+                        'ones (put another option after the list, before '
+                        'KEY VALUE pairs)')
+    parser.add_argument('--output', type=str, default='',
+                        help='output folder (default: <data.save_dir>/gradcam)')
+    parser.add_argument('--sheet', type=int, default=4,
+                        help='images per row of the contact sheet')
+    parser.add_argument('--dataset', type=str, default='',
+                        help='target dataset whose query set is used '
+                        '(default: the first of data.targets)')
+    parser.add_argument('--overlap-num', type=int, default=0,
+                        help='measure the overlap on the first M queries '
+                        '(0: all; -1: skip)')
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.num < 1:
+        raise ValueError('--num {}: expected >= 1'.format(args.num))
+    if args.sheet < 1:
+        raise ValueError('--sheet {}: expected >= 1'.format(args.sheet))
+    cfg = main_script.setup_config(args)
+    if not C.is_pmm_model(cfg.model.name):
+        raise ValueError(
+            'model.name = {!r}: Grad-CAM stage pictures need a PMM model '
+            '(pmm, pmm_resnet50, pmm_resnet18, pmm_osnet_x0_25)'.format(
+                cfg.model.name))
+    torch.manual_seed(cfg.train.seed)
+    datamanager = build_datamanager(**C.imagedata_kwargs(cfg))
+    model = main_script.build_model(cfg, datamanager.num_train_pids)
+    if cfg.model.load_weights:
+        load_pretrained_weights(model, cfg.model.load_weights)
+    else:
+        print('Warning: no model.load_weights given; picturing an untrained '
+              'model')
+    device = 'cuda' if cfg.use_gpu and torch.cuda.is_available() else 'cpu'
+    model = model.to(device).eval()
+
+    name = args.dataset or cfg.data.targets[0]
+    if name not in datamanager.test_dataset:
+        raise ValueError('--dataset {!r}: expected one of data.targets {}'.format(
+            name, list(datamanager.test_dataset)))
+    query = list(datamanager.test_dataset[name]['query'])
+    if args.indices:
+        bad = [i for i in args.indices if not 0 <= i < len(query)]
+        if bad:
+            raise ValueError('--indices {}: the query set of {} has {} images '
+                             '(0 to {})'.format(bad, name, len(query),
+                                                len(query) - 1))
+        chosen = list(args.indices)
+    else:
+        if args.num > len(query):
+            raise ValueError('--num {}: the query set of {} has {} images'.format(
+                args.num, name, len(query)))
+        gen = torch.Generator().manual_seed(args.seed)
+        chosen = sorted(torch.randperm(len(query), generator=gen)[:args.num]
+                        .tolist())
+    items = [query[i] for i in chosen]
+    pool_pids = [int(it[1]) for it in query]
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    pictures = StagePictures(model, datamanager.transform_te,
+                             cfg.pmm.block_size, cfg.pmm.top_k, device)
+    partners = [[query[j] for j in draw_partners([it[1] for it in items],
+                                                 pool_pids, gen)]
+                for _ in range(pictures.num_stages - 1)]
+
+    out_dir = args.output or osp.join(cfg.data.save_dir, 'gradcam')
+    weights = cfg.model.load_weights or 'untrained'
+    res = pictures.write(
+        items, partners, out_dir, columns=args.sheet,
+        title='{} on {} query: Grad-CAM per stage, top-{} blocks outlined '
+        '(IoU: mean top-K IoU between stages)'.format(
+            osp.basename(weights), name, cfg.pmm.top_k),
+        prefixes=['q{:04d}'.format(i) for i in chosen])
+    print('Wrote {} panels and the contact sheet "{}"'.format(
+        len(res['panels']), res['sheet']))
+
+    report = {
+        'weights': weights, 'dataset': name, 'model': cfg.model.name,
+        'block_size': list(cfg.pmm.block_size), 'top_k': cfg.pmm.top_k,
+        'pictured': chosen,
+    }
+    if args.overlap_num >= 0:
+        subset = query[:args.overlap_num] if args.overlap_num else query
+        height, width = cfg.data.height // 16, cfg.data.width // 16
+        blocks = (height // cfg.pmm.block_size[0]) * (width //
+                                                      cfg.pmm.block_size[1])
+        summary = pictures.overlap(subset, query, gen,
+                                   batch_size=cfg.test.batch_size)
+        summary['chance_mask_iou'] = chance_iou(blocks, cfg.pmm.top_k)
+        print(format_overlap(summary, blocks, cfg.pmm.top_k))
+        report['overlap'] = summary
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix='.overlap.', suffix='.tmp')
+    with os.fdopen(fd, 'w') as f:
+        json.dump(json_safe(report), f, indent=1, allow_nan=False)
+    _usual_mode(tmp)
+    os.replace(tmp, osp.join(out_dir, 'overlap.json'))
+    print('Saved "{}"'.format(osp.join(out_dir, 'overlap.json')))
+    return report
+
+
+if __name__ == '__main__':
+    main()
