@@ -8,18 +8,19 @@ rename, and always load with ``weights_only=True``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tempfile
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import IO, Any, Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 __all__ = [
-    'to_plain', 'save_checkpoint', 'load_checkpoint', 'resume_from_checkpoint',
+    'to_plain', 'atomic_write', 'save_checkpoint', 'load_checkpoint', 'resume_from_checkpoint',
     'load_pretrained_weights', 'capture_rng_state', 'restore_rng_state'
 ]
 
@@ -38,42 +39,54 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-def save_checkpoint(state: dict, fpath: str) -> str:
-    """Writes ``state`` to ``fpath`` atomically (temporary file, fsync, rename).
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = 'wb') -> Iterator[IO]:
+    """Opens a temporary file next to ``path`` for writing; when the block
+    ends without an error, the file is flushed, fsynced and renamed onto
+    ``path`` (atomic on POSIX).  On an error it is deleted; a process killed
+    at any moment leaves ``path`` as it was, plus at most a hidden
+    ``.<name>.*.tmp``, which the next write to ``path`` removes.  The file
+    gets the usual mode (``0666`` minus the umask), not ``mkstemp``'s 0600.
 
-    A process killed at any moment leaves either the old file or the new one,
-    never a truncated one; what it leaves is a hidden temporary file, which
-    the next save to the same path removes.
+    Examples::
+
+        >>> with atomic_write('log/overlap.json', 'w') as f:
+        ...     json.dump(report, f)
     """
-    folder = os.path.dirname(os.path.abspath(fpath))
+    folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    stale = '.' + os.path.basename(fpath) + '.'
+    prefix = '.' + os.path.basename(path) + '.'
     for name in os.listdir(folder):  # debris of a writer that was killed
-        if name.startswith(stale) and name.endswith('.tmp'):
+        if name.startswith(prefix) and name.endswith('.tmp'):
             try:
                 os.unlink(os.path.join(folder, name))
             except OSError:
                 pass
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(fpath) + '.',
-                               suffix='.tmp', dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix='.tmp', dir=folder)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600)
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(to_plain(state), f)
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, fpath)
+        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_checkpoint(state: dict, fpath: str) -> str:
+    """Writes ``state`` to ``fpath`` atomically (see :func:`atomic_write`).
+
+    A process killed at any moment leaves either the old file or the new one,
+    never a truncated one.
+    """
+    with atomic_write(fpath) as f:
+        torch.save(to_plain(state), f)
     return fpath
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def load_checkpoint(fpath: str, map_location: Optional[str] = None) -> dict:

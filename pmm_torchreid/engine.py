@@ -4,7 +4,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import os
 import os.path as osp
 import shutil
 import time
@@ -14,7 +13,8 @@ from typing import Dict, Sequence
 import torch
 import torchreid
 
-from .checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
+from .checkpoint import (atomic_write, capture_rng_state, restore_rng_state,
+                         save_checkpoint)
 from .guidance import build_mixer
 from .losses import batch_hard_triplet, smoothed_cross_entropy
 
@@ -345,10 +345,8 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
                 self.epoch + 1, self.top_k),
             prefixes=prefixes)
         overlap = res['overlap']
-        tmp = osp.join(folder, '.overlap.json.tmp')
-        with open(tmp, 'w') as f:
+        with atomic_write(osp.join(folder, 'overlap.json'), 'w') as f:
             json.dump(json_safe(overlap), f, indent=1, allow_nan=False)
-        os.replace(tmp, osp.join(folder, 'overlap.json'))
         print('Grad-CAM pictures of {} training images saved to "{}" (top-K '
               'IoU between stages: {})'.format(
                   len(pics['items']), folder, ', '.join(

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
@@ -33,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import atomic_write
 from .guidance import block_mask, grad_cam
 
 __all__ = [
@@ -559,29 +559,11 @@ def contact_sheet(
     return np.asarray(canvas)
 
 
-def _usual_mode(path: str) -> None:
-    """Gives a ``mkstemp`` file (0600) the mode a plain ``open`` would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def save_png(array: np.ndarray, path: str) -> str:
     """Writes an H x W x 3 uint8 RGB array as a PNG, atomically."""
     from PIL import Image
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.',
-                               suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            Image.fromarray(np.ascontiguousarray(array)).save(f, format='PNG')
-        _usual_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        Image.fromarray(np.ascontiguousarray(array)).save(f, format='PNG')
     return path
 
 

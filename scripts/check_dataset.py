@@ -14,7 +14,6 @@ Examples::
     python scripts/check_dataset.py --config-file configs/pmm_demo.yaml \\
         --workers 8
 """
-import argparse
 import os.path as osp
 import sys
 import time

@@ -11,13 +11,12 @@ Examples::
     python scripts/plot_curves.py log/pmm_demo/curves.csv -o curves.png
 """
 import argparse
-import os
 import os.path as osp
 import sys
-import tempfile
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
+from pmm_torchreid.checkpoint import atomic_write  # noqa: E402
 from pmm_torchreid.curves import read_curves  # noqa: E402
 from pmm_torchreid.visualize import stage_name  # noqa: E402
 
@@ -111,20 +110,11 @@ def plot(rows, output, title='', dpi=100):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    folder = osp.dirname(osp.abspath(output))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.curves.', suffix='.png')
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi, format='png')
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600
-        os.replace(tmp, output)
+        with atomic_write(output) as f:
+            fig.savefig(f, dpi=dpi, format='png')
     finally:
         plt.close(fig)
-        if osp.exists(tmp):
-            os.unlink(tmp)
     return output
 
 

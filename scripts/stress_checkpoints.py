@@ -25,7 +25,6 @@ import time
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-import torch  # noqa: E402
 
 from pmm_torchreid.checkpoint import load_checkpoint  # noqa: E402
 

@@ -24,10 +24,8 @@ Examples::
 """
 import importlib.util
 import json
-import os
 import os.path as osp
 import sys
-import tempfile
 
 import torch
 
@@ -46,10 +44,13 @@ def _load_main():
 main_script = _load_main()
 
 from pmm_torchreid import config as C  # noqa: E402
-from pmm_torchreid.checkpoint import load_pretrained_weights  # noqa: E402
+from pmm_torchreid.checkpoint import (  # noqa: E402
+    atomic_write, load_pretrained_weights
+)
 from pmm_torchreid.data import build_datamanager  # noqa: E402
+from pmm_torchreid.models import feature_map_size, model_backbone  # noqa: E402
 from pmm_torchreid.visualize import (  # noqa: E402
-    StagePictures, _usual_mode, chance_iou, draw_partners, format_overlap,
+    StagePictures, chance_iou, draw_partners, format_overlap,
     json_safe
 )
 
@@ -90,6 +91,7 @@ def main(argv=None):
             'model.name = {!r}: Grad-CAM stage pictures need a PMM model '
             '(pmm, pmm_resnet50, pmm_resnet18, pmm_osnet_x0_25)'.format(
                 cfg.model.name))
+    C.check_paths(cfg)  # the dataset and the weights file exist
     torch.manual_seed(cfg.train.seed)
     datamanager = build_datamanager(**C.imagedata_kwargs(cfg))
     model = main_script.build_model(cfg, datamanager.num_train_pids)
@@ -147,7 +149,8 @@ def main(argv=None):
     }
     if args.overlap_num >= 0:
         subset = query[:args.overlap_num] if args.overlap_num else query
-        height, width = cfg.data.height // 16, cfg.data.width // 16
+        height, width = feature_map_size(
+            model_backbone(cfg.model.name), cfg.data.height, cfg.data.width)
         blocks = (height // cfg.pmm.block_size[0]) * (width //
                                                       cfg.pmm.block_size[1])
         summary = pictures.overlap(subset, query, gen,
@@ -155,11 +158,8 @@ def main(argv=None):
         summary['chance_mask_iou'] = chance_iou(blocks, cfg.pmm.top_k)
         print(format_overlap(summary, blocks, cfg.pmm.top_k))
         report['overlap'] = summary
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix='.overlap.', suffix='.tmp')
-    with os.fdopen(fd, 'w') as f:
+    with atomic_write(osp.join(out_dir, 'overlap.json'), 'w') as f:
         json.dump(json_safe(report), f, indent=1, allow_nan=False)
-    _usual_mode(tmp)
-    os.replace(tmp, osp.join(out_dir, 'overlap.json'))
     print('Saved "{}"'.format(osp.join(out_dir, 'overlap.json')))
     return report
 
