@@ -126,7 +126,7 @@ def _with_images_checked(build, skip: bool, **kwargs):
         dataset = original(name, **dataset_kwargs)
         if skip:
             before = {s: len(getattr(dataset, s)) for s in _LISTS}
-            drop_bad_images(dataset, cache=cache)
+            drop_bad_images(dataset, cache=cache, name=name)
             counts = {s: n - len(getattr(dataset, s)) for s, n in before.items()}
             if any(counts.values()) and name not in reported:
                 reported.add(name)
@@ -135,15 +135,7 @@ def _with_images_checked(build, skip: bool, **kwargs):
                                         counts['train'], counts['query'],
                                         counts['gallery']))
             return dataset
-        paths = sorted({item[0] for s in _LISTS for item in getattr(dataset, s)})
-        new = [p for p in paths if p not in cache]
-        if new:
-            start = time.time()
-            cache.update(dict.fromkeys(new))
-            cache.update(find_bad_images(new))
-            print('=> {}: decoded {} images in {:.1f} s (data.check_images)'
-                  .format(name, len(new), time.time() - start))
-        bad = [(p, cache[p]) for p in paths if cache[p] is not None]
+        bad = _scan(dataset, cache, name)
         if bad:
             listed = ''.join('\n  "{}": {}'.format(p, r) for p, r in bad[:20])
             more = '\n  ... and {} more'.format(len(bad) - 20) \
@@ -253,8 +245,28 @@ def _relabel(items: List[tuple]) -> List[tuple]:
     return [(item[0], new[item[1]]) + tuple(item[2:]) for item in items]
 
 
+def _scan(dataset, cache: dict, name: str = '', workers: int = 4,
+          warn: bool = False) -> List[Tuple[str, str]]:
+    """The bad images of a dataset's train/query/gallery lists, decoding only
+    the files that ``cache`` (path -> reason or None) does not know yet."""
+    paths = sorted({item[0] for s in _LISTS for item in getattr(dataset, s)})
+    new = [p for p in paths if p not in cache]
+    if new:
+        start = time.time()
+        found = dict(find_bad_images(new, workers))
+        for path in new:
+            cache[path] = found.get(path)
+        print('=> {}: decoded {} images in {:.1f} s'.format(
+            name or type(dataset).__name__, len(new), time.time() - start))
+        if warn:
+            for path, reason in sorted(found.items()):
+                warnings.warn('skipping bad image "{}" ({}; '
+                              'data.skip_bad_images is True)'.format(path, reason))
+    return [(p, cache[p]) for p in paths if cache[p] is not None]
+
+
 def drop_bad_images(
-    dataset, workers: int = 4, cache: Optional[dict] = None
+    dataset, workers: int = 4, cache: Optional[dict] = None, name: str = ''
 ) -> List[Tuple[str, str]]:
     """Removes unreadable images from a torchreid dataset, in place.
 
@@ -264,25 +276,15 @@ def drop_bad_images(
     ``cache`` (path -> reason or None) spares decoding a file twice when the
     same lists come in several datasets (torchreid builds one per mode).
     """
-    cache = {} if cache is None else cache
-    lists = ('train', 'query', 'gallery')
-    paths = sorted({item[0] for name in lists
-                    for item in getattr(dataset, name)})
-    new = [p for p in paths if p not in cache]
-    found = dict(find_bad_images(new, workers))
-    for path in new:
-        cache[path] = found.get(path)
-    for path, reason in sorted(found.items()):
-        warnings.warn('skipping bad image "{}" ({}; data.skip_bad_images is '
-                      'True)'.format(path, reason))
-    bad = {p: cache[p] for p in paths if cache[p] is not None}
+    bad = dict(_scan(dataset, {} if cache is None else cache, name, workers,
+                     warn=True))
     if not bad:
         return []
-    for name in lists:
-        items = [item for item in getattr(dataset, name) if item[0] not in bad]
-        if name == 'train':
+    for split in _LISTS:
+        items = [item for item in getattr(dataset, split) if item[0] not in bad]
+        if split == 'train':
             items = _relabel(items)
-        setattr(dataset, name, items)
+        setattr(dataset, split, items)
     mode = getattr(dataset, 'mode', 'train')
     dataset.data = getattr(dataset, mode)
     dataset.num_train_pids = dataset.get_num_pids(dataset.train)

@@ -54,8 +54,8 @@ class SafeCheckpointMixin(object):
             print('Checkpoint saved to "{}"'.format(fpath))
             if is_best:
                 best = osp.join(save_dir, name, 'model-best.pth.tar')
-                shutil.copyfile(fpath, best + '.tmp')
-                shutil.move(best + '.tmp', best)
+                with open(fpath, 'rb') as src, atomic_write(best) as dst:
+                    shutil.copyfileobj(src, dst)
 
     def extra_checkpoint_state(self) -> Dict:
         """More entries for the checkpoint (plain values or tensors only)."""

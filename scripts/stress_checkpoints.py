@@ -36,9 +36,11 @@ checkpoint = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(checkpoint)
 save_checkpoint = checkpoint.save_checkpoint
 path, n, unsafe = {path!r}, {numel}, {unsafe}
+import os
+parent = os.getppid()
 print('ready', flush=True)
 i = 0
-while True:
+while os.getppid() == parent:  # never outlive the parent (killed or not)
     i += 1
     state = {{'epoch': i, 'state_dict': {{'w{{}}'.format(j): torch.full((n // 4,), float(i))
                                         for j in range(4)}}}}
