@@ -218,6 +218,21 @@ def test_stage_views_follow_the_training_chain_and_touch_nothing():
     assert torch.equal(views['mix_masks'][1], views['mix_inputs'][1])
 
 
+@pytest.mark.parametrize('backbone', ['resnet50', 'osnet_x0_25'])
+def test_stage_views_work_with_the_other_backbones(backbone):
+    from pmm_torchreid.models import feature_map_size
+    torch.manual_seed(0)
+    model = PMM(5, backbone=backbone, pretrained=False).eval()
+    images = torch.randn(6, 3, 64, 32)
+    views = stage_views(model, images[:2], None, (2, 1), 2,
+                        partners=[images[2:4], images[4:]])
+    size = feature_map_size(backbone, 64, 32)
+    assert [tuple(c.shape[1:]) for c in views['cams']] == [size] * 3
+    assert [tuple(c.shape[1:]) for c in views['mix_cams']] == [size] * 3
+    assert views['predicted'] and all(p.grad is None
+                                      for p in model.parameters())
+
+
 def test_query_images_use_the_predicted_class():
     model = _model().eval()
     images = torch.randn(2, 3, 64, 32)
