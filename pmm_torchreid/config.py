@@ -17,6 +17,7 @@ from yacs.config import CfgNode as CN
 
 __all__ = [
     'get_default_config', 'add_pmm_config', 'check_config', 'is_pmm_model',
+    'is_bdb_model', 'uses_pmm_engine',
     'merge_file', 'merge_list', 'check_paths', 'DATASET_LAYOUTS',
     'imagedata_kwargs', 'model_kwargs', 'optimizer_kwargs',
     'lr_scheduler_kwargs', 'engine_kwargs', 'engine_run_kwargs'
@@ -125,7 +126,9 @@ def _torchreid_defaults() -> CN:
 def add_pmm_config(cfg: CN) -> CN:
     """Adds the plugin's keys to a torchreid config (in place) and returns it."""
     cfg.pmm = CN()
-    cfg.pmm.mix = 'hard_mix'  # 'hard_mix' (the paper) or 'none' (no guidance)
+    # 'hard_mix' (the paper), 'none' (no guidance; BDB models) or an ablation
+    # variant: 'cutout', 'cutmix', 'a_cutmix', 'batch_drop'
+    cfg.pmm.mix = 'hard_mix'
     cfg.pmm.block_size = [3, 2]  # block height, width on the feature map
     cfg.pmm.top_k = 8  # blocks replaced per sample (3 Market, 6 Duke, 8 CUHK03)
     cfg.pmm.num_stages = 3  # stage I + (num_stages - 1) mixed part stages
@@ -155,6 +158,16 @@ def get_default_config() -> CN:
 
 def is_pmm_model(name: str) -> bool:
     return name == 'pmm' or name.startswith('pmm_')
+
+
+def is_bdb_model(name: str) -> bool:
+    return name == 'bdb' or name.startswith('bdb_')
+
+
+def uses_pmm_engine(name: str) -> bool:
+    """The plugin's models (PMM and its baseline BDB) train with
+    ``loss.name 'pmm'`` (:class:`~pmm_torchreid.engine.PMMEngine`)."""
+    return is_pmm_model(name) or is_bdb_model(name)
 
 
 # --------------------------------------------------------------------------
@@ -361,13 +374,20 @@ def check_config(cfg: CN) -> None:
              'draws ranked results only in evaluation-only runs)')
     if cfg.loss.name not in ('pmm', 'softmax', 'triplet'):
         fail('loss.name', cfg.loss.name, "'pmm', 'softmax' or 'triplet'")
-    pmm_model = is_pmm_model(cfg.model.name)
-    if pmm_model != (cfg.loss.name == 'pmm'):
+    plugin_model = uses_pmm_engine(cfg.model.name)
+    if plugin_model != (cfg.loss.name == 'pmm'):
         fail('loss.name', cfg.loss.name,
-             "'pmm' exactly when model.name is a PMM model (model.name = "
-             "{!r})".format(cfg.model.name))
-    if not pmm_model:
+             "'pmm' exactly when model.name is a PMM or BDB model (model.name"
+             " = {!r})".format(cfg.model.name))
+    if not plugin_model:
         return
+    if is_bdb_model(cfg.model.name):
+        if cfg.pmm.mix != 'none':
+            fail('pmm.mix', cfg.pmm.mix, "'none' for a BDB model ({!r} drops "
+                 'its own block in the part branch)'.format(cfg.model.name))
+        if cfg.pmm.vis_freq:
+            fail('pmm.vis_freq', cfg.pmm.vis_freq, '0 for a BDB model (the '
+                 'Grad-CAM pictures are drawn for PMM models)')
     _check_pmm(cfg, MIX_MODES)
 
 

@@ -16,7 +16,8 @@ import torchreid
 from .checkpoint import (atomic_write, capture_rng_state, restore_rng_state,
                          save_checkpoint)
 from .guidance import build_mixer
-from .losses import batch_hard_triplet, smoothed_cross_entropy
+from .losses import (batch_hard_triplet, mixed_cross_entropy,
+                     smoothed_cross_entropy)
 
 __all__ = ['SafeCheckpointMixin', 'PMMEngine', 'with_safe_checkpoints']
 
@@ -33,6 +34,31 @@ class SafeCheckpointMixin(object):
     """
 
     last_checkpoint = None  # path of the newest checkpoint this run wrote
+    train_seconds = 0.0  # time spent in training epochs (not evaluation)
+
+    @property
+    def results(self) -> Dict:
+        """``{dataset: {'epoch', 'rank1', 'mAP'}}`` (percent) of the latest
+        evaluation of each target dataset."""
+        if '_results' not in self.__dict__:
+            self._results = OrderedDict()
+        return self._results
+
+    def train(self, *args, **kwargs):
+        start = time.time()
+        try:
+            return super(SafeCheckpointMixin, self).train(*args, **kwargs)
+        finally:
+            self.train_seconds += time.time() - start
+
+    def _evaluate(self, *args, **kwargs):
+        rank1, mAP = super(SafeCheckpointMixin, self)._evaluate(*args,
+                                                                **kwargs)
+        name = kwargs.get('dataset_name', args[0] if args else '')
+        self.results[name] = OrderedDict(
+            epoch=int(getattr(self, 'epoch', 0)) + 1,
+            rank1=float(rank1) * 100, mAP=float(mAP) * 100)
+        return rank1, mAP
 
     def save_model(self, epoch, rank1, save_dir, is_best=False):
         for name in self.get_model_names():
@@ -110,14 +136,22 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
     Args:
         datamanager (DataManager): ``torchreid.data.ImageDataManager`` with an
             identity sampler (every batch needs >= 2 identities).
-        model (nn.Module): a :class:`pmm_torchreid.models.PMM` (optionally in
+        model (nn.Module): a :class:`pmm_torchreid.models.PMM` or
+            :class:`~pmm_torchreid.models.BDB` (optionally in
             ``nn.DataParallel``).
         optimizer (Optimizer): optimizer.
         scheduler (LRScheduler, optional): stepped once per epoch. Default is
             None.
         use_gpu (bool, optional): use a GPU when available. Default is True.
-        mix (str, optional): ``'hard_mix'`` (the paper) or ``'none'`` (the same
-            network without guidance). Default is ``'hard_mix'``.
+        mix (str, optional): ``'hard_mix'`` (the paper), ``'none'`` (the same
+            network without guidance; also the setting for a
+            :class:`~pmm_torchreid.models.BDB` model, which drops its own
+            block) or an ablation variant, ``'cutout'``, ``'cutmix'``,
+            ``'a_cutmix'`` or ``'batch_drop'`` (see
+            :mod:`pmm_torchreid.guidance`). For the variants that mix labels,
+            the mixed stages' cross-entropy takes the mixed targets; the
+            triplet loss always uses the anchor's label. Default is
+            ``'hard_mix'``.
         block_size (sequence of int, optional): block height and width on the
             feature map. Default is (3, 2).
         top_k (int, optional): blocks replaced per sample. Default is 8.
@@ -212,11 +246,23 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
         total = 0.0
         summary = OrderedDict()
         stages = zip(outputs['logits'], outputs['embeddings'])
+        # the mixed stages come after stage I; a label mix, if any, is theirs
+        mixes = [(None, None)] + list(zip(
+            outputs.get('negatives', []), outputs.get('partner_weights', [])))
+        mixes += [(None, None)] * (len(outputs['logits']) - len(mixes))
         for s, (logits, emb) in enumerate(stages, 1):
+            # triplet: always the anchor's own label
             loss_t = batch_hard_triplet(
                 emb, pids, self.triplet_margin, self.soft_margin
             )
-            loss_x = smoothed_cross_entropy(logits, pids, self.label_smooth)
+            negatives, weight = mixes[s - 1]
+            if negatives is not None and bool((weight > 0).any()):
+                loss_x = mixed_cross_entropy(
+                    logits, pids, pids.index_select(0, negatives), weight,
+                    self.label_smooth)
+            else:
+                loss_x = smoothed_cross_entropy(logits, pids,
+                                                self.label_smooth)
             loss = self.weight_triplet * loss_t + self.weight_ce * loss_x
             if not bool(torch.isfinite(loss)):
                 raise self.non_finite_error(

@@ -7,23 +7,22 @@ feature-map size that the block size divides.  Shapes use ``N`` for the batch,
 The spec of the method is ``docs`` in the shared folder (PMM_SPEC.md); in short,
 a later stage sees the part map ``P`` with the ``k`` most salient blocks of the
 previous stage (by Grad-CAM) replaced by the same blocks of a sample of another
-identity.
+identity.  The paper's ablation variants (``cutout``, ``cutmix``, ``a_cutmix``,
+``batch_drop``) are rules of the same shape (:class:`MixRule`).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
-    'grad_cam', 'block_mask', 'sample_negatives', 'hard_mix', 'HardMix',
-    'MIX_MODES', 'build_mixer', 'check_block_grid'
+    'grad_cam', 'block_mask', 'random_block_mask', 'replaced_fraction',
+    'sample_negatives', 'hard_mix', 'Mixed', 'MixRule', 'HardMix', 'Cutout',
+    'CutMix', 'ACutMix', 'BatchDrop', 'MIX_RULES', 'MIX_MODES', 'build_mixer',
+    'check_block_grid'
 ]
-
-#: Values accepted by ``pmm.mix``.
-MIX_MODES = ('hard_mix', 'none')
-
 
 def grad_cam(
     logits: torch.Tensor, feature_map: torch.Tensor, labels: torch.Tensor
@@ -228,23 +227,86 @@ def hard_mix(
     return torch.where(mask.bool(), x, x.index_select(0, negatives))
 
 
-class HardMix(object):
-    """The A-Hard-Mix rule of PMM, called by the model between two stages.
+class Mixed(NamedTuple):
+    """What a mixing rule gives the next stage.
+
+    Attributes:
+        features (Tensor): N x C x H x W, the stage's input.
+        mask (Tensor): N x 1 x H x W, 1 where the sample keeps its own
+            features, 0 where they were replaced (pasted or zeroed).
+        negatives (Tensor or None): N batch indices of the samples whose
+            features were pasted in; None when nothing was pasted.
+        partner_weight (Tensor): N, the share of ``labels[negatives]`` in the
+            cross-entropy target (the rest goes to the sample's own label);
+            all zeros for the rules that do not mix labels.
+    """
+    features: torch.Tensor
+    mask: torch.Tensor
+    negatives: Optional[torch.Tensor]
+    partner_weight: torch.Tensor
+
+
+def random_block_mask(
+    n: int, height: int, width: int, block: Sequence[int], k: int,
+    generator: Optional[torch.Generator] = None, same_for_batch: bool = False,
+    device=None, dtype=torch.float32
+) -> torch.Tensor:
+    """Mask that is 0 on ``k`` blocks drawn uniformly at random, 1 elsewhere.
+
+    Args:
+        n (int): batch size.
+        height, width (int): feature-map size.
+        block (sequence of int): block height and width; must tile the map.
+        k (int): blocks per sample, drawn without replacement.
+        generator (torch.Generator, optional): source of randomness (the draw
+            happens on its device, CPU by default).
+        same_for_batch (bool): one draw shared by the whole batch (Batch
+            DropBlock) instead of one per sample. Default is False.
+
+    Returns:
+        Tensor: N x 1 x H x W of 0/1.
+    """
+    rows, cols = check_block_grid(height, width, block, k)
+    draws = 1 if same_for_batch else n
+    gen_device = generator.device if generator is not None else 'cpu'
+    scores = torch.rand(draws, rows * cols, generator=generator,
+                        device=gen_device)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    keep = torch.ones(draws, rows * cols, device=gen_device)
+    keep.scatter_(1, order[:, :k], 0.0)
+    bh, bw = int(block[0]), int(block[1])
+    keep = keep.view(draws, 1, rows, 1, cols, 1).expand(
+        draws, 1, rows, bh, cols, bw).reshape(draws, 1, height, width)
+    keep = keep.expand(n, 1, height, width).contiguous()
+    return keep.to(device=device, dtype=dtype)
+
+
+def replaced_fraction(mask: torch.Tensor) -> torch.Tensor:
+    """Per sample, the fraction of the map where ``mask`` is 0 (N x 1 x H x W
+    -> N): the share of the partner's label when labels are mixed by area."""
+    return 1.0 - mask.flatten(1).mean(dim=1)
+
+
+class MixRule(object):
+    """Base of the rules that build a later stage's input from the part map.
+
+    A rule is called by :class:`pmm_torchreid.models.PMM` between two stages
+    as ``rule(part_map, cam_map, cam_logits, labels)`` and returns
+    :class:`Mixed`.  ``cam_map``/``cam_logits`` are the previous stage's input
+    and logits, for rules guided by its Grad-CAM (``uses_cam``).  Every rule
+    works on ``k`` blocks of ``block`` size, so the variants change which
+    blocks (salient or random, per sample or per batch) and what fills them,
+    never how much of the map.
 
     Args:
         block (sequence of int): block height and width on the feature map.
             Default is (3, 2), the paper's blocks on a 24 x 8 map.
-        k (int): number of blocks replaced per sample. Default is 8 (CUHK03).
-        generator (torch.Generator, optional): draws the negative partners.
-
-    Examples::
-
-        >>> mixer = HardMix(block=(3, 2), k=8,
-        ...                 generator=torch.Generator().manual_seed(1))
-        >>> outputs = model(images, pids, mixer=mixer)
+        k (int): blocks per sample. Default is 8 (CUHK03).
+        generator (torch.Generator, optional): draws partners and blocks.
     """
 
-    name = 'hard_mix'
+    name = ''
+    uses_cam = False
 
     def __init__(
         self,
@@ -256,23 +318,110 @@ class HardMix(object):
         self.k = int(k)
         self.generator = generator
 
+    def cam_mask(self, part_map, cam_map, cam_logits, labels):
+        """Top-``k`` mask of the Grad-CAM of ``cam_logits`` at ``cam_map``."""
+        cam = grad_cam(cam_logits, cam_map, labels)
+        return block_mask(cam, self.block, self.k).to(part_map.dtype)
+
+    def random_mask(self, part_map, same_for_batch=False):
+        n, _, height, width = part_map.shape
+        return random_block_mask(
+            n, height, width, self.block, self.k, self.generator,
+            same_for_batch=same_for_batch, device=part_map.device,
+            dtype=part_map.dtype)
+
     def __call__(
         self, part_map: torch.Tensor, cam_map: torch.Tensor,
         cam_logits: torch.Tensor, labels: torch.Tensor
-    ):
-        """Mixes ``part_map`` guided by the Grad-CAM of ``cam_logits`` at ``cam_map``.
-
-        Returns:
-            tuple: the mixed map (N x C x H x W), the mask (N x 1 x H x W) and
-            the partner indices (N).
-        """
-        cam = grad_cam(cam_logits, cam_map, labels)
-        mask = block_mask(cam, self.block, self.k).to(part_map.dtype)
-        negatives = sample_negatives(labels, self.generator)
-        return hard_mix(part_map, mask, negatives), mask, negatives
+    ) -> Mixed:
+        raise NotImplementedError
 
     def __repr__(self):
-        return 'HardMix(block={}, k={})'.format(self.block, self.k)
+        return '{}(block={}, k={})'.format(type(self).__name__, self.block,
+                                           self.k)
+
+
+class HardMix(MixRule):
+    """A-Hard-Mix (the paper): the ``k`` most salient blocks of each sample,
+    by the previous stage's Grad-CAM, take the features of a random sample of
+    another identity; the label stays the sample's own.
+
+    Examples::
+
+        >>> mixer = HardMix(block=(3, 2), k=8,
+        ...                 generator=torch.Generator().manual_seed(1))
+        >>> outputs = model(images, pids, mixer=mixer)
+    """
+
+    name = 'hard_mix'
+    uses_cam = True
+
+    def __call__(self, part_map, cam_map, cam_logits, labels):
+        mask = self.cam_mask(part_map, cam_map, cam_logits, labels)
+        negatives = sample_negatives(labels, self.generator)
+        return Mixed(hard_mix(part_map, mask, negatives), mask, negatives,
+                     part_map.new_zeros(part_map.shape[0]))
+
+
+class Cutout(MixRule):
+    """The ``k`` most salient blocks (as in A-Hard-Mix) are set to zero."""
+
+    name = 'cutout'
+    uses_cam = True
+
+    def __call__(self, part_map, cam_map, cam_logits, labels):
+        mask = self.cam_mask(part_map, cam_map, cam_logits, labels)
+        return Mixed(part_map * mask, mask, None,
+                     part_map.new_zeros(part_map.shape[0]))
+
+
+class CutMix(MixRule):
+    """``k`` random blocks of each sample take the features of a random
+    sample of another identity; the target gives that sample's label the
+    pasted share of the area (CutMix, Yun et al., ICCV 2019, on features)."""
+
+    name = 'cutmix'
+
+    def __call__(self, part_map, cam_map, cam_logits, labels):
+        mask = self.random_mask(part_map)
+        negatives = sample_negatives(labels, self.generator)
+        return Mixed(hard_mix(part_map, mask, negatives), mask, negatives,
+                     replaced_fraction(mask))
+
+
+class ACutMix(MixRule):
+    """Attentive CutMix: the ``k`` most salient blocks of a random sample of
+    another identity (by its own Grad-CAM) are pasted in at the same place;
+    labels are mixed by area."""
+
+    name = 'a_cutmix'
+    uses_cam = True
+
+    def __call__(self, part_map, cam_map, cam_logits, labels):
+        partner_mask = self.cam_mask(part_map, cam_map, cam_logits, labels)
+        negatives = sample_negatives(labels, self.generator)
+        mask = partner_mask.index_select(0, negatives)
+        return Mixed(hard_mix(part_map, mask, negatives), mask, negatives,
+                     replaced_fraction(mask))
+
+
+class BatchDrop(MixRule):
+    """The same ``k`` random blocks are set to zero for the whole batch
+    (Batch DropBlock, Dai et al., ICCV 2019, on the block grid)."""
+
+    name = 'batch_drop'
+
+    def __call__(self, part_map, cam_map, cam_logits, labels):
+        mask = self.random_mask(part_map, same_for_batch=True)
+        return Mixed(part_map * mask, mask, None,
+                     part_map.new_zeros(part_map.shape[0]))
+
+
+MIX_RULES = {rule.name: rule for rule in
+             (HardMix, Cutout, CutMix, ACutMix, BatchDrop)}
+
+#: Values accepted by ``pmm.mix``.
+MIX_MODES = tuple(MIX_RULES) + ('none', )
 
 
 def build_mixer(
@@ -280,14 +429,12 @@ def build_mixer(
     block: Sequence[int] = (3, 2),
     k: int = 8,
     generator: Optional[torch.Generator] = None
-):
+) -> Optional[MixRule]:
     """Returns the mixing rule for ``pmm.mix`` (``None`` for ``'none'``)."""
-    if mode == 'hard_mix':
-        return HardMix(block=block, k=k, generator=generator)
     if mode == 'none':
         return None
-    raise ValueError(
-        'pmm.mix = {!r} is not a mixing rule; expected one of {}'.format(
-            mode, list(MIX_MODES)
-        )
-    )
+    if mode not in MIX_RULES:
+        raise ValueError(
+            'pmm.mix = {!r} is not a mixing rule; expected one of {}'.format(
+                mode, list(MIX_MODES)))
+    return MIX_RULES[mode](block=block, k=k, generator=generator)

@@ -1,10 +1,14 @@
-"""Losses of PMM: batch-hard triplet (soft or hard margin) and label-smoothed CE."""
+"""Losses of PMM: batch-hard triplet (soft or hard margin) and label-smoothed
+cross-entropy, also on targets mixed between two labels (CutMix variants)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['batch_hard_triplet', 'smoothed_cross_entropy']
+__all__ = [
+    'batch_hard_triplet', 'smoothed_cross_entropy', 'mixed_targets',
+    'mixed_cross_entropy'
+]
 
 
 def batch_hard_triplet(
@@ -47,3 +51,40 @@ def smoothed_cross_entropy(
     torchreid's ``CrossEntropyLoss(label_smooth=True)``.
     """
     return F.cross_entropy(logits, labels, label_smoothing=epsilon)
+
+
+def mixed_targets(
+    labels: torch.Tensor, partner_labels: torch.Tensor,
+    partner_weight: torch.Tensor, num_classes: int, epsilon: float = 0.1
+) -> torch.Tensor:
+    """Soft targets ``(1 - w) * y + w * y_partner``, then label-smoothed.
+
+    Args:
+        labels (Tensor): N own labels.
+        partner_labels (Tensor): N labels of the pasted-in samples.
+        partner_weight (Tensor): N shares ``w`` in [0, 1] of the partner label.
+        num_classes (int): number of classes.
+        epsilon (float): label smoothing. Default is 0.1.
+
+    Returns:
+        Tensor: N x num_classes; every row sums to 1.
+    """
+    w = partner_weight.to(torch.float32).view(-1, 1)
+    target = torch.zeros(labels.shape[0], num_classes, device=labels.device)
+    target.scatter_add_(1, labels.view(-1, 1).long(), 1.0 - w)
+    target.scatter_add_(1, partner_labels.view(-1, 1).long(), w)
+    return (1.0 - epsilon) * target + epsilon / num_classes
+
+
+def mixed_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor,
+    partner_labels: torch.Tensor, partner_weight: torch.Tensor,
+    epsilon: float = 0.1
+) -> torch.Tensor:
+    """Label-smoothed cross-entropy on :func:`mixed_targets` (mean over N).
+
+    With ``partner_weight`` all 0 it equals :func:`smoothed_cross_entropy`.
+    """
+    target = mixed_targets(labels, partner_labels, partner_weight,
+                           logits.shape[1], epsilon).to(logits.dtype)
+    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()

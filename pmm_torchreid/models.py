@@ -1,4 +1,5 @@
-"""The PMM network: a backbone, a part trunk and three sequential heads.
+"""The PMM network (a backbone, a part trunk and three sequential heads) and
+its baseline BDB (Batch DropBlock).
 
 Stage I pools the backbone map ``F`` (average); stages II and III pool the part
 map ``P = part_trunk(F)`` (max), each possibly mixed by the rule the engine
@@ -19,8 +20,10 @@ import torchvision
 from torchvision.models.resnet import Bottleneck
 
 __all__ = [
-    'PMM', 'build_backbone', 'BACKBONES', 'feature_map_size', 'model_backbone',
-    'pmm_resnet50', 'pmm_resnet18', 'pmm_osnet_x0_25', 'MODEL_FACTORY'
+    'PMM', 'BDB', 'BatchDropBlock', 'build_backbone', 'BACKBONES',
+    'feature_map_size', 'model_backbone', 'pmm_resnet50', 'pmm_resnet18',
+    'pmm_osnet_x0_25', 'bdb_resnet50', 'bdb_resnet18', 'bdb_osnet_x0_25',
+    'MODEL_FACTORY'
 ]
 
 
@@ -268,8 +271,10 @@ class PMM(nn.Module):
         - eval mode: ``model(x)`` -> N x (num_stages * embedding_dim).
         - train mode: ``model(x, labels, mixer=None)`` -> dict with
           ``'logits'`` and ``'embeddings'`` (one tensor per stage) and, when a
-          mixer is given, ``'masks'`` (N x 1 x H x W) and ``'negatives'`` (N)
-          for each mixed stage.  ``labels`` is a tensor so that
+          mixer is given, for each mixed stage ``'masks'`` (N x 1 x H x W),
+          ``'negatives'`` (N, or None) and ``'partner_weights'`` (N, the
+          partner label's share of the target; see
+          :class:`pmm_torchreid.guidance.Mixed`).  ``labels`` is a tensor so that
           ``nn.DataParallel`` hands every replica its share.
 
     Examples::
@@ -342,7 +347,7 @@ class PMM(nn.Module):
         logits, emb = self.global_head(fmap)
         out = {'logits': [logits], 'embeddings': [emb]}
         if mixer is not None:
-            out['masks'], out['negatives'] = [], []
+            out['masks'], out['negatives'], out['partner_weights'] = [], [], []
         if not self.part_heads:
             return out
         part = self.part_trunk(fmap)
@@ -350,11 +355,11 @@ class PMM(nn.Module):
         for head in self.part_heads:
             stage_in = part
             if mixer is not None:
-                stage_in, mask, negatives = mixer(
-                    part, cam_map, cam_logits, labels
-                )
-                out['masks'].append(mask)
-                out['negatives'].append(negatives)
+                mixed = mixer(part, cam_map, cam_logits, labels)
+                stage_in = mixed.features
+                out['masks'].append(mixed.mask)
+                out['negatives'].append(mixed.negatives)
+                out['partner_weights'].append(mixed.partner_weight)
             logits, emb = head(stage_in)
             out['logits'].append(logits)
             out['embeddings'].append(emb)
@@ -362,15 +367,123 @@ class PMM(nn.Module):
         return out
 
 
+class BatchDropBlock(nn.Module):
+    """Zeroes one region, the same for every sample of the batch, in training.
+
+    The region is ``round(height_ratio * H)`` rows by ``round(width_ratio *
+    W)`` columns at a random place (drawn from torch's global generator, so
+    checkpoints that save the RNG state resume exactly).  In eval mode the
+    input passes unchanged.
+
+    Args:
+        height_ratio (float): region height over map height. Default is 0.33.
+        width_ratio (float): region width over map width. Default is 1.0.
+    """
+
+    def __init__(self, height_ratio: float = 0.33, width_ratio: float = 1.0):
+        super().__init__()
+        if not (0 < height_ratio <= 1 and 0 < width_ratio <= 1):
+            raise ValueError(
+                'BatchDropBlock ratios must lie in (0, 1], got height {} and '
+                'width {}'.format(height_ratio, width_ratio))
+        self.height_ratio = float(height_ratio)
+        self.width_ratio = float(width_ratio)
+        self.last_region = None  # (top, left, rows, cols) of the last drop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        height, width = x.shape[2], x.shape[3]
+        rows = min(height, max(1, int(round(self.height_ratio * height))))
+        cols = min(width, max(1, int(round(self.width_ratio * width))))
+        top = int(torch.randint(0, height - rows + 1, (1, )))
+        left = int(torch.randint(0, width - cols + 1, (1, )))
+        mask = x.new_ones(1, 1, height, width)
+        mask[:, :, top:top + rows, left:left + cols] = 0
+        self.last_region = (top, left, rows, cols)
+        return x * mask
+
+
+class BDB(nn.Module):
+    """Batch DropBlock network (Dai et al., ICCV 2019), the paper's baseline.
+
+    A global branch (average pooling, 1x1 conv + BN + ReLU to 512-d) and a
+    part branch (a Bottleneck on the backbone map, Batch DropBlock in
+    training, max pooling, Linear + BN + ReLU to 1024-d), each with its
+    classifier; the descriptor is their concatenation (1536-d).  It is
+    trained by :class:`pmm_torchreid.engine.PMMEngine` with ``pmm.mix
+    'none'``: batch-hard triplet + label-smoothed CE on both branches.
+
+    Args:
+        num_classes (int): number of training identities.
+        backbone (str): as for :class:`PMM`. Default is ``'resnet50'``.
+        pretrained (bool): ImageNet weights for the backbone. Default is True.
+        global_dim (int): global embedding size. Default is 512.
+        part_dim (int): part embedding size. Default is 1024.
+        drop_height_ratio (float): Default is 0.33.
+        drop_width_ratio (float): Default is 1.0.
+
+    Forward:
+        - eval mode: ``model(x)`` -> N x (global_dim + part_dim).
+        - train mode: ``model(x, labels=None)`` -> dict with ``'logits'`` and
+          ``'embeddings'`` (global, part), like :class:`PMM` without a mixer.
+    """
+
+    num_stages = 2  # branches, for the engine's per-branch curves
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = 'resnet50',
+        pretrained: bool = True,
+        global_dim: int = 512,
+        part_dim: int = 1024,
+        drop_height_ratio: float = 0.33,
+        drop_width_ratio: float = 1.0,
+        loss: str = 'pmm',
+        **kwargs
+    ):
+        super().__init__()
+        self.backbone_name = backbone
+        self.backbone, channels = build_backbone(backbone, pretrained)
+        self.feature_channels = channels
+        self.global_head = GlobalHead(channels, global_dim, num_classes)
+        self.part_trunk = Bottleneck(channels, channels // Bottleneck.expansion)
+        self.part_trunk.apply(_init_kaiming)
+        self.batch_drop = BatchDropBlock(drop_height_ratio, drop_width_ratio)
+        self.part_head = PartHead(channels, part_dim, num_classes)
+        self.feature_dim = global_dim + part_dim
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        mixer: Optional[Callable] = None
+    ):
+        if mixer is not None:
+            raise ValueError(
+                'BDB drops its own block in the part branch and takes no '
+                'mixing rule ({!r}); train it with pmm.mix \'none\''.format(
+                    mixer))
+        fmap = self.backbone(x)
+        g_logits, g_emb = self.global_head(fmap)
+        p_logits, p_emb = self.part_head(self.batch_drop(self.part_trunk(fmap)))
+        if not self.training:
+            return torch.cat([g_emb, p_emb], dim=1)
+        return {'logits': [g_logits, p_logits], 'embeddings': [g_emb, p_emb]}
+
+
 # --------------------------------------------------------------------------
 # factories (torchreid's signature)
 # --------------------------------------------------------------------------
-def _factory(backbone: str) -> Callable[..., PMM]:
+def _factory(backbone: str, network=None) -> Callable[..., nn.Module]:
+    network = network or PMM
+    prefix = 'pmm_' if network is PMM else 'bdb_'
 
     def build(num_classes, loss='pmm', pretrained=True, **kwargs):
         kwargs.pop('use_gpu', None)  # torchreid 1.4 passes use_gpu,
         kwargs.pop('device', None)  # newer torchreid passes device
-        return PMM(
+        return network(
             num_classes,
             backbone=backbone,
             pretrained=pretrained,
@@ -379,10 +492,11 @@ def _factory(backbone: str) -> Callable[..., PMM]:
         )
 
     build.backbone = backbone
-    build.__name__ = build.__qualname__ = 'pmm_' + backbone
+    build.__name__ = build.__qualname__ = prefix + backbone
     build.__doc__ = (
-        'PMM with a {} backbone; torchreid factory signature '
-        '(num_classes, loss, pretrained, **kwargs).'.format(backbone)
+        '{} with a {} backbone; torchreid factory signature '
+        '(num_classes, loss, pretrained, **kwargs).'.format(
+            network.__name__, backbone)
     )
     return build
 
@@ -390,6 +504,9 @@ def _factory(backbone: str) -> Callable[..., PMM]:
 pmm_resnet50 = _factory('resnet50')
 pmm_resnet18 = _factory('resnet18')
 pmm_osnet_x0_25 = _factory('osnet_x0_25')
+bdb_resnet50 = _factory('resnet50', BDB)
+bdb_resnet18 = _factory('resnet18', BDB)
+bdb_osnet_x0_25 = _factory('osnet_x0_25', BDB)
 
 #: Names under which :func:`pmm_torchreid.register` adds the models to torchreid.
 MODEL_FACTORY = {
@@ -397,15 +514,18 @@ MODEL_FACTORY = {
     'pmm_resnet50': pmm_resnet50,
     'pmm_resnet18': pmm_resnet18,
     'pmm_osnet_x0_25': pmm_osnet_x0_25,
+    'bdb': bdb_resnet50,
+    'bdb_resnet50': bdb_resnet50,
+    'bdb_resnet18': bdb_resnet18,
+    'bdb_osnet_x0_25': bdb_osnet_x0_25,
 }
 
 
 def model_backbone(name: str) -> str:
-    """The backbone of a PMM model name (``'pmm'`` -> ``'resnet50'``)."""
+    """The backbone of a plugin model name (``'pmm'`` -> ``'resnet50'``)."""
     if name not in MODEL_FACTORY:
         raise KeyError(
-            'model.name = {!r} is not a PMM model; expected one of {}'.format(
-                name, sorted(MODEL_FACTORY)
-            )
+            'model.name = {!r} is not a PMM or BDB model; expected one of '
+            '{}'.format(name, sorted(MODEL_FACTORY))
         )
     return MODEL_FACTORY[name].backbone

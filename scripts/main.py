@@ -11,6 +11,7 @@ Examples::
         model.load_weights log/pmm_cuhk03/model/model.pth.tar-400
 """
 import argparse
+import json
 import os.path as osp
 import sys
 import time
@@ -25,7 +26,7 @@ import torchreid  # noqa: E402
 import pmm_torchreid  # noqa: E402,F401  (registers the models and datasets)
 from pmm_torchreid import config as C  # noqa: E402
 from pmm_torchreid.checkpoint import (  # noqa: E402
-    load_pretrained_weights, resume_from_checkpoint
+    atomic_write, load_pretrained_weights, resume_from_checkpoint
 )
 from pmm_torchreid.data import build_datamanager  # noqa: E402
 from pmm_torchreid.engine import PMMEngine, with_safe_checkpoints  # noqa: E402
@@ -90,10 +91,10 @@ def setup_config(args: argparse.Namespace):
 def build_model(cfg, num_classes: int) -> nn.Module:
     kwargs = C.model_kwargs(cfg, num_classes)
     name = kwargs.pop('name')
-    if C.is_pmm_model(name):
+    if C.uses_pmm_engine(name):
         if name not in MODEL_FACTORY:
             raise KeyError(
-                'model.name = {!r} is not a PMM model; expected one of '
+                'model.name = {!r} is not a PMM or BDB model; expected one of '
                 '{}'.format(name, sorted(MODEL_FACTORY))
             )
         return MODEL_FACTORY[name](**kwargs)
@@ -180,8 +181,39 @@ def main(argv=None):
         )
     run_kwargs = C.engine_run_kwargs(cfg)
     run_kwargs['start_epoch'] = start_epoch
+    started = time.time()
     engine.run(**run_kwargs)
+    if not cfg.test.evaluate:
+        write_results(cfg, engine, time.time() - started)
     return engine
+
+
+def write_results(cfg, engine, run_seconds: float) -> str:
+    """Writes ``<save_dir>/results.json`` (atomically) once training ended:
+    the setting, the last evaluation of every target and the times. Its
+    presence marks a finished run (``scripts/ablation.py`` relies on it)."""
+    path = osp.join(cfg.data.save_dir, 'results.json')
+    record = {
+        'model': cfg.model.name,
+        'loss': cfg.loss.name,
+        'mix': cfg.pmm.mix if C.uses_pmm_engine(cfg.model.name) else None,
+        'pretrained': bool(cfg.model.pretrained),
+        'seed': int(cfg.train.seed),
+        'split_id': int(cfg.data.split_id),
+        'sources': list(cfg.data.sources),
+        'max_epoch': int(cfg.train.max_epoch),
+        'height': int(cfg.data.height),
+        'width': int(cfg.data.width),
+        'batch_size': int(cfg.train.batch_size),
+        'results': {name: dict(res) for name, res in engine.results.items()},
+        'train_seconds': round(float(engine.train_seconds), 2),
+        'run_seconds': round(float(run_seconds), 2),
+        'finished': time.strftime('%Y-%m-%d %H:%M:%S'),
+    }
+    with atomic_write(path, 'w') as f:
+        json.dump(record, f, indent=1, allow_nan=False)
+    print('Results saved to "{}"'.format(path))
+    return path
 
 
 if __name__ == '__main__':
