@@ -22,6 +22,7 @@ from pmm_torchreid import config as C
 from pmm_torchreid.data import Cutout, build_datamanager
 from pmm_torchreid.engine import PMMEngine
 from pmm_torchreid.guidance import check_block_grid
+from pmm_torchreid.models import BDB
 from pmm_torchreid.optim import build_lr_scheduler
 
 from conftest import load_main_script
@@ -165,14 +166,23 @@ def test_config_builds_data_model_optimizer_scheduler_engine(
     assert optimizer.param_groups[0]['lr'] == pytest.approx(
         scheduler.get_last_lr()[0])
 
+    if C.is_bdb_model(cfg.model.name):
+        assert isinstance(engine, PMMEngine) and engine.mixer is None
+        assert isinstance(model, BDB)
+        model.eval()
+        with torch.no_grad():
+            feats = model(torch.randn(1, 3, cfg.data.height, cfg.data.width))
+        assert feats.shape == (1, 1536)
+        return
     if not C.is_pmm_model(cfg.model.name):
         return
     assert isinstance(engine, PMMEngine)
-    if cfg.pmm.mix == 'hard_mix':
+    if cfg.pmm.mix == 'none':
+        assert engine.mixer is None
+    else:
+        assert engine.mixer.name == cfg.pmm.mix
         assert engine.mixer.block == tuple(cfg.pmm.block_size)
         assert engine.mixer.k == cfg.pmm.top_k
-    else:
-        assert engine.mixer is None
     assert len(model.part_heads) == cfg.pmm.num_stages - 1
     assert model.global_head.classifier.out_features == 100
 
@@ -262,3 +272,41 @@ def test_paper_config_holds_the_paper_recipe(name):
     assert rates[49] == rates[199] == pytest.approx(1e-3)
     assert rates[200] == pytest.approx(1e-4)
     assert rates[300] == rates[399] == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize('dataset', ['market1501', 'dukemtmcreid', 'cuhk03'])
+def test_bdb_config_is_the_pmm_recipe_with_bdbs_batch(dataset):
+    bdb = setup_config('--config-file', osp.join(
+        REPO, 'configs', 'bdb_{}.yaml'.format(dataset)))
+    pmm = setup_config('--config-file', osp.join(
+        REPO, 'configs', 'pmm_{}.yaml'.format(dataset)))
+    assert bdb.model.name == 'bdb' and bdb.loss.name == 'pmm'
+    assert bdb.pmm.mix == 'none'
+    assert bdb.train.batch_size == 128  # BDB's own paper
+    for key in ('data.height', 'data.width', 'data.transforms', 'train.lr',
+                'train.max_epoch', 'train.stepsize', 'train.warmup_epochs',
+                'train.optim', 'data.sources', 'data.targets'):
+        assert _get(bdb, key) == _get(pmm, key), key
+    if dataset == 'cuhk03':
+        assert not bdb.cuhk03.labeled_images
+
+
+def test_bdb_refuses_a_mixing_rule_and_a_wrong_loss():
+    base = osp.join(REPO, 'configs', 'bdb_market1501.yaml')
+    with pytest.raises(ValueError, match="pmm.mix = 'cutmix'.*'none' for a "
+                       "BDB model"):
+        setup_config('--config-file', base, 'pmm.mix', 'cutmix')
+    with pytest.raises(ValueError, match="loss.name = 'triplet'.*PMM or BDB"):
+        setup_config('--config-file', base, 'loss.name', 'triplet')
+    with pytest.raises(ValueError, match='pmm.vis_freq = 2.*BDB'):
+        setup_config('--config-file', base, 'pmm.vis_freq', '2')
+
+
+@pytest.mark.parametrize('mix', ['cutout', 'cutmix', 'a_cutmix',
+                                 'batch_drop'])
+def test_ablation_mixes_are_accepted_and_checked_like_hard_mix(mix):
+    base = osp.join(REPO, 'configs', 'pmm_market1501.yaml')
+    assert setup_config('--config-file', base, 'pmm.mix', mix).pmm.mix == mix
+    with pytest.raises(ValueError, match='pmm.block_size'):
+        setup_config('--config-file', base, 'pmm.mix', mix,
+                     'pmm.block_size', '[5, 2]')

@@ -188,3 +188,32 @@ def test_cutout_zeroes_one_clipped_square():
         assert torch.equal(out[:, ~zero], img[:, ~zero])
     with pytest.raises(ValueError, match='size'):
         Cutout(0)
+
+
+@pytest.mark.parametrize('mix', ['cutmix', 'a_cutmix', 'hard_mix', 'cutout',
+                                 'batch_drop'])
+def test_mixed_stages_take_mixed_targets_and_triplet_the_anchor_label(mix):
+    from pmm_torchreid.losses import mixed_cross_entropy
+    engine = _engine(mix=mix)
+    data = _data()
+    pids = data['pid']
+    out = engine.model(data['img'], pids, mixer=engine.mixer)
+    _, summary = engine.stage_losses(out, pids)
+    for s in (2, 3):
+        logits, emb = out['logits'][s - 1], out['embeddings'][s - 1]
+        neg, weight = out['negatives'][s - 2], out['partner_weights'][s - 2]
+        own = smoothed_cross_entropy(logits, pids, 0.1).item()
+        if mix in ('cutmix', 'a_cutmix'):
+            # 2 blocks of 2 x 1 on the 4 x 2 map: half of the label
+            assert torch.allclose(weight, torch.full((8, ), 0.5))
+            want = mixed_cross_entropy(logits, pids, pids[neg], weight,
+                                       0.1).item()
+            assert abs(want - own) > 1e-4  # the mix changes the loss
+        else:
+            assert torch.equal(weight, torch.zeros(8))
+            want = own
+        assert summary['loss_x{}'.format(s)] == pytest.approx(want, rel=1e-6)
+        assert summary['loss_t{}'.format(s)] == pytest.approx(
+            batch_hard_triplet(emb, pids).item(), rel=1e-6)
+        assert summary['acc{}'.format(s)] == pytest.approx(
+            (logits.argmax(1) == pids).float().mean().item() * 100)

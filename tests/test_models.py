@@ -178,3 +178,86 @@ def test_pretrained_osnet_loads_the_shared_imagenet_weights(monkeypatch,
     key = next(k for k in state if k.endswith('conv1.conv.weight'))
     torch.testing.assert_close(model.backbone[0].conv.weight,
                                state[key].float())
+
+
+# --------------------------------------------------------------------------
+# BDB, the baseline
+# --------------------------------------------------------------------------
+def _bdb_with_drop_capture(backbone='resnet18'):
+    from pmm_torchreid.models import BDB
+    model = BDB(num_classes=3, backbone=backbone, pretrained=False)
+    seen = []
+    model.batch_drop.register_forward_hook(
+        lambda m, inputs, out: seen.append((inputs[0].detach(),
+                                            out.detach())))
+    return model, seen
+
+
+@pytest.mark.parametrize('backbone, channels', [('resnet18', 512),
+                                                ('osnet_x0_25', 128)])
+def test_bdb_shapes_and_descriptor(backbone, channels):
+    model, seen = _bdb_with_drop_capture(backbone)
+    images, labels = _batch(height=128, width=64)
+    out = model.train()(images, labels)
+    assert [t.shape for t in out['logits']] == [(6, 3), (6, 3)]
+    assert [t.shape for t in out['embeddings']] == [(6, 512), (6, 1024)]
+    assert seen[0][0].shape == (6, channels, 8, 4)
+    model.eval()
+    with torch.no_grad():
+        feats = model(images)
+    assert feats.shape == (6, 1536) and model.feature_dim == 1536
+
+
+def test_bdb_drops_the_same_stripe_for_the_whole_batch_only_in_training():
+    model, seen = _bdb_with_drop_capture()
+    images, labels = _batch(height=192, width=64)  # 12 x 4 map: 4-row stripe
+    regions = set()
+    for _ in range(12):
+        model.train()(images, labels)
+        before, after = seen[-1]
+        top, left, rows, cols = model.batch_drop.last_region
+        assert (rows, cols) == (4, 4)  # round(0.33 * 12) x round(1.0 * 4)
+        dropped = torch.zeros(12, 4, dtype=torch.bool)
+        dropped[top:top + rows, left:left + cols] = True
+        # every sample, every channel: zero inside, untouched outside
+        assert bool((after[:, :, dropped] == 0).all())
+        assert torch.equal(after[:, :, ~dropped], before[:, :, ~dropped])
+        assert bool((before[:, :, dropped] != 0).any())
+        regions.add(top)
+    assert len(regions) > 1  # the stripe moves between batches
+    model.eval()
+    with torch.no_grad():
+        first = model(images)
+        second = model(images)
+    before, after = seen[-1]
+    assert torch.equal(before, after)  # no drop in eval
+    assert torch.equal(first, second)
+
+
+def test_bdb_registered_and_refuses_a_mixer():
+    pmm_torchreid.register()
+    for name in ('bdb', 'bdb_resnet50', 'bdb_resnet18', 'bdb_osnet_x0_25'):
+        assert name in torchreid.models.__model_factory
+    model = torchreid.models.build_model('bdb_resnet18', num_classes=4,
+                                         pretrained=False)
+    images, labels = _batch()
+    with pytest.raises(ValueError, match="pmm.mix 'none'"):
+        model.train()(images, labels, mixer=HardMix((2, 1), 1))
+
+
+def test_bdb_trains_with_the_engine_on_both_branches():
+    from pmm_torchreid.models import BDB
+    torch.manual_seed(0)
+    model = BDB(num_classes=3, backbone='resnet18', pretrained=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    fake = types.SimpleNamespace(train_loader=None, test_loader={})
+    engine = PMMEngine(fake, model, opt, use_gpu=False, mix='none')
+    images, labels = _batch()
+    summary = engine.forward_backward({'img': images, 'pid': labels})
+    assert set(summary) >= {'loss_t1', 'loss_x1', 'loss_t2', 'loss_x2'}
+    assert 'loss_t3' not in summary
+    total = sum(summary['loss_{}{}'.format(k, s)] for k in 'tx'
+                for s in (1, 2))
+    assert summary['loss'] == pytest.approx(total, rel=1e-5)
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
