@@ -27,6 +27,7 @@ Examples::
 """
 import argparse
 import csv
+import difflib
 import glob
 import io
 import json
@@ -202,10 +203,7 @@ def read_record(setting, split, seed, save_dir, status=None):
         if target is not None:
             record.update(rank1=target['rank1'], mAP=target['mAP'],
                           epoch=target['epoch'])
-        wall = osp.join(save_dir, 'wall_seconds.txt')
-        if osp.isfile(wall):
-            with open(wall) as f:
-                record['wall_seconds'] = float(f.read())
+        record['wall_seconds'] = res.get('wall_seconds')
     return record
 
 
@@ -269,10 +267,15 @@ def check_recipe(out, recipe):
         with open(path) as f:
             old = json.load(f)
         if old != recipe:
+            lines = lambda r: r.get('config', '').splitlines() + [
+                'overrides: {}'.format(' '.join(r.get('opts', [])))]
+            diff = [line for line in difflib.unified_diff(
+                lines(old), lines(recipe), 'there', 'now', n=0, lineterm='')
+                if not line.startswith('@@')]
             raise SystemExit(
-                'error: "{}" holds runs of another recipe:\n  there: {}\n  '
-                'now:   {}\nuse another --out, or delete that folder'.format(
-                    out, json.dumps(old), json.dumps(recipe)))
+                'error: "{}" holds runs of another recipe; use another --out, '
+                'or delete that folder. Differences:\n{}'.format(
+                    out, '\n'.join(diff[:40])))
         return
     os.makedirs(out, exist_ok=True)
     with atomic_write(path, 'w') as f:
@@ -303,10 +306,11 @@ def main(argv=None):
         except (ValueError, KeyError, OSError) as error:
             raise SystemExit('error: setting {!r}: {}'.format(setting.spec,
                                                              error))
-    with open(args.config_file, 'rb') as f:
-        config_text = f.read().decode('utf-8')
-    recipe = {'config_file': osp.basename(args.config_file),
-              'config': config_text, 'opts': list(args.opts)}
+    # the recipe is the merged values (comments and key order do not count)
+    cfg = C.get_default_config()
+    C.merge_file(cfg, args.config_file)
+    C.merge_list(cfg, list(args.opts))
+    recipe = {'config': cfg.dump(), 'opts': list(args.opts)}
 
     plan = [(setting, split, seed) for split in args.splits
             for seed in args.seeds for setting in settings]
@@ -365,9 +369,6 @@ def main(argv=None):
                 done = proc.returncode == 0 and osp.isfile(
                     osp.join(save_dir, 'results.json'))
                 if done:
-                    with atomic_write(osp.join(save_dir, 'wall_seconds.txt'),
-                                      'w') as f:
-                        f.write('{:.1f}'.format(wall))
                     status[save_dir] = 'done'
                     print('done: {} split {} seed {} in {:.0f} s'.format(
                         setting.spec, split, seed, wall), flush=True)

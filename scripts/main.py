@@ -16,8 +16,10 @@ import os.path as osp
 import sys
 import time
 
-import torch
-import torch.nn as nn
+STARTED = time.time()  # before the heavy imports: wall time of the process
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
@@ -190,8 +192,10 @@ def main(argv=None):
 
 def write_results(cfg, engine, run_seconds: float) -> str:
     """Writes ``<save_dir>/results.json`` (atomically) once training ended:
-    the setting, the last evaluation of every target and the times. Its
-    presence marks a finished run (``scripts/ablation.py`` relies on it)."""
+    the setting, the last evaluation of every target and the times (training
+    epochs only; ``engine.run`` with its evaluations; the whole process).
+    Its presence marks a finished run (``scripts/ablation.py`` relies on
+    it)."""
     path = osp.join(cfg.data.save_dir, 'results.json')
     record = {
         'model': cfg.model.name,
@@ -208,6 +212,7 @@ def write_results(cfg, engine, run_seconds: float) -> str:
         'results': {name: dict(res) for name, res in engine.results.items()},
         'train_seconds': round(float(engine.train_seconds), 2),
         'run_seconds': round(float(run_seconds), 2),
+        'wall_seconds': round(time.time() - STARTED, 2),
         'finished': time.strftime('%Y-%m-%d %H:%M:%S'),
     }
     with atomic_write(path, 'w') as f:

@@ -1,0 +1,171 @@
+"""scripts/ablation.py end to end on the synthetic data: two tiny settings,
+killed after the first run and rerun (finished runs are skipped), the table
+and the raw results."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+SETTINGS = ['pmm_resnet18:cutmix', 'osnet_x0_25']
+TINY = [
+    'model.pretrained', 'False', 'data.height', '64', 'data.width', '32',
+    'pmm.block_size', '[1, 1]', 'pmm.top_k', '2', 'train.batch_size', '16',
+    'data.workers', '0', 'train.max_epoch', '1', 'train.warmup_epochs', '0',
+    'train.stepsize', '[1]', 'test.eval_freq', '-1', 'train.print_freq', '50',
+    'loss.triplet.weight_x', '1.0',
+]
+
+
+def ablation_cmd(root, out, *extra):
+    return [sys.executable, os.path.join(ROOT, 'scripts', 'ablation.py'),
+            '--config-file', os.path.join(ROOT, 'configs', 'pmm_demo.yaml'),
+            '--root', root, '--out', out, '--seeds', '1', '--splits', '0',
+            '--settings'] + SETTINGS + list(extra) + ['--'] + TINY
+
+
+def run_dir(out, slug):
+    return os.path.join(out, slug, 'split0', 'seed1')
+
+
+def children_of(out):
+    """Processes whose command line names the output folder (the runs)."""
+    found = []
+    for pid in os.listdir('/proc'):
+        if not pid.isdigit():
+            continue
+        try:
+            with open('/proc/{}/cmdline'.format(pid), 'rb') as f:
+                cmdline = f.read().decode('utf-8', 'replace')
+        except OSError:
+            continue
+        if 'main.py' in cmdline and out in cmdline:
+            found.append(int(pid))
+    return found
+
+
+@pytest.fixture(scope='module')
+def killed_then_rerun(synthetic_root, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('ablation'))
+    first = run_dir(out, 'pmm_resnet18-cutmix')
+    second = run_dir(out, 'osnet_x0_25')
+    # 1) kill the runner as soon as its first run has finished
+    runner = subprocess.Popen(ablation_cmd(synthetic_root, out), cwd=ROOT,
+                              stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    deadline = time.time() + 400
+    while not os.path.exists(os.path.join(first, 'results.json')):
+        assert runner.poll() is None, runner.stdout.read().decode()[-3000:]
+        assert time.time() < deadline, 'first run did not finish'
+        time.sleep(0.2)
+    runner.send_signal(signal.SIGKILL)
+    runner.wait()
+    killed_log = runner.stdout.read().decode()
+    for _ in range(100):  # the running child follows its parent
+        if not children_of(out):
+            break
+        time.sleep(0.1)
+    orphans = children_of(out)
+    second_done_when_killed = os.path.exists(
+        os.path.join(second, 'results.json'))
+    # 2) rerun: the finished run is skipped, the other one runs
+    rerun = subprocess.run(ablation_cmd(synthetic_root, out), cwd=ROOT,
+                           capture_output=True, text=True, timeout=400)
+    # 3) once more: nothing left to do
+    again = subprocess.run(ablation_cmd(synthetic_root, out), cwd=ROOT,
+                           capture_output=True, text=True, timeout=400)
+    return dict(out=out, first=first, second=second, killed_log=killed_log,
+                orphans=orphans, rerun=rerun, again=again,
+                second_done_when_killed=second_done_when_killed)
+
+
+def test_killed_runner_leaves_no_run_behind(killed_then_rerun):
+    r = killed_then_rerun
+    assert r['orphans'] == []
+    assert 'start: pmm_resnet18:cutmix' in r['killed_log']
+    assert not r['second_done_when_killed']
+
+
+def test_rerun_skips_finished_runs_and_does_the_rest(killed_then_rerun):
+    r = killed_then_rerun
+    rerun, again = r['rerun'], r['again']
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert 'skip (finished): pmm_resnet18:cutmix split 0 seed 1' in \
+        rerun.stdout
+    assert 'start: pmm_resnet18:cutmix' not in rerun.stdout
+    assert 'start: osnet_x0_25 split 0 seed 1' in rerun.stdout
+    assert again.returncode == 0
+    assert 'start:' not in again.stdout
+    assert again.stdout.count('skip (finished)') == 2
+    # one training log per run: nothing was trained twice
+    for folder in (r['first'], r['second']):
+        logs = [f for f in os.listdir(folder) if f.startswith('train.log')]
+        assert len(logs) == 1, (folder, logs)
+
+
+def test_raw_results_and_table(killed_then_rerun):
+    r = killed_then_rerun
+    with open(os.path.join(r['out'], 'results.json')) as f:
+        data = json.load(f)
+    runs = data['runs']
+    assert [(x['setting'], x['status']) for x in runs] == [
+        (s, 'done') for s in SETTINGS]
+    for run in runs:
+        assert 0 <= run['rank1'] <= 100 and 0 <= run['mAP'] <= 100
+        assert run['epoch'] == 1 and run['train_seconds'] > 0
+        assert run['wall_seconds'] >= run['run_seconds'] > 0
+        # the per-run record written by scripts/main.py agrees
+        with open(os.path.join(run['save_dir'], 'results.json')) as f:
+            own = json.load(f)
+        assert own['results']['pmm_synthetic']['mAP'] == run['mAP']
+        assert own['seed'] == 1 and own['split_id'] == 0
+    assert runs[0]['model'] == 'pmm_resnet18' and runs[0]['mix'] == 'cutmix'
+    assert runs[1]['model'] == 'osnet_x0_25' and runs[1]['mix'] is None
+    with open(os.path.join(r['out'], 'results.csv')) as f:
+        rows = list(csv.DictReader(f))
+    assert [row['setting'] for row in rows] == SETTINGS
+    assert float(rows[0]['mAP']) == pytest.approx(runs[0]['mAP'])
+    with open(os.path.join(r['out'], 'table.md')) as f:
+        table = f.read()
+    lines = [l for l in table.splitlines() if l.startswith('|')]
+    assert lines[0] == ('| setting | split 0 R1 | split 0 mAP | '
+                        'train min/run |')
+    for line, run in zip(lines[2:], runs):
+        cells = [c.strip() for c in line.strip('|').split('|')]
+        assert cells[0] == run['setting']
+        assert cells[1] == '{:.1f} (1)'.format(run['rank1'])
+        assert cells[2] == '{:.1f} (1)'.format(run['mAP'])
+
+
+def test_other_recipe_in_the_same_folder_is_refused(killed_then_rerun,
+                                                    synthetic_root):
+    out = killed_then_rerun['out']
+    proc = subprocess.run(
+        ablation_cmd(synthetic_root, out)[:-len(TINY)] + TINY[:-2] +
+        ['loss.triplet.weight_x', '0.5'], cwd=ROOT, capture_output=True,
+        text=True, timeout=120)
+    assert proc.returncode != 0
+    assert 'holds runs of another recipe' in proc.stderr
+    assert '+overrides: ' in proc.stderr and 'weight_x 0.5' in proc.stderr
+
+
+def test_bad_setting_is_refused_before_any_run(tmp_path, synthetic_root):
+    for setting, message in [
+            ('bdb_resnet18:hard_mix', 'takes no mix'),
+            ('osnet_x0_25:cutmix', "torchreid's triplet engine"),
+            ('pmm_resnet18:mixup', "pmm.mix = 'mixup'"),
+            ('pmm_resnet18,model.pretrained', 'is not KEY=VALUE')]:
+        proc = subprocess.run(
+            [sys.executable, os.path.join(ROOT, 'scripts', 'ablation.py'),
+             '--config-file', os.path.join(ROOT, 'configs', 'pmm_demo.yaml'),
+             '--out', str(tmp_path / 'x'), '--settings', setting],
+            cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and message in proc.stderr, (
+            setting, proc.stderr[-2000:])
+        assert not (tmp_path / 'x').exists()
