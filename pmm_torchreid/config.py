@@ -411,6 +411,10 @@ def _check_pmm(cfg: CN, mix_modes) -> None:
     if cfg.pmm.vis_freq < 0:
         fail('pmm.vis_freq', cfg.pmm.vis_freq,
              'a number of epochs >= 1, or 0 for no pictures')
+    if cfg.pmm.vis_freq > 0 and cfg.pmm.mix not in ('hard_mix', 'none'):
+        fail('pmm.vis_freq', cfg.pmm.vis_freq, "0 with pmm.mix = {!r}: the "
+             "training pictures draw the A-Hard-Mix chain ('hard_mix' or "
+             "'none')".format(cfg.pmm.mix))
     if cfg.pmm.vis_num < 1:
         fail('pmm.vis_num', cfg.pmm.vis_num, 'a number of images >= 1')
     if cfg.test.evaluate:

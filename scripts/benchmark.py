@@ -27,7 +27,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import pmm_torchreid  # noqa: E402,F401
 from pmm_torchreid.engine import PMMEngine  # noqa: E402
 from pmm_torchreid.guidance import (  # noqa: E402
-    HardMix, block_mask, hard_mix, sample_negatives
+    MIX_MODES, HardMix, Mixed, block_mask, build_mixer, hard_mix,
+    sample_negatives
 )
 from pmm_torchreid.models import MODEL_FACTORY  # noqa: E402
 
@@ -53,7 +54,8 @@ class ReferenceHardMix(HardMix):
             cam = torch.relu((weights * cam_map).sum(dim=1))
         mask = block_mask(cam, self.block, self.k).to(part_map.dtype)
         negatives = sample_negatives(labels, self.generator)
-        return hard_mix(part_map, mask, negatives), mask, negatives
+        return Mixed(hard_mix(part_map, mask, negatives), mask, negatives,
+                     part_map.new_zeros(part_map.shape[0]))
 
 
 def bench_backbone(backbone, batch, height, width, block, top_k, repeats,
@@ -69,12 +71,10 @@ def bench_backbone(backbone, batch, height, width, block, top_k, repeats,
     engine = PMMEngine(fake_dm, model, optimizer, use_gpu=False, mix='none',
                        block_size=block, top_k=top_k)
     gen = torch.Generator().manual_seed(1)
-    mixers = {
-        'none': None,
-        'hard_mix': HardMix(block=block, k=top_k, generator=gen),
-        'reference': ReferenceHardMix(model, block=block, k=top_k,
-                                      generator=gen),
-    }
+    mixers = {mode: build_mixer(mode, block, top_k, gen)
+              for mode in MIX_MODES}
+    mixers['reference'] = ReferenceHardMix(model, block=block, k=top_k,
+                                           generator=gen)
     data = {
         'img': torch.randn(batch, 3, height, width),
         'pid': torch.arange(ids).repeat_interleave(per_id),
@@ -115,7 +115,10 @@ def main(argv=None):
                         help='torch threads (0: leave the default)')
     parser.add_argument('--modes', nargs='+',
                         default=['none', 'hard_mix', 'reference'],
-                        choices=['none', 'hard_mix', 'reference'])
+                        choices=list(MIX_MODES) + ['reference'],
+                        help='pmm.mix values (the ablation variants too) and '
+                        "'reference', A-Hard-Mix with the reference code's "
+                        'Grad-CAM')
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

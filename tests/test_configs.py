@@ -310,3 +310,6 @@ def test_ablation_mixes_are_accepted_and_checked_like_hard_mix(mix):
     with pytest.raises(ValueError, match='pmm.block_size'):
         setup_config('--config-file', base, 'pmm.mix', mix,
                      'pmm.block_size', '[5, 2]')
+    with pytest.raises(ValueError, match='pmm.vis_freq = 5.*A-Hard-Mix'):
+        setup_config('--config-file', base, 'pmm.mix', mix,
+                     'pmm.vis_freq', '5')

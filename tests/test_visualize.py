@@ -17,7 +17,7 @@ from PIL import Image
 from pmm_torchreid.checkpoint import save_checkpoint
 from pmm_torchreid.config import check_config, get_default_config
 from pmm_torchreid.curves import CurveLog, curve_columns, read_curves
-from pmm_torchreid.guidance import block_mask, grad_cam
+from pmm_torchreid.guidance import Mixed, block_mask, grad_cam
 from pmm_torchreid.models import PMM
 from pmm_torchreid.visualize import (
     cam_cosine, chance_iou, contact_sheet, mask_iou, overlay, panel_size,
@@ -206,7 +206,7 @@ def test_stage_views_follow_the_training_chain_and_touch_nothing():
         negatives[:n] = torch.arange(n) + (stage - 1) * n
         seen.append(cam)
         mixed = torch.where(mask.bool(), part, part[negatives])
-        return mixed, mask, negatives
+        return Mixed(mixed, mask, negatives, torch.zeros(3 * n))
 
     model.eval()
     fmap = model.backbone(images).detach().requires_grad_()
