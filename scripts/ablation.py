@@ -115,6 +115,9 @@ def build_parser():
     parser.add_argument('--threads', type=int, default=0,
                         help='torch threads per run (OMP_NUM_THREADS); 0: '
                         'leave the default')
+    parser.add_argument('--reference', default='',
+                        help='the setting the paired differences are taken '
+                        'against (default: the first)')
     parser.add_argument('--dry-run', action='store_true',
                         help='print the commands, run nothing')
     parser.add_argument('opts', nargs=argparse.REMAINDER,
@@ -241,7 +244,37 @@ def table(records, settings, splits):
     return '\n'.join(lines) + '\n'
 
 
-def write_outputs(out, records, settings, splits, recipe):
+def paired_table(records, settings, reference):
+    """Markdown: each setting minus ``reference`` on the same (split, seed),
+    mean ± std over those pairs: a difference is only worth reading when it
+    is large against its own spread."""
+    done = {(r['setting'], r['split_id'], r['seed']): r for r in records
+            if r['status'] == 'done' and 'mAP' in r}
+    lines = ['| setting | Δ R1 vs {0} | Δ mAP vs {0} |'.format(reference),
+             '|---|---|---|']
+    for setting in settings:
+        if setting.spec == reference:
+            continue
+        pairs = [(r, done[(reference, r['split_id'], r['seed'])])
+                 for key, r in sorted(done.items(), key=lambda kv: kv[0][1:])
+                 if key[0] == setting.spec
+                 and (reference, key[1], key[2]) in done]
+        cells = []
+        for metric in ('rank1', 'mAP'):
+            diffs = [a[metric] - b[metric] for a, b in pairs]
+            if not diffs:
+                cells.append('-')
+            elif len(diffs) == 1:
+                cells.append('{:+.1f} (1)'.format(diffs[0]))
+            else:
+                cells.append('{:+.1f} ± {:.1f} ({})'.format(
+                    statistics.mean(diffs), statistics.stdev(diffs),
+                    len(diffs)))
+        lines.append('| {} | {} | {} |'.format(setting.spec, *cells))
+    return '\n'.join(lines) + '\n'
+
+
+def write_outputs(out, records, settings, splits, recipe, reference=None):
     splits = sorted(set(splits) | {r['split_id'] for r in records
                                    if r['status'] == 'done'})
     with atomic_write(osp.join(out, 'results.json'), 'w') as f:
@@ -254,7 +287,9 @@ def write_outputs(out, records, settings, splits, recipe):
         f.write(buf.getvalue())
     text = ('Rank-1 / mAP (%) on {}: mean ± std over seeds (number of '
             'runs).\n\n'.format(', '.join('split {}'.format(s) for s in splits))
-            + table(records, settings, splits))
+            + table(records, settings, splits)
+            + '\nDifferences on the same split and seed:\n\n'
+            + paired_table(records, settings, reference or settings[0].spec))
     with atomic_write(osp.join(out, 'table.md'), 'w') as f:
         f.write(text)
     return text
@@ -296,6 +331,9 @@ def main(argv=None):
         settings = [Setting(spec) for spec in args.settings]
     except ValueError as error:
         raise SystemExit('error: {}'.format(error))
+    if args.reference and args.reference not in args.settings:
+        raise SystemExit('error: --reference {!r} is not one of --settings '
+                         '{}'.format(args.reference, args.settings))
     # the whole plan is validated before any run starts
     for setting in settings:
         cfg = C.get_default_config()
@@ -381,16 +419,18 @@ def main(argv=None):
                                       tail(osp.join(save_dir, 'console.log'))),
                           flush=True)
                 write_outputs(args.out, records(), settings, args.splits,
-                              recipe)
+                              recipe, args.reference)
     except KeyboardInterrupt:
         for proc in running:
             proc.terminate()
         for proc in running:
             proc.wait()
         print('interrupted; rerun the same command to go on')
-        write_outputs(args.out, records(), settings, args.splits, recipe)
+        write_outputs(args.out, records(), settings, args.splits, recipe,
+                      args.reference)
         return 130
-    print(write_outputs(args.out, records(), settings, args.splits, recipe))
+    print(write_outputs(args.out, records(), settings, args.splits, recipe,
+                        args.reference))
     print('results in "{}" (table.md, results.json, results.csv)'.format(
         args.out))
     return 1 if failed else 0
