@@ -1,11 +1,11 @@
 """pmm_torchreid: Progressive Multi-stage Feature Mix (ICASSP 2021) for torchreid.
 
-Importing the package registers the ``pmm*`` models and the ``pmm_synthetic``
-dataset with torchreid, so ``torchreid.models.build_model('pmm', ...)`` and
+Importing the package registers the ``pmm*`` models, the baseline ``bdb*``
+models and the ``pmm_synthetic`` dataset with torchreid, so ``torchreid.models.build_model('pmm', ...)`` and
 ``torchreid.utils.FeatureExtractor(model_name='pmm', ...)`` work.
 """
 from .guidance import block_mask, grad_cam, hard_mix, sample_negatives
-from .models import PMM
+from .models import BDB, PMM
 from .registry import register
 
 __version__ = '0.1.0'
@@ -13,6 +13,6 @@ __version__ = '0.1.0'
 register()
 
 __all__ = [
-    'PMM', 'grad_cam', 'block_mask', 'sample_negatives', 'hard_mix',
+    'PMM', 'BDB', 'grad_cam', 'block_mask', 'sample_negatives', 'hard_mix',
     'register', '__version__'
 ]

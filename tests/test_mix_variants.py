@@ -42,6 +42,25 @@ def _block_region(b):
     return slice(2 * r, 2 * r + 2), c
 
 
+def _run(rule, k=1):
+    """The rule on the hand-made inputs, its negatives and the paste that
+    sample ``i`` should show, block ``blocks[i]`` taken from ``source[i]``."""
+    cam_map, logits = _cam_inputs()
+    part = _part()
+    out = rule(BLOCK, k=k, generator=torch.Generator().manual_seed(0))(
+        part, cam_map, logits, LABELS)
+
+    def pasted(blocks, source):
+        expected = part.clone()
+        for i, b in enumerate(blocks):
+            rows, col = _block_region(b)
+            expected[i, :, rows, col] = 0.0 if source is None else \
+                part[source[i], :, rows, col]
+        return expected
+
+    return out, pasted
+
+
 def test_every_variant_is_a_pmm_mix_mode():
     assert set(MIX_MODES) == {'hard_mix', 'cutout', 'cutmix', 'a_cutmix',
                               'batch_drop', 'none'}
@@ -55,13 +74,8 @@ def test_every_variant_is_a_pmm_mix_mode():
 
 
 def test_cutout_zeroes_the_most_salient_block_and_keeps_the_label():
-    cam_map, logits = _cam_inputs()
-    part = _part()
-    out = Cutout(BLOCK, k=1)(part, cam_map, logits, LABELS)
-    expected = part.clone()
-    for i, b in enumerate(HOT):
-        rows, col = _block_region(b)
-        expected[i, :, rows, col] = 0.0
+    out, pasted = _run(Cutout)
+    expected = pasted(HOT, None)
     assert torch.equal(out.features, expected)
     assert torch.equal(out.mask, (expected[:, :1] != 0).float())
     assert out.negatives is None
@@ -69,32 +83,19 @@ def test_cutout_zeroes_the_most_salient_block_and_keeps_the_label():
 
 
 def test_hard_mix_pastes_a_negative_into_the_same_salient_block():
-    cam_map, logits = _cam_inputs()
-    part = _part()
-    out = HardMix(BLOCK, k=1, generator=torch.Generator().manual_seed(0))(
-        part, cam_map, logits, LABELS)
+    out, pasted = _run(HardMix)
     neg = out.negatives
     assert (LABELS[neg] != LABELS).all()
-    expected = part.clone()
-    for i, b in enumerate(HOT):
-        rows, col = _block_region(b)
-        expected[i, :, rows, col] = part[neg[i], :, rows, col]
-    assert torch.equal(out.features, expected)
+    assert torch.equal(out.features, pasted(HOT, neg))
     assert torch.equal(out.partner_weight, torch.zeros(4))
 
 
 def test_a_cutmix_pastes_the_partners_most_salient_block_and_mixes_labels():
-    cam_map, logits = _cam_inputs()
-    part = _part()
-    out = ACutMix(BLOCK, k=1, generator=torch.Generator().manual_seed(0))(
-        part, cam_map, logits, LABELS)
+    out, pasted = _run(ACutMix)
     neg = out.negatives
     assert (LABELS[neg] != LABELS).all()
-    expected = part.clone()
-    for i in range(4):
-        rows, col = _block_region(HOT[int(neg[i])])  # the PARTNER's hot block
-        expected[i, :, rows, col] = part[neg[i], :, rows, col]
-    assert torch.equal(out.features, expected)
+    partner_hot = [HOT[int(j)] for j in neg]  # the PARTNER's hot block
+    assert torch.equal(out.features, pasted(partner_hot, neg))
     assert torch.allclose(out.partner_weight, torch.full((4, ), 0.25))
     # the mask is the partner's top-1 mask (HOT differs between samples, so
     # it is never the sample's own)
