@@ -246,16 +246,15 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
         total = 0.0
         summary = OrderedDict()
         stages = zip(outputs['logits'], outputs['embeddings'])
-        # the mixed stages come after stage I; a label mix, if any, is theirs
-        mixes = [(None, None)] + list(zip(
-            outputs.get('negatives', []), outputs.get('partner_weights', [])))
-        mixes += [(None, None)] * (len(outputs['logits']) - len(mixes))
+        # stage s >= 2 was fed by a mix: its partners and label shares
+        mixes = dict(enumerate(zip(outputs.get('negatives', []),
+                                   outputs.get('partner_weights', [])), 2))
         for s, (logits, emb) in enumerate(stages, 1):
             # triplet: always the anchor's own label
             loss_t = batch_hard_triplet(
                 emb, pids, self.triplet_margin, self.soft_margin
             )
-            negatives, weight = mixes[s - 1]
+            negatives, weight = mixes.get(s, (None, None))
             if negatives is not None and bool((weight > 0).any()):
                 loss_x = mixed_cross_entropy(
                     logits, pids, pids.index_select(0, negatives), weight,

@@ -293,7 +293,7 @@ class MixRule(object):
     A rule is called by :class:`pmm_torchreid.models.PMM` between two stages
     as ``rule(part_map, cam_map, cam_logits, labels)`` and returns
     :class:`Mixed`.  ``cam_map``/``cam_logits`` are the previous stage's input
-    and logits, for rules guided by its Grad-CAM (``uses_cam``).  Every rule
+    and logits, for the rules guided by its Grad-CAM.  Every rule
     works on ``k`` blocks of ``block`` size, so the variants change which
     blocks (salient or random, per sample or per batch) and what fills them,
     never how much of the map.
@@ -306,7 +306,6 @@ class MixRule(object):
     """
 
     name = ''
-    uses_cam = False
 
     def __init__(
         self,
@@ -354,7 +353,6 @@ class HardMix(MixRule):
     """
 
     name = 'hard_mix'
-    uses_cam = True
 
     def __call__(self, part_map, cam_map, cam_logits, labels):
         mask = self.cam_mask(part_map, cam_map, cam_logits, labels)
@@ -367,7 +365,6 @@ class Cutout(MixRule):
     """The ``k`` most salient blocks (as in A-Hard-Mix) are set to zero."""
 
     name = 'cutout'
-    uses_cam = True
 
     def __call__(self, part_map, cam_map, cam_logits, labels):
         mask = self.cam_mask(part_map, cam_map, cam_logits, labels)
@@ -395,7 +392,6 @@ class ACutMix(MixRule):
     labels are mixed by area."""
 
     name = 'a_cutmix'
-    uses_cam = True
 
     def __call__(self, part_map, cam_map, cam_logits, labels):
         partner_mask = self.cam_mask(part_map, cam_map, cam_logits, labels)
