@@ -17,7 +17,7 @@ from yacs.config import CfgNode as CN
 
 __all__ = [
     'get_default_config', 'add_pmm_config', 'check_config', 'is_pmm_model',
-    'is_bdb_model', 'uses_pmm_engine',
+    'is_bdb_model', 'uses_pmm_engine', 'resolved_top_k',
     'merge_file', 'merge_list', 'check_paths', 'DATASET_LAYOUTS',
     'imagedata_kwargs', 'model_kwargs', 'optimizer_kwargs',
     'lr_scheduler_kwargs', 'engine_kwargs', 'engine_run_kwargs'
@@ -131,6 +131,10 @@ def add_pmm_config(cfg: CN) -> CN:
     cfg.pmm.mix = 'hard_mix'
     cfg.pmm.block_size = [3, 2]  # block height, width on the feature map
     cfg.pmm.top_k = 8  # blocks replaced per sample (3 Market, 6 Duke, 8 CUHK03)
+    # share of the map's blocks to replace, rounded to whole blocks; > 0
+    # overrides top_k, so one value fits every input size and block grid
+    cfg.pmm.mix_ratio = 0.0
+    cfg.pmm.mix_start_epoch = 0  # epochs trained unmixed before mixing starts
     cfg.pmm.num_stages = 3  # stage I + (num_stages - 1) mixed part stages
     cfg.pmm.embedding_dim = 512  # size of each stage's embedding
     cfg.pmm.soft_margin = True  # soft-margin triplet (softplus) as in the paper
@@ -143,9 +147,19 @@ def add_pmm_config(cfg: CN) -> CN:
 
     cfg.train.warmup_epochs = 0  # staircase warm-up length ('warmup_multi_step')
     cfg.train.warmup_interval = 1  # the warm-up raises the lr every N epochs
+    # the warm-up staircase counts epochs from this number (1: the reference
+    # code's 1-based count, so its first step lasts interval - 1 epochs)
+    cfg.train.warmup_offset = 0
 
     cfg.data.cutout_size = 64  # side of the Cutout square (transform 'cutout')
     cfg.data.cutout_prob = 0.5  # probability of Cutout per image
+    # the whole square inside the image (the reference code); False: centre
+    # anywhere, clipped at the border (DeVries and Taylor's original)
+    cfg.data.cutout_inside = True
+    # hold out N training identities as a validation query/gallery, evaluated
+    # instead of the test split (0: off; for choices that must not see test)
+    cfg.data.val_ids = 0
+    cfg.data.val_seed = 0  # seed of that draw (the same for every setting)
     cfg.data.check_images = True  # decode every image once before training
     cfg.data.skip_bad_images = False  # leave unreadable images out (else stop)
     return cfg
@@ -336,6 +350,24 @@ def check_config(cfg: CN) -> None:
         fail('data.cutout_size', cfg.data.cutout_size, '>= 1 pixel')
     if not 0 <= cfg.data.cutout_prob <= 1:
         fail('data.cutout_prob', cfg.data.cutout_prob, 'a probability in [0, 1]')
+    if 'cutout' in [t.lower() for t in cfg.data.transforms] and \
+            cfg.data.cutout_inside and cfg.data.cutout_size > min(
+                cfg.data.height, cfg.data.width):
+        fail('data.cutout_size', cfg.data.cutout_size, 'a square that fits '
+             'inside the {}x{} input (data.cutout_inside is True)'.format(
+                 cfg.data.height, cfg.data.width))
+    if cfg.data.val_ids < 0:
+        fail('data.val_ids', cfg.data.val_ids, 'a number of identities >= 0')
+    if cfg.data.val_ids and (len(cfg.data.sources) != 1 or list(
+            cfg.data.sources) != list(cfg.data.targets)):
+        fail('data.sources / data.targets', (list(cfg.data.sources),
+                                             list(cfg.data.targets)),
+             'one dataset, the same for both, when data.val_ids = {} holds '
+             'identities of its training set out for validation'.format(
+                 cfg.data.val_ids))
+    if cfg.data.val_ids and cfg.data.combineall:
+        fail('data.combineall', True, 'False when data.val_ids > 0 (the '
+             'validation identities come from the training set)')
     if cfg.train.optim not in OPTIMIZERS:
         fail('train.optim', cfg.train.optim, 'one of {}'.format(list(OPTIMIZERS)))
     if cfg.train.lr_scheduler not in LR_SCHEDULERS:
@@ -364,6 +396,8 @@ def check_config(cfg: CN) -> None:
         fail('train.warmup_epochs / train.warmup_interval',
              (cfg.train.warmup_epochs, cfg.train.warmup_interval),
              'warmup_epochs >= 0 and warmup_interval >= 1')
+    if cfg.train.warmup_offset < 0:
+        fail('train.warmup_offset', cfg.train.warmup_offset, '>= 0')
     if cfg.test.eval_freq == 0 or cfg.test.eval_freq < -1:
         fail('test.eval_freq', cfg.test.eval_freq,
              'a number of epochs >= 1, or -1 (only at the end)')
@@ -399,6 +433,11 @@ def _check_pmm(cfg: CN, mix_modes) -> None:
         fail('pmm.block_size', list(cfg.pmm.block_size), '[height, width] >= 1')
     if cfg.pmm.top_k < 0:
         fail('pmm.top_k', cfg.pmm.top_k, 'a number of blocks >= 0')
+    if not 0 <= cfg.pmm.mix_ratio < 1:
+        fail('pmm.mix_ratio', cfg.pmm.mix_ratio, 'a share of the map in (0, '
+             '1), or 0 to use pmm.top_k')
+    if cfg.pmm.mix_start_epoch < 0:
+        fail('pmm.mix_start_epoch', cfg.pmm.mix_start_epoch, 'an epoch >= 0')
     if cfg.pmm.num_stages < 1:
         fail('pmm.num_stages', cfg.pmm.num_stages, '>= 1')
     if cfg.pmm.embedding_dim < 1:
@@ -433,19 +472,36 @@ def _check_pmm(cfg: CN, mix_modes) -> None:
     if cfg.pmm.mix == 'none':
         return
     # the block grid on the map the backbone gives at the configured size
-    from .guidance import check_block_grid
+    resolved_top_k(cfg)
+
+
+def resolved_top_k(cfg: CN) -> int:
+    """The blocks a PMM run replaces per sample: ``pmm.top_k``, or
+    ``pmm.mix_ratio`` of the block grid that ``pmm.block_size`` cuts from the
+    backbone's map at ``data.height x data.width``.
+
+    Raises:
+        ValueError: the blocks do not tile the map, or the share rounds to no
+            block or to every block.
+    """
+    from .guidance import blocks_for_ratio, check_block_grid
     from .models import feature_map_size, model_backbone
     backbone = model_backbone(cfg.model.name)
     height, width = feature_map_size(backbone, cfg.data.height, cfg.data.width)
+    ratio = cfg.pmm.mix_ratio
     try:
-        check_block_grid(height, width, cfg.pmm.block_size, cfg.pmm.top_k)
+        rows, cols = check_block_grid(height, width, cfg.pmm.block_size,
+                                      None if ratio else cfg.pmm.top_k)
+        return blocks_for_ratio(rows * cols, ratio) if ratio else \
+            int(cfg.pmm.top_k)
     except ValueError as error:
         raise ValueError(
-            'config pmm.block_size = {} / pmm.top_k = {}: at input {}x{} '
+            'config pmm.block_size = {} / {}: at input {}x{} '
             '(data.height x data.width) the {} backbone gives a {}x{} feature '
             'map, and {}'.format(
-                list(cfg.pmm.block_size), cfg.pmm.top_k, cfg.data.height,
-                cfg.data.width, backbone, height, width, error
+                list(cfg.pmm.block_size), 'pmm.mix_ratio = {}'.format(ratio)
+                if ratio else 'pmm.top_k = {}'.format(cfg.pmm.top_k),
+                cfg.data.height, cfg.data.width, backbone, height, width, error
             )
         ) from None
 
@@ -531,6 +587,9 @@ def imagedata_kwargs(cfg: CN) -> dict:
         'market1501_500k': cfg.market1501.use_500k_distractors,
         'cutout_size': cfg.data.cutout_size,
         'cutout_prob': cfg.data.cutout_prob,
+        'cutout_inside': cfg.data.cutout_inside,
+        'val_ids': cfg.data.val_ids,
+        'val_seed': cfg.data.val_seed,
         'check_images': cfg.data.check_images,
         'skip_bad_images': cfg.data.skip_bad_images,
     }
@@ -576,6 +635,7 @@ def lr_scheduler_kwargs(cfg: CN) -> dict:
         'max_epoch': cfg.train.max_epoch,
         'warmup_epochs': cfg.train.warmup_epochs,
         'warmup_interval': cfg.train.warmup_interval,
+        'warmup_offset': cfg.train.warmup_offset,
     }
 
 
@@ -586,6 +646,8 @@ def engine_kwargs(cfg: CN) -> dict:
         'mix': cfg.pmm.mix,
         'block_size': tuple(cfg.pmm.block_size),
         'top_k': cfg.pmm.top_k,
+        'mix_ratio': cfg.pmm.mix_ratio or None,
+        'mix_start_epoch': cfg.pmm.mix_start_epoch,
         'seed': cfg.train.seed,
         'soft_margin': cfg.pmm.soft_margin,
         'triplet_margin': cfg.pmm.triplet_margin,

@@ -24,16 +24,27 @@ class Cutout(object):
     """Sets a random square of a normalised image tensor to zero (DeVries and
     Taylor, 2017), as in the BDB/PMM recipe: applied after normalisation.
 
-    The square's centre is uniform over the image; the square is clipped at
-    the borders.  Randomness comes from Python's ``random`` (seeded by
-    torchreid's ``set_random_seed`` and per DataLoader worker by PyTorch).
+    With ``inside`` (the default, the PMM/BDB reference code's Cutout) the
+    whole square lies inside the image: its top-left corner is uniform over
+    the places where it fits, drawn as the reference draws it
+    (``random.uniform(0, 1) > p`` skips; then ``random.randint`` for the top,
+    then for the left).  Without ``inside`` (DeVries and Taylor's original) the
+    centre is uniform over the image and the square is clipped at the border,
+    so on average less than ``size x size`` is zeroed.  Randomness comes from
+    Python's ``random`` (seeded by torchreid's ``set_random_seed`` and per
+    DataLoader worker by PyTorch).
 
     Args:
         size (int): side of the square in pixels. Default is 64.
         p (float): probability of applying it. Default is 0.5.
+        inside (bool): keep the whole square inside the image. Default is True.
+
+    Raises:
+        ValueError: (when called) with ``inside``, an image smaller than the
+            square.
     """
 
-    def __init__(self, size: int = 64, p: float = 0.5):
+    def __init__(self, size: int = 64, p: float = 0.5, inside: bool = True):
         if size < 1 or not 0.0 <= p <= 1.0:
             raise ValueError(
                 'Cutout needs size >= 1 and 0 <= p <= 1, got size={} p={}'.format(
@@ -42,28 +53,51 @@ class Cutout(object):
             )
         self.size = int(size)
         self.p = float(p)
+        self.inside = bool(inside)
 
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+    def region(self, height: int, width: int):
+        """Draws ``(top, bottom, left, right)`` of the square, or None when
+        the image is left as it is."""
+        if self.inside:
+            if random.uniform(0, 1) > self.p:
+                return None
+            if self.size > height or self.size > width:
+                raise ValueError(
+                    'Cutout: a {0}x{0} square does not fit inside a {1}x{2} '
+                    'image; lower data.cutout_size or set data.cutout_inside '
+                    'False'.format(self.size, height, width))
+            top = random.randint(0, height - self.size)
+            left = random.randint(0, width - self.size)
+            return top, top + self.size, left, left + self.size
         if random.random() >= self.p:
-            return img
-        height, width = img.shape[-2:]
+            return None
         cy, cx = random.randrange(height), random.randrange(width)
         half = self.size // 2
-        y0, y1 = max(0, cy - half), min(height, cy - half + self.size)
-        x0, x1 = max(0, cx - half), min(width, cx - half + self.size)
+        return (max(0, cy - half), min(height, cy - half + self.size),
+                max(0, cx - half), min(width, cx - half + self.size))
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        box = self.region(*img.shape[-2:])
+        if box is None:
+            return img
+        y0, y1, x0, x1 = box
         img = img.clone()
         img[..., y0:y1, x0:x1] = 0
         return img
 
     def __repr__(self):
-        return 'Cutout(size={}, p={})'.format(self.size, self.p)
+        return 'Cutout(size={}, p={}, inside={})'.format(self.size, self.p,
+                                                         self.inside)
 
 
 def build_datamanager(
     cutout_size: int = 64,
     cutout_prob: float = 0.5,
+    cutout_inside: bool = True,
     check_images: bool = True,
     skip_bad_images: bool = False,
+    val_ids: int = 0,
+    val_seed: int = 0,
     **kwargs
 ):
     """``torchreid.data.ImageDataManager(**kwargs)``, plus ``'cutout'`` and
@@ -80,28 +114,35 @@ def build_datamanager(
     are left out of the lists (one warning each) before torchreid builds its
     samplers.  Without the check, a bad image stops the run when it is first
     read -- possibly hours later, at the first evaluation.
+
+    With ``val_ids`` > 0, that many training identities of the source dataset
+    are held out (:func:`pmm_torchreid.splits.carve_validation`, drawn with
+    ``val_seed``) and become the query and gallery that are evaluated; the
+    model trains on the other identities and the test split is not read.
     """
-    if check_images or skip_bad_images:
-        return _with_images_checked(
-            _build, skip_bad_images, cutout_size=cutout_size,
-            cutout_prob=cutout_prob, **kwargs
+    cutout = (cutout_size, cutout_prob, cutout_inside)
+    if check_images or skip_bad_images or val_ids:
+        return _with_dataset_hook(
+            _build, check_images or skip_bad_images, skip_bad_images,
+            val_ids, val_seed, cutout=cutout, **kwargs
         )
-    return _build(cutout_size, cutout_prob, **kwargs)
+    return _build(cutout, **kwargs)
 
 
-def _build(cutout_size: int, cutout_prob: float, **kwargs):
+def _build(cutout, **kwargs):
     import torchreid
     transforms = kwargs.get('transforms') or []
     if isinstance(transforms, str):
         transforms = [transforms]
     transforms = [t.lower() for t in transforms]
-    cutout = 'cutout' in transforms
+    use_cutout = 'cutout' in transforms
     kwargs['transforms'] = [t for t in transforms if t != 'cutout']
     datamanager = torchreid.data.ImageDataManager(**kwargs)
-    if cutout:
-        op = Cutout(cutout_size, cutout_prob)
-        print('+ cutout {}x{} (p={}) after normalization'.format(
-            op.size, op.size, op.p))
+    if use_cutout:
+        op = Cutout(*cutout)
+        print('+ cutout {}x{} (p={}, {}) after normalization'.format(
+            op.size, op.size, op.p, 'inside the image' if op.inside else
+            'clipped at the border'))
         seen = set()
         for compose in (datamanager.transform_tr,
                         datamanager.train_loader.dataset.transform):
@@ -114,9 +155,11 @@ def _build(cutout_size: int, cutout_prob: float, **kwargs):
 _LISTS = ('train', 'query', 'gallery')
 
 
-def _with_images_checked(build, skip: bool, **kwargs):
+def _with_dataset_hook(build, check: bool, skip: bool, val_ids: int,
+                       val_seed: int, **kwargs):
     """Runs ``build(**kwargs)`` with torchreid's dataset factory wrapped so
-    that every dataset's images are decoded once as it is created."""
+    that every dataset, as it is created, has its validation identities held
+    out (``val_ids``) and its images decoded once (``check``)."""
     import torchreid
     module = sys.modules[torchreid.data.ImageDataManager.__module__]
     original = module.init_image_dataset
@@ -124,6 +167,20 @@ def _with_images_checked(build, skip: bool, **kwargs):
 
     def init_and_check(name, **dataset_kwargs):
         dataset = original(name, **dataset_kwargs)
+        if val_ids:
+            from .splits import hold_out_validation
+            counts = hold_out_validation(dataset, val_ids, val_seed)
+            if ('val', name) not in reported:
+                reported.add(('val', name))
+                print('=> {}: validation, not the test split: {} training '
+                      'identities held out (data.val_seed {}) as {} query and '
+                      '{} gallery images; training on the other {} identities '
+                      '({} images)'.format(
+                          name, val_ids, val_seed, counts['query'],
+                          counts['gallery'], counts['train_ids'],
+                          counts['train_images']))
+        if not check:
+            return dataset
         if skip:
             before = {s: len(getattr(dataset, s)) for s in _LISTS}
             drop_bad_images(dataset, cache=cache, name=name)

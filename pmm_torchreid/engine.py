@@ -155,6 +155,13 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
         block_size (sequence of int, optional): block height and width on the
             feature map. Default is (3, 2).
         top_k (int, optional): blocks replaced per sample. Default is 8.
+        mix_ratio (float, optional): the share of the map's blocks to
+            replace, instead of ``top_k`` (rounded to whole blocks of the map
+            the model gives; see :func:`pmm_torchreid.guidance.blocks_for_ratio`).
+            Default is None.
+        mix_start_epoch (int, optional): the first epoch (0-based) whose
+            steps mix; before it the part stages see the clean part map, as
+            with ``mix='none'``. Default is 0.
         seed (int, optional): seed of the negative-partner generator. Default
             is 1.
         soft_margin (bool, optional): soft-margin triplet loss. Default is True.
@@ -204,6 +211,8 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
         mix: str = 'hard_mix',
         block_size: Sequence[int] = (3, 2),
         top_k: int = 8,
+        mix_ratio=None,
+        mix_start_epoch: int = 0,
         seed: int = 1,
         soft_margin: bool = True,
         triplet_margin: float = 0.3,
@@ -220,8 +229,10 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
         self.register_model('model', model, optimizer, scheduler)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.mixer = build_mixer(
-            mix, block=block_size, k=top_k, generator=self.generator
+            mix, block=block_size, k=top_k, generator=self.generator,
+            ratio=mix_ratio
         )
+        self.mix_start_epoch = int(mix_start_epoch)
         self.soft_margin = soft_margin
         self.triplet_margin = triplet_margin
         self.weight_triplet = weight_triplet
@@ -276,11 +287,17 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
             ).float().mean().item() * 100
         return total, summary
 
+    def mixing(self) -> bool:
+        """Whether the steps of the current epoch mix."""
+        return self.mixer is not None and \
+            getattr(self, 'epoch', 0) >= self.mix_start_epoch
+
     def forward_backward(self, data):
         imgs, pids = self.parse_data_for_train(data)
         if self.use_gpu:
             imgs, pids = imgs.cuda(), pids.cuda()
-        outputs = self.model(imgs, pids, mixer=self.mixer)
+        mixer = self.mixer if self.mixing() else None
+        outputs = self.model(imgs, pids, mixer=mixer)
         loss, summary = self.stage_losses(outputs, pids)
         self.optimizer.zero_grad()
         loss.backward()
@@ -320,6 +337,11 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
 
     def train(self, *args, **kwargs):
         lr = self.get_current_lr()
+        if self.mixer is not None and self.mix_start_epoch and \
+                self.epoch == self.mix_start_epoch:
+            print('** Mixing ({!r}) starts with this epoch ({}); the epochs '
+                  'before trained without it'.format(self.mixer,
+                                                     self.epoch + 1))
         start = time.time()
         self._epoch_sums = {}
         try:
@@ -371,7 +393,7 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
         device = 'cuda' if self.use_gpu else 'cpu'
         self._pictures = {
             'maker': StagePictures(self.model, self.datamanager.transform_te,
-                                   self.block_size, self.top_k, device,
+                                   self.block_size, self.blocks(), device,
                                    use_labels=True),
             'items': items, 'partners': partners,
         }
@@ -387,7 +409,7 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
             pics['items'], pics['partners'], folder, columns=4,
             title='epoch {}: Grad-CAM per stage at the true class, top-{} '
             'blocks outlined (IoU: mean top-K IoU between stages)'.format(
-                self.epoch + 1, self.top_k),
+                self.epoch + 1, self.blocks()),
             prefixes=prefixes)
         overlap = res['overlap']
         with atomic_write(osp.join(folder, 'overlap.json'), 'w') as f:
@@ -406,6 +428,18 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
                     self.writer.add_scalar(
                         'GradCAM/{}/{}'.format(metric, pair), value, step)
         return overlap
+
+    def blocks(self) -> int:
+        """The blocks replaced per sample at the data manager's image size
+        (``top_k``, or what ``mix_ratio`` gives)."""
+        if self.mixer is None or self.mixer.ratio is None:
+            return self.top_k
+        from .models import feature_map_size
+        model = getattr(self.model, 'module', self.model)
+        height, width = feature_map_size(model.backbone_name,
+                                         self.datamanager.height,
+                                         self.datamanager.width)
+        return self.mixer.blocks(height, width)
 
     def extra_checkpoint_state(self):
         state = super(PMMEngine, self).extra_checkpoint_state()

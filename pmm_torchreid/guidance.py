@@ -12,6 +12,7 @@ identity.  The paper's ablation variants (``cutout``, ``cutmix``, ``a_cutmix``,
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -21,8 +22,9 @@ __all__ = [
     'grad_cam', 'block_mask', 'random_block_mask', 'replaced_fraction',
     'sample_negatives', 'hard_mix', 'Mixed', 'MixRule', 'HardMix', 'Cutout',
     'CutMix', 'ACutMix', 'BatchDrop', 'MIX_RULES', 'MIX_MODES', 'build_mixer',
-    'check_block_grid'
+    'check_block_grid', 'blocks_for_ratio'
 ]
+
 
 def grad_cam(
     logits: torch.Tensor, feature_map: torch.Tensor, labels: torch.Tensor
@@ -104,6 +106,36 @@ def check_block_grid(
             '{} blocks'.format(k, height, width, bh, bw, rows * cols)
         )
     return rows, cols
+
+
+def blocks_for_ratio(num_blocks: int, ratio: float) -> int:
+    """How many of ``num_blocks`` blocks make the share ``ratio`` of the map:
+    ``ratio * num_blocks`` rounded to the nearest whole block (halves up).
+
+    Raises:
+        ValueError: the share rounds to no block (nothing would be mixed) or
+            to every block (nothing of the sample would be left).
+
+    Examples::
+
+        >>> blocks_for_ratio(32, 0.094)   # the released code's 3 of 32
+        3
+        >>> blocks_for_ratio(16, 0.094)   # 1.5 blocks round up
+        2
+    """
+    k = int(math.floor(ratio * num_blocks + 0.5))
+    if k < 1:
+        raise ValueError(
+            'mix ratio {} of {} blocks rounds to 0 blocks, so nothing would '
+            'be mixed; use at least {:.3g} (one block), a smaller block size, '
+            'or pmm.mix none'.format(ratio, num_blocks, 0.5 / num_blocks))
+    if k >= num_blocks:
+        raise ValueError(
+            'mix ratio {} of {} blocks rounds to all {} blocks, so nothing of '
+            'the sample would be left; use less than {:.3g}'.format(
+                ratio, num_blocks, num_blocks,
+                (num_blocks - 0.5) / num_blocks))
+    return k
 
 
 def block_mask(cam: torch.Tensor, block: Sequence[int], k: int) -> torch.Tensor:
@@ -303,6 +335,9 @@ class MixRule(object):
             Default is (3, 2), the paper's blocks on a 24 x 8 map.
         k (int): blocks per sample. Default is 8 (CUHK03).
         generator (torch.Generator, optional): draws partners and blocks.
+        ratio (float, optional): the share of the map's blocks to replace
+            instead of ``k`` (:func:`blocks_for_ratio` of the grid the map
+            gives), so one value fits every input size. Default is None.
     """
 
     name = ''
@@ -311,23 +346,33 @@ class MixRule(object):
         self,
         block: Sequence[int] = (3, 2),
         k: int = 8,
-        generator: Optional[torch.Generator] = None
+        generator: Optional[torch.Generator] = None,
+        ratio: Optional[float] = None
     ):
         self.block = (int(block[0]), int(block[1]))
         self.k = int(k)
+        self.ratio = None if ratio is None else float(ratio)
         self.generator = generator
+
+    def blocks(self, height: int, width: int) -> int:
+        """The number of blocks replaced on a ``height x width`` map."""
+        if self.ratio is None:
+            return self.k
+        rows, cols = check_block_grid(height, width, self.block)
+        return blocks_for_ratio(rows * cols, self.ratio)
 
     def cam_mask(self, part_map, cam_map, cam_logits, labels):
         """Top-``k`` mask of the Grad-CAM of ``cam_logits`` at ``cam_map``."""
         cam = grad_cam(cam_logits, cam_map, labels)
-        return block_mask(cam, self.block, self.k).to(part_map.dtype)
+        k = self.blocks(*part_map.shape[2:])
+        return block_mask(cam, self.block, k).to(part_map.dtype)
 
     def random_mask(self, part_map, same_for_batch=False):
         n, _, height, width = part_map.shape
         return random_block_mask(
-            n, height, width, self.block, self.k, self.generator,
-            same_for_batch=same_for_batch, device=part_map.device,
-            dtype=part_map.dtype)
+            n, height, width, self.block, self.blocks(height, width),
+            self.generator, same_for_batch=same_for_batch,
+            device=part_map.device, dtype=part_map.dtype)
 
     def __call__(
         self, part_map: torch.Tensor, cam_map: torch.Tensor,
@@ -336,8 +381,9 @@ class MixRule(object):
         raise NotImplementedError
 
     def __repr__(self):
-        return '{}(block={}, k={})'.format(type(self).__name__, self.block,
-                                           self.k)
+        return '{}(block={}, {})'.format(
+            type(self).__name__, self.block, 'k={}'.format(self.k)
+            if self.ratio is None else 'ratio={}'.format(self.ratio))
 
 
 class HardMix(MixRule):
@@ -424,13 +470,16 @@ def build_mixer(
     mode: str,
     block: Sequence[int] = (3, 2),
     k: int = 8,
-    generator: Optional[torch.Generator] = None
+    generator: Optional[torch.Generator] = None,
+    ratio: Optional[float] = None
 ) -> Optional[MixRule]:
-    """Returns the mixing rule for ``pmm.mix`` (``None`` for ``'none'``)."""
+    """Returns the mixing rule for ``pmm.mix`` (``None`` for ``'none'``);
+    ``ratio``, when given, sets the replaced share instead of ``k``."""
     if mode == 'none':
         return None
     if mode not in MIX_RULES:
         raise ValueError(
             'pmm.mix = {!r} is not a mixing rule; expected one of {}'.format(
                 mode, list(MIX_MODES)))
-    return MIX_RULES[mode](block=block, k=k, generator=generator)
+    return MIX_RULES[mode](block=block, k=k, generator=generator,
+                           ratio=ratio)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -20,7 +20,7 @@ import torchvision
 from torchvision.models.resnet import Bottleneck
 
 __all__ = [
-    'PMM', 'BDB', 'BatchDropBlock', 'build_backbone', 'BACKBONES',
+    'PMM', 'BDB', 'BatchDropBlock', 'Backbone', 'build_backbone', 'BACKBONES',
     'feature_map_size', 'model_backbone', 'pmm_resnet50', 'pmm_resnet18',
     'pmm_osnet_x0_25', 'bdb_resnet50', 'bdb_resnet18', 'bdb_osnet_x0_25',
     'MODEL_FACTORY'
@@ -30,6 +30,23 @@ __all__ = [
 # --------------------------------------------------------------------------
 # backbones
 # --------------------------------------------------------------------------
+class Backbone(NamedTuple):
+    """What a backbone builder gives.
+
+    Attributes:
+        body (nn.Module): images N x 3 x H x W -> map N x C x H/16 x W/16.
+        channels (int): C.
+        embedding (nn.Module or None): a pretrained embedding layer that the
+            network had on top of the average-pooled map (OSNet's ``fc``:
+            Linear, BatchNorm1d, ReLU), for stage I to start from; None when
+            there is none (ResNet's ``fc`` is the ImageNet classifier) or the
+            backbone is not pretrained.
+    """
+    body: nn.Module
+    channels: int
+    embedding: Optional[nn.Module] = None
+
+
 def _checkpoint_hint(path: str, url: str, error: Exception) -> RuntimeError:
     return RuntimeError(
         'could not obtain ImageNet weights ({}: {}). Download {} yourself and '
@@ -54,7 +71,7 @@ def _load_torchvision_weights(model: nn.Module, weights) -> None:
     model.load_state_dict(state)
 
 
-def _resnet(arch: str, pretrained: bool) -> Tuple[nn.Module, int]:
+def _resnet(arch: str, pretrained: bool) -> Backbone:
     builder = getattr(torchvision.models, arch)
     net = builder(weights=None)
     if pretrained:
@@ -68,8 +85,7 @@ def _resnet(arch: str, pretrained: bool) -> Tuple[nn.Module, int]:
         net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2,
         net.layer3, net.layer4
     )
-    channels = net.fc.in_features
-    return body, channels
+    return Backbone(body, net.fc.in_features)
 
 
 #: torchreid's ImageNet OSNet-x0.25 weights: where torchreid downloads them
@@ -134,7 +150,7 @@ def fetch_osnet_x0_25_weights() -> str:
     return path
 
 
-def _osnet_x0_25(pretrained: bool) -> Tuple[nn.Module, int]:
+def _osnet_x0_25(pretrained: bool) -> Backbone:
     import torchreid
     net = torchreid.models.osnet.osnet_x0_25(
         num_classes=1, pretrained=False, loss='softmax'
@@ -152,20 +168,21 @@ def _osnet_x0_25(pretrained: bool) -> Tuple[nn.Module, int]:
     body = nn.Sequential(
         net.conv1, net.maxpool, net.conv2, net.conv3, net.conv4, net.conv5
     )
-    return body, net.conv5.conv.out_channels
+    return Backbone(body, net.conv5.conv.out_channels,
+                    net.fc if pretrained else None)
 
 
-#: name -> function(pretrained) returning (module, output channels).  The
-#: module maps N x 3 x H x W images to an N x C x H/16 x W/16 map.
-BACKBONES: Dict[str, Callable[[bool], Tuple[nn.Module, int]]] = {
+#: name -> function(pretrained) returning a :class:`Backbone`.
+BACKBONES: Dict[str, Callable[[bool], Backbone]] = {
     'resnet50': lambda pretrained: _resnet('resnet50', pretrained),
     'resnet18': lambda pretrained: _resnet('resnet18', pretrained),
     'osnet_x0_25': _osnet_x0_25,
 }
 
 
-def build_backbone(name: str, pretrained: bool = True) -> Tuple[nn.Module, int]:
-    """Builds a backbone by name; returns it and its output channel count."""
+def build_backbone(name: str, pretrained: bool = True) -> Backbone:
+    """Builds a backbone by name: its body, its output channel count and its
+    pretrained embedding layer, if any (:class:`Backbone`)."""
     if name not in BACKBONES:
         raise KeyError(
             'unknown backbone {!r}; expected one of {}'.format(
@@ -189,7 +206,7 @@ def feature_map_size(name: str, height: int, width: int) -> Tuple[int, int]:
             )
         )
     with torch.device('meta'):
-        body, _ = BACKBONES[name](False)
+        body = BACKBONES[name](False).body
         out = body(torch.empty(1, 3, int(height), int(width)))
     return int(out.shape[2]), int(out.shape[3])
 
@@ -228,6 +245,50 @@ class GlobalHead(nn.Module):
         """N x C x H x W -> (logits N x num_classes, embedding N x dim)."""
         emb = self.reduction(self.pool(x)).flatten(1)
         return self.classifier(emb), emb
+
+    def load_embedding(self, fc: nn.Module) -> bool:
+        """Starts the reduction from a pretrained ``Linear -> BatchNorm1d
+        (-> ReLU)`` embedding on the average-pooled map (OSNet's ``fc``).
+
+        The 1x1 conv takes the Linear's weights and the BatchNorm its affine
+        parameters and running statistics.  The conv has no bias: the Linear's
+        bias is folded into the running mean (``mean - bias``), which gives
+        the same output in eval mode and the same normalised values in
+        training mode (batch statistics remove a constant shift), so the head
+        computes exactly what the pretrained layer computed.
+
+        Returns:
+            bool: False (nothing copied) when the shapes differ, e.g. another
+            ``embedding_dim`` than the pretrained layer's.
+        """
+        linear, bn = fc[0], fc[1]
+        conv, bn2 = self.reduction[0], self.reduction[1]
+        if not (isinstance(linear, nn.Linear) and isinstance(
+                bn, nn.BatchNorm1d)) or linear.weight.shape != \
+                conv.weight.shape[:2]:
+            return False
+        with torch.no_grad():
+            conv.weight.copy_(linear.weight.view_as(conv.weight))
+            bn2.weight.copy_(bn.weight)
+            bn2.bias.copy_(bn.bias)
+            bias = linear.bias if linear.bias is not None else 0.0
+            bn2.running_mean.copy_(bn.running_mean - bias)
+            bn2.running_var.copy_(bn.running_var)
+            bn2.num_batches_tracked.copy_(bn.num_batches_tracked)
+        bn2.eps, bn2.momentum = bn.eps, bn.momentum
+        return True
+
+
+def _start_from_embedding(head: GlobalHead, backbone: Backbone,
+                          name: str) -> None:
+    if backbone.embedding is None:
+        return
+    if head.load_embedding(backbone.embedding):
+        print('{}: the global head starts from the pretrained embedding '
+              'layer'.format(name))
+    else:
+        print('** {}: the pretrained embedding layer does not fit the global '
+              'head (its size differs), which starts from scratch'.format(name))
 
 
 class PartHead(nn.Module):
@@ -300,13 +361,15 @@ class PMM(nn.Module):
                 'num_stages must be >= 1, got {}'.format(num_stages)
             )
         self.backbone_name = backbone
-        self.backbone, channels = build_backbone(backbone, pretrained)
+        built = build_backbone(backbone, pretrained)
+        self.backbone, channels = built.body, built.channels
         self.feature_channels = channels
         self.embedding_dim = embedding_dim
         self.num_stages = num_stages
         self.part_trunk = Bottleneck(channels, channels // Bottleneck.expansion)
         self.part_trunk.apply(_init_kaiming)
         self.global_head = GlobalHead(channels, embedding_dim, num_classes)
+        _start_from_embedding(self.global_head, built, 'PMM')
         self.part_heads = nn.ModuleList(
             PartHead(channels, embedding_dim, num_classes)
             for _ in range(num_stages - 1)
@@ -445,9 +508,11 @@ class BDB(nn.Module):
     ):
         super().__init__()
         self.backbone_name = backbone
-        self.backbone, channels = build_backbone(backbone, pretrained)
+        built = build_backbone(backbone, pretrained)
+        self.backbone, channels = built.body, built.channels
         self.feature_channels = channels
         self.global_head = GlobalHead(channels, global_dim, num_classes)
+        _start_from_embedding(self.global_head, built, 'BDB')
         self.part_trunk = Bottleneck(channels, channels // Bottleneck.expansion)
         self.part_trunk.apply(_init_kaiming)
         self.batch_drop = BatchDropBlock(drop_height_ratio, drop_width_ratio)

@@ -11,13 +11,17 @@ __all__ = ['WarmupMultiStepLR', 'build_lr_scheduler']
 class WarmupMultiStepLR(torch.optim.lr_scheduler.LRScheduler):
     """Staircase warm-up followed by step decay, stepped once per epoch.
 
-    During the first ``warmup_epochs`` epochs the rate is
-    ``base_lr * (epoch // warmup_interval + 1) * warmup_interval / warmup_epochs``;
-    afterwards it is ``base_lr * gamma ** (number of milestones <= epoch)``.
-    With ``base_lr=1e-3, warmup_epochs=50, warmup_interval=5,
-    milestones=[200, 300], gamma=0.1`` this is the paper's
-    ``1e-4 * (epoch // 5 + 1)`` for epochs 1-50, 1e-3 until 200, 1e-4 until
-    300 and 1e-5 after.
+    ``epoch`` is torchreid's 0-based epoch index.  During the first
+    ``warmup_epochs`` epochs the rate is ``base_lr * min(1, ((epoch +
+    warmup_offset) // warmup_interval + 1) * warmup_interval /
+    warmup_epochs)``; afterwards it is ``base_lr * gamma ** (number of
+    milestones <= epoch)``.
+
+    The PMM/BDB reference code sets the rate from the 1-based epoch
+    ``e = epoch + 1``: ``1e-4 * (e // 5 + 1)`` while ``e < 50``, 1e-3 while
+    ``e < 200``, 1e-4 while ``e < 300``, then 1e-5.  That is
+    ``base_lr=1e-3, warmup_epochs=50, warmup_interval=5, warmup_offset=1,
+    milestones=[199, 299], gamma=0.1`` here (the paper configs).
 
     Args:
         optimizer (Optimizer): wrapped optimizer.
@@ -27,6 +31,9 @@ class WarmupMultiStepLR(torch.optim.lr_scheduler.LRScheduler):
         warmup_epochs (int): length of the warm-up. Default is 0 (none).
         warmup_interval (int): the warm-up raises the rate every this many
             epochs. Default is 1.
+        warmup_offset (int): the staircase counts epochs from this number
+            (1: the reference code's count, whose first step is one epoch
+            shorter). Default is 0.
     """
 
     def __init__(
@@ -36,12 +43,14 @@ class WarmupMultiStepLR(torch.optim.lr_scheduler.LRScheduler):
         gamma: float = 0.1,
         warmup_epochs: int = 0,
         warmup_interval: int = 1,
+        warmup_offset: int = 0,
         last_epoch: int = -1
     ):
-        if warmup_epochs < 0 or warmup_interval < 1:
+        if warmup_epochs < 0 or warmup_interval < 1 or warmup_offset < 0:
             raise ValueError(
-                'warm-up needs warmup_epochs >= 0 and warmup_interval >= 1, '
-                'got {} and {}'.format(warmup_epochs, warmup_interval)
+                'warm-up needs warmup_epochs >= 0, warmup_interval >= 1 and '
+                'warmup_offset >= 0, got {}, {} and {}'.format(
+                    warmup_epochs, warmup_interval, warmup_offset)
             )
         if list(milestones) != sorted(milestones):
             raise ValueError(
@@ -51,12 +60,13 @@ class WarmupMultiStepLR(torch.optim.lr_scheduler.LRScheduler):
         self.gamma = float(gamma)
         self.warmup_epochs = int(warmup_epochs)
         self.warmup_interval = int(warmup_interval)
+        self.warmup_offset = int(warmup_offset)
         super().__init__(optimizer, last_epoch)
 
     def factor(self, epoch: int) -> float:
         """The multiplier of the base rate at ``epoch`` (0-based)."""
         if epoch < self.warmup_epochs:
-            steps = epoch // self.warmup_interval + 1
+            steps = (epoch + self.warmup_offset) // self.warmup_interval + 1
             return min(1.0, steps * self.warmup_interval / self.warmup_epochs)
         drops = sum(1 for m in self.milestones if m <= epoch)
         return self.gamma**drops
@@ -73,7 +83,8 @@ def build_lr_scheduler(
     gamma: float = 0.1,
     max_epoch: int = 1,
     warmup_epochs: int = 0,
-    warmup_interval: int = 1
+    warmup_interval: int = 1,
+    warmup_offset: int = 0
 ):
     """torchreid's ``build_lr_scheduler`` plus ``'warmup_multi_step'``."""
     import torchreid
@@ -82,7 +93,7 @@ def build_lr_scheduler(
             else [stepsize]
         return WarmupMultiStepLR(
             optimizer, milestones, gamma=gamma, warmup_epochs=warmup_epochs,
-            warmup_interval=warmup_interval
+            warmup_interval=warmup_interval, warmup_offset=warmup_offset
         )
     if warmup_epochs:
         raise ValueError(

@@ -209,6 +209,10 @@ def write_results(cfg, engine, run_seconds: float) -> str:
         'height': int(cfg.data.height),
         'width': int(cfg.data.width),
         'batch_size': int(cfg.train.batch_size),
+        # what the results are measured on: the test split, or identities
+        # held out of the training set (data.val_ids)
+        'evaluated_on': 'validation' if cfg.data.val_ids else 'test',
+        'val_ids': int(cfg.data.val_ids),
         'results': {name: dict(res) for name, res in engine.results.items()},
         'train_seconds': round(float(engine.train_seconds), 2),
         'run_seconds': round(float(run_seconds), 2),

@@ -125,8 +125,9 @@ def main(argv=None):
     items = [query[i] for i in chosen]
     pool_pids = [int(it[1]) for it in query]
     gen = torch.Generator().manual_seed(args.seed + 1)
+    top_k = C.resolved_top_k(cfg)  # pmm.top_k, or what pmm.mix_ratio gives
     pictures = StagePictures(model, datamanager.transform_te,
-                             cfg.pmm.block_size, cfg.pmm.top_k, device)
+                             cfg.pmm.block_size, top_k, device)
     partners = [[query[j] for j in draw_partners([it[1] for it in items],
                                                  pool_pids, gen)]
                 for _ in range(pictures.num_stages - 1)]
@@ -137,14 +138,14 @@ def main(argv=None):
         items, partners, out_dir, columns=args.sheet,
         title='{} on {} query: Grad-CAM per stage, top-{} blocks outlined '
         '(IoU: mean top-K IoU between stages)'.format(
-            osp.basename(weights), name, cfg.pmm.top_k),
+            osp.basename(weights), name, top_k),
         prefixes=['q{:04d}'.format(i) for i in chosen])
     print('Wrote {} panels and the contact sheet "{}"'.format(
         len(res['panels']), res['sheet']))
 
     report = {
         'weights': weights, 'dataset': name, 'model': cfg.model.name,
-        'block_size': list(cfg.pmm.block_size), 'top_k': cfg.pmm.top_k,
+        'block_size': list(cfg.pmm.block_size), 'top_k': top_k,
         'pictured': chosen,
     }
     if args.overlap_num >= 0:
@@ -155,8 +156,8 @@ def main(argv=None):
                                                       cfg.pmm.block_size[1])
         summary = pictures.overlap(subset, query, gen,
                                    batch_size=cfg.test.batch_size)
-        summary['chance_mask_iou'] = chance_iou(blocks, cfg.pmm.top_k)
-        print(format_overlap(summary, blocks, cfg.pmm.top_k))
+        summary['chance_mask_iou'] = chance_iou(blocks, top_k)
+        print(format_overlap(summary, blocks, top_k))
         report['overlap'] = summary
     with atomic_write(osp.join(out_dir, 'overlap.json'), 'w') as f:
         json.dump(json_safe(report), f, indent=1, allow_nan=False)

@@ -311,7 +311,7 @@ def test_main_refuses_a_missing_dataset_before_any_work(tmp_path):
 
 @pytest.mark.parametrize('backbone', ['resnet18', 'osnet_x0_25'])
 def test_feature_map_size_is_what_the_backbone_gives(backbone):
-    body, _ = build_backbone(backbone, pretrained=False)
+    body = build_backbone(backbone, pretrained=False).body
     body.eval()
     for height, width in [(64, 32), (60, 30), (100, 44), (130, 66)]:
         with torch.no_grad():

@@ -60,16 +60,21 @@ def _get(cfg, dotted):
     return cfg
 
 
-def paper_lr(epoch):
-    """The paper's rate at 0-based ``epoch``: 1e-4*(epoch//5+1) for 50 epochs,
-    1e-3 until 200, 1e-4 until 300, 1e-5 until 400."""
-    if epoch < 50:
-        return 1e-4 * (epoch // 5 + 1)
-    if epoch < 200:
+def reference_lr(e):
+    """The reference code's rate (main_reid.py, ``adjust_lr``) for the 1-based
+    epoch ``e``: it is called as ``adjust_lr(optimizer, epoch + 1)``."""
+    if e < 50:
+        return 1e-4 * (e // 5 + 1)
+    if e < 200:
         return 1e-3
-    if epoch < 300:
+    if e < 300:
         return 1e-4
     return 1e-5
+
+
+def paper_lr(epoch):
+    """The paper's rate at torchreid's 0-based ``epoch``."""
+    return reference_lr(epoch + 1)
 
 
 @pytest.fixture(scope='module')
@@ -267,11 +272,14 @@ def test_paper_config_holds_the_paper_recipe(name):
         scheduler.step()
     assert rates == pytest.approx([paper_lr(e) for e in range(400)],
                                   rel=1e-9)
-    assert rates[0] == pytest.approx(1e-4)
-    assert rates[5] == pytest.approx(2e-4)
-    assert rates[49] == rates[199] == pytest.approx(1e-3)
-    assert rates[200] == pytest.approx(1e-4)
-    assert rates[300] == rates[399] == pytest.approx(1e-5)
+    # the reference's 1-based count: the first step lasts 4 epochs, the
+    # drops come at the 200th and 300th epoch (0-based 199 and 299)
+    assert rates[0] == rates[3] == pytest.approx(1e-4)
+    assert rates[4] == rates[8] == pytest.approx(2e-4)
+    assert rates[48] == rates[198] == pytest.approx(1e-3)
+    assert rates[43] == pytest.approx(9e-4) and rates[44] == pytest.approx(1e-3)
+    assert rates[199] == rates[298] == pytest.approx(1e-4)
+    assert rates[299] == rates[399] == pytest.approx(1e-5)
 
 
 @pytest.mark.parametrize('dataset', ['market1501', 'dukemtmcreid', 'cuhk03'])
@@ -285,7 +293,7 @@ def test_bdb_config_is_the_pmm_recipe_with_bdbs_batch(dataset):
     assert bdb.train.batch_size == 128  # BDB's own paper
     for key in ('data.height', 'data.width', 'data.transforms', 'train.lr',
                 'train.max_epoch', 'train.stepsize', 'train.warmup_epochs',
-                'train.optim', 'data.sources', 'data.targets'):
+                'train.warmup_interval', 'train.warmup_offset', 'train.optim', 'data.sources', 'data.targets'):
         assert _get(bdb, key) == _get(pmm, key), key
     if dataset == 'cuhk03':
         assert not bdb.cuhk03.labeled_images

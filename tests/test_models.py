@@ -102,7 +102,7 @@ def _count(*modules):
 def test_parameter_count_matches_bdb_for_resnet50():
     classes = 751
     model = PMM(classes, backbone='resnet50', pretrained=False)
-    body, _ = build_backbone('resnet50', pretrained=False)
+    body = build_backbone('resnet50', pretrained=False).body
     # BDB (Dai et al., ICCV 2019): global 2048->512 (1x1 conv + BN), part
     # bottleneck, part 2048->1024 (Linear + BN), classifiers 512 and 1024 wide
     bdb = _count(body, Bottleneck(2048, 512),

@@ -102,7 +102,7 @@ def test_osnet_weights_load_only_with_the_recorded_hash(torch_home, monkeypatch)
 
     monkeypatch.setattr('gdown.download', no_download)
     shutil.copyfile(OSNET, torch_home)
-    body, _ = build_backbone('osnet_x0_25', pretrained=True)
+    body = build_backbone('osnet_x0_25', pretrained=True).body
     state = torch.load(OSNET, weights_only=True)
     assert torch.equal(body[0].conv.weight, state['conv1.conv.weight'])
     # the same tensors, saved again: a valid file, but not the published one
