@@ -321,3 +321,17 @@ def test_ablation_mixes_are_accepted_and_checked_like_hard_mix(mix):
     with pytest.raises(ValueError, match='pmm.vis_freq = 5.*A-Hard-Mix'):
         setup_config('--config-file', base, 'pmm.mix', mix,
                      'pmm.vis_freq', '5')
+
+
+def test_cutout_inside_must_fit_the_input():
+    base = osp.join(REPO, 'configs', 'pmm_demo.yaml')  # 128x64
+    cfg = setup_config('--config-file', base, 'data.transforms',
+                       "['random_flip', 'cutout']", 'data.cutout_size', '64')
+    assert cfg.data.cutout_inside is True
+    with pytest.raises(ValueError, match='data.cutout_size = 65: expected a '
+                       'square that fits inside the 128x64 input'):
+        setup_config('--config-file', base, 'data.transforms',
+                     "['random_flip', 'cutout']", 'data.cutout_size', '65')
+    setup_config('--config-file', base, 'data.transforms',
+                 "['random_flip', 'cutout']", 'data.cutout_size', '65',
+                 'data.cutout_inside', 'False')

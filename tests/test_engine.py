@@ -155,16 +155,21 @@ def test_load_checkpoint_refuses_arbitrary_pickles(tmp_path):
     assert not flag.exists()
 
 
-def test_warmup_schedule_is_the_papers():
+def _rates(sched, opt, epochs):
+    lrs = []
+    for _ in range(epochs):
+        lrs.append(opt.param_groups[0]['lr'])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_warmup_schedule_counts_from_zero_by_default():
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.Adam([param], lr=1e-3)
     sched = WarmupMultiStepLR(opt, [200, 300], gamma=0.1, warmup_epochs=50,
                               warmup_interval=5)
-    lrs = []
-    for _ in range(400):
-        lrs.append(opt.param_groups[0]['lr'])
-        opt.step()
-        sched.step()
+    lrs = _rates(sched, opt, 400)
     for epoch in range(50):
         assert lrs[epoch] == pytest.approx(1e-4 * (epoch // 5 + 1))
     assert lrs[50] == pytest.approx(1e-3) and lrs[199] == pytest.approx(1e-3)
@@ -172,22 +177,93 @@ def test_warmup_schedule_is_the_papers():
     assert lrs[300] == pytest.approx(1e-5) and lrs[399] == pytest.approx(1e-5)
 
 
-def test_cutout_zeroes_one_clipped_square():
+def reference_lr(e):
+    """The PMM/BDB reference code's rate for the 1-based epoch ``e`` (its
+    main_reid.py calls ``adjust_lr(optimizer, epoch + 1)``)."""
+    if e < 50:
+        return 1e-4 * (e // 5 + 1)
+    if e < 200:
+        return 1e-3
+    if e < 300:
+        return 1e-4
+    return 1e-5
+
+
+def test_warmup_offset_gives_the_reference_codes_rates():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([param], lr=1e-3)
+    sched = WarmupMultiStepLR(opt, [199, 299], gamma=0.1, warmup_epochs=50,
+                              warmup_interval=5, warmup_offset=1)
+    lrs = _rates(sched, opt, 400)
+    assert lrs == pytest.approx([reference_lr(i + 1) for i in range(400)],
+                                rel=1e-9)
+    # and the unshifted schedule is one epoch late at every step and drop
+    late = WarmupMultiStepLR(torch.optim.Adam([param], lr=1e-3), [200, 300],
+                             warmup_epochs=50, warmup_interval=5)
+    late_lrs = _rates(late, late.optimizer, 400)
+    changes = [i for i in range(1, 400) if lrs[i] != pytest.approx(lrs[i - 1])]
+    assert [i + 1 for i in changes] == [
+        i for i in range(1, 400)
+        if late_lrs[i] != pytest.approx(late_lrs[i - 1])]
+    with pytest.raises(ValueError, match='warmup_offset'):
+        WarmupMultiStepLR(opt, [10], warmup_epochs=5, warmup_offset=-1)
+
+
+def test_cutout_clipped_at_the_border_without_inside():
     torch.manual_seed(0)
     import random
     random.seed(3)
     img = torch.rand(3, 96, 48) + 1  # no zeros to start with
-    assert torch.equal(Cutout(16, p=0.0)(img), img)
-    for _ in range(20):
-        out = Cutout(16, p=1.0)(img)
+    assert torch.equal(Cutout(16, p=0.0, inside=False)(img), img)
+    areas = []
+    for _ in range(40):
+        out = Cutout(16, p=1.0, inside=False)(img)
         zero = (out == 0).all(0)
         rows, cols = zero.any(1).nonzero(), zero.any(0).nonzero()
         assert 1 <= len(rows) <= 16 and 1 <= len(cols) <= 16
         # the zeroed area is exactly a rectangle
         assert int(zero.sum()) == len(rows) * len(cols)
         assert torch.equal(out[:, ~zero], img[:, ~zero])
+        areas.append(int(zero.sum()))
+    assert min(areas) < 16 * 16  # some squares were clipped
     with pytest.raises(ValueError, match='size'):
         Cutout(0)
+
+
+def reference_cutout(img, size, p):
+    """The reference code's Cutout (utils/random_erasing.py), restated: skip
+    when ``uniform(0, 1) > p``; else the top row is ``randint(0, H - size)``,
+    then the left column ``randint(0, W - size)``, and the square is set to 0
+    (its mean after normalisation)."""
+    import random
+    if random.uniform(0, 1) > p:
+        return img
+    height, width = img.shape[1:]
+    top = random.randint(0, height - size)
+    left = random.randint(0, width - size)
+    img = img.clone()
+    img[:, top:top + size, left:left + size] = 0
+    return img
+
+
+def test_cutout_keeps_the_whole_square_inside_as_the_reference_does():
+    import random
+    img = torch.rand(3, 384, 128) + 1
+    cutout = Cutout(64, p=0.5)  # inside=True is the default
+    applied = 0
+    for seed in range(60):
+        random.seed(seed)
+        ours = cutout(img)
+        random.seed(seed)
+        theirs = reference_cutout(img, 64, 0.5)
+        assert torch.equal(ours, theirs), seed
+        zeroed = int((ours == 0).all(0).sum())
+        assert zeroed in (0, 64 * 64)  # never clipped
+        applied += zeroed > 0
+    assert 15 < applied < 45  # p = 0.5
+    # a square larger than the image is an error, not a silent no-op
+    with pytest.raises(ValueError, match='does not fit inside a 128x48'):
+        Cutout(64, p=1.0)(torch.rand(3, 128, 48))
 
 
 @pytest.mark.parametrize('mix', ['cutmix', 'a_cutmix', 'hard_mix', 'cutout',

@@ -261,3 +261,74 @@ def test_bdb_trains_with_the_engine_on_both_branches():
     assert summary['loss'] == pytest.approx(total, rel=1e-5)
     for name, p in model.named_parameters():
         assert p.grad is not None, name
+
+
+# --------------------------------------------------------------------------
+# stage I starts from a pretrained embedding layer (OSNet's fc)
+# --------------------------------------------------------------------------
+def _random_fc(in_dim=128, dim=512):
+    """An OSNet-style fc (Linear with bias, BatchNorm1d, ReLU) with random
+    weights and non-trivial running statistics."""
+    torch.manual_seed(3)
+    fc = nn.Sequential(nn.Linear(in_dim, dim), nn.BatchNorm1d(dim),
+                       nn.ReLU(inplace=True))
+    with torch.no_grad():
+        fc[0].bias.normal_(0, 2)
+        fc[1].weight.uniform_(0.5, 2)
+        fc[1].bias.normal_()
+        fc[1].running_mean.normal_(0, 3)
+        fc[1].running_var.uniform_(0.5, 4)
+        fc[1].num_batches_tracked.fill_(123)
+    return fc
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_global_head_computes_what_the_embedding_layer_computed(training):
+    from pmm_torchreid.models import GlobalHead
+    fc = _random_fc()
+    head = GlobalHead(128, 512, num_classes=5)
+    assert head.load_embedding(fc)
+    fmap = torch.rand(6, 128, 8, 4) * 3
+    fc.train(training), head.train(training)
+    expected = fc(fmap.mean(dim=(2, 3)))
+    _, emb = head(fmap)
+    assert torch.allclose(emb, expected, atol=1e-5)
+    if training:  # the running statistics move the same way (bias folded in)
+        head_mean = head.reduction[1].running_mean
+        assert torch.allclose(head_mean, fc[1].running_mean - fc[0].bias,
+                              atol=1e-5)
+        assert torch.allclose(head.reduction[1].running_var,
+                              fc[1].running_var, atol=1e-5)
+    # a head of another size keeps its own initialisation
+    other = GlobalHead(128, 256, num_classes=5)
+    before = other.reduction[0].weight.clone()
+    assert not other.load_embedding(fc)
+    assert torch.equal(other.reduction[0].weight, before)
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(
+    SHARED, 'weights', 'osnet_x0_25_imagenet.pth')),
+    reason='needs ../shared/weights/osnet_x0_25_imagenet.pth')
+@pytest.mark.parametrize('name', ['pmm_osnet_x0_25', 'bdb_osnet_x0_25'])
+def test_stage_one_of_a_fresh_model_is_torchreids_osnet_feature(
+        name, monkeypatch, tmp_path):
+    """In eval mode, the first 512 entries of an untrained-head PMM (and of
+    BDB's global branch) are torchreid's osnet_x0_25 feature."""
+    (tmp_path / 'checkpoints').mkdir()
+    os.symlink(os.path.join(SHARED, 'weights', 'osnet_x0_25_imagenet.pth'),
+               tmp_path / 'checkpoints' / 'osnet_x0_25_imagenet.pth')
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    reference = torchreid.models.build_model('osnet_x0_25', 10,
+                                             pretrained=True).eval()
+    model = torchreid.models.build_model(name, 10, pretrained=True).eval()
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 128, 64) * 4 - 2  # about normalised images
+    with torch.no_grad():
+        expected = reference(images)
+        ours = model(images)[:, :512]
+    assert expected.abs().mean() > 0.1  # a real feature, not zeros
+    assert torch.allclose(ours, expected, atol=1e-4)
+    # without ImageNet weights there is nothing to start from
+    fresh = torchreid.models.build_model(name, 10, pretrained=False).eval()
+    with torch.no_grad():
+        assert not torch.allclose(fresh(images)[:, :512], expected, atol=1e-2)
