@@ -41,11 +41,17 @@ import sys
 import time
 from collections import OrderedDict
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, ROOT)
+try:
+    import pmm_torchreid  # noqa: F401  (installed: pip install -e .)
+except ImportError:  # run from a source tree that is not installed
+    sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from pmm_torchreid import config as C  # noqa: E402
 from pmm_torchreid.checkpoint import atomic_write  # noqa: E402
+from pmm_torchreid.launch import read_results  # noqa: E402
+
+#: the launcher every run goes through (a user's own run is the same command)
+MAIN = osp.join(osp.dirname(osp.abspath(__file__)), 'main.py')
 
 CSV_FIELDS = [
     'setting', 'split_id', 'seed', 'status', 'rank1', 'mAP', 'epoch',
@@ -143,7 +149,7 @@ def last_checkpoint(save_dir):
 
 
 def command(args, setting, split, seed, save_dir):
-    cmd = [sys.executable, osp.join(ROOT, 'scripts', 'main.py'),
+    cmd = [sys.executable, MAIN,
            '--config-file', args.config_file]
     if args.root:
         cmd += ['--root', args.root]
@@ -174,7 +180,7 @@ def start(cmd, save_dir, threads):
     log.write('\n$ {}\n'.format(' '.join(cmd)).encode())
     log.flush()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            env=env, cwd=ROOT, preexec_fn=_exit_with_parent)
+                            env=env, preexec_fn=_exit_with_parent)
     return proc, log
 
 
@@ -195,10 +201,8 @@ def tail(path, lines=15):
 def read_record(setting, split, seed, save_dir, status=None):
     record = OrderedDict(setting=setting.spec, split_id=split, seed=seed,
                          status=status or 'missing', save_dir=save_dir)
-    path = osp.join(save_dir, 'results.json')
-    if osp.isfile(path):
-        with open(path) as f:
-            res = json.load(f)
+    res = read_results(save_dir)
+    if res is not None:
         target = next(iter(res['results'].values()), None)
         record.update(status='done', model=res['model'], mix=res['mix'],
                       train_seconds=res['train_seconds'],

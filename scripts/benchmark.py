@@ -22,7 +22,10 @@ import types
 
 import torch
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+try:
+    import pmm_torchreid  # noqa: F401  (installed: pip install -e .)
+except ImportError:  # run from a source tree that is not installed
+    sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import pmm_torchreid  # noqa: E402,F401
 from pmm_torchreid.engine import PMMEngine  # noqa: E402

@@ -18,12 +18,14 @@ import os.path as osp
 import sys
 import time
 
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+try:
+    import pmm_torchreid  # noqa: F401  (installed: pip install -e .)
+except ImportError:  # run from a source tree that is not installed
+    sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import torchreid  # noqa: E402
 
-from main import build_parser, setup_config  # noqa: E402
+from pmm_torchreid.launch import build_parser, setup_config  # noqa: E402
 from pmm_torchreid import config as C  # noqa: E402
 from pmm_torchreid.data import find_bad_images  # noqa: E402
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Train and evaluate with torchreid, PMM included: torchreid's scripts/main.py
-for the plugin.
+for the plugin (the builders live in :mod:`pmm_torchreid.launch`).
 
 Examples::
 
@@ -10,220 +10,18 @@ Examples::
         test.evaluate True test.visrank True \\
         model.load_weights log/pmm_cuhk03/model/model.pth.tar-400
 """
-import argparse
-import json
 import os.path as osp
 import sys
 import time
 
-STARTED = time.time()  # before the heavy imports: wall time of the process
+STARTED = time.time()  # before the heavy imports: the process's wall time
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
+try:
+    import pmm_torchreid  # noqa: F401  (installed: pip install -e .)
+except ImportError:  # run from a source tree that is not installed
+    sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-
-import torchreid  # noqa: E402
-
-import pmm_torchreid  # noqa: E402,F401  (registers the models and datasets)
-from pmm_torchreid import config as C  # noqa: E402
-from pmm_torchreid.checkpoint import (  # noqa: E402
-    atomic_write, load_pretrained_weights, resume_from_checkpoint
-)
-from pmm_torchreid.data import build_datamanager  # noqa: E402
-from pmm_torchreid.engine import PMMEngine, with_safe_checkpoints  # noqa: E402
-from pmm_torchreid.models import MODEL_FACTORY  # noqa: E402
-from pmm_torchreid.optim import build_lr_scheduler  # noqa: E402
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument(
-        '--config-file', type=str, default='', help='path to config file'
-    )
-    parser.add_argument(
-        '-s', '--sources', type=str, nargs='+',
-        help='source datasets (delimited by space)'
-    )
-    parser.add_argument(
-        '-t', '--targets', type=str, nargs='+',
-        help='target datasets (delimited by space)'
-    )
-    parser.add_argument(
-        '--transforms', type=str, nargs='+', help='data augmentation'
-    )
-    parser.add_argument(
-        '--root', type=str, default='', help='path to data root'
-    )
-    parser.add_argument(
-        '-m', '--model', type=str, default='', help='model name (model.name)'
-    )
-    parser.add_argument(
-        'opts', default=None, nargs=argparse.REMAINDER,
-        help='modify config options using the command-line (KEY VALUE pairs)'
-    )
-    return parser
-
-
-def setup_config(args: argparse.Namespace):
-    """defaults -> yaml -> flags -> KEY VALUE pairs -> checks -> freeze."""
-    cfg = C.get_default_config()
-    if args.config_file:
-        C.merge_file(cfg, args.config_file)
-    if args.root:
-        cfg.data.root = args.root
-    if args.sources:
-        cfg.data.sources = args.sources
-    if args.targets:
-        cfg.data.targets = args.targets
-    if args.transforms:
-        cfg.data.transforms = args.transforms
-    if args.model:
-        cfg.model.name = args.model
-    if args.opts:
-        C.merge_list(cfg, args.opts)
-    C.check_config(cfg)
-    cfg.freeze()
-    return cfg
-
-
-def build_model(cfg, num_classes: int) -> nn.Module:
-    kwargs = C.model_kwargs(cfg, num_classes)
-    name = kwargs.pop('name')
-    if C.uses_pmm_engine(name):
-        if name not in MODEL_FACTORY:
-            raise KeyError(
-                'model.name = {!r} is not a PMM or BDB model; expected one of '
-                '{}'.format(name, sorted(MODEL_FACTORY))
-            )
-        return MODEL_FACTORY[name](**kwargs)
-    return torchreid.models.build_model(
-        name, kwargs['num_classes'], loss=kwargs['loss'],
-        pretrained=kwargs['pretrained'], use_gpu=cfg.use_gpu
-    )
-
-
-def build_engine(cfg, datamanager, model, optimizer, scheduler):
-    if cfg.loss.name == 'pmm':
-        return PMMEngine(
-            datamanager, model, optimizer, scheduler=scheduler,
-            **C.engine_kwargs(cfg)
-        )
-    if cfg.loss.name == 'softmax':
-        engine_cls = with_safe_checkpoints(torchreid.engine.ImageSoftmaxEngine)
-        return engine_cls(
-            datamanager, model, optimizer=optimizer, scheduler=scheduler,
-            use_gpu=cfg.use_gpu, label_smooth=cfg.loss.softmax.label_smooth
-        )
-    engine_cls = with_safe_checkpoints(torchreid.engine.ImageTripletEngine)
-    return engine_cls(
-        datamanager, model, optimizer=optimizer, margin=cfg.loss.triplet.margin,
-        weight_t=cfg.loss.triplet.weight_t, weight_x=cfg.loss.triplet.weight_x,
-        scheduler=scheduler, use_gpu=cfg.use_gpu,
-        label_smooth=cfg.loss.softmax.label_smooth
-    )
-
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    cfg = setup_config(args)
-    C.check_paths(cfg)  # datasets and weight files exist, before any work
-    torchreid.utils.set_random_seed(cfg.train.seed)
-
-    log_name = 'test.log' if cfg.test.evaluate else 'train.log'
-    log_name += time.strftime('-%Y-%m-%d-%H-%M-%S')
-    sys.stdout = torchreid.utils.Logger(osp.join(cfg.data.save_dir, log_name))
-
-    print('Show configuration\n{}\n'.format(cfg))
-    print('Collecting env info ...')
-    print('** System info **\n{}\n'.format(torchreid.utils.collect_env_info()))
-
-    if cfg.use_gpu:
-        torch.backends.cudnn.benchmark = True
-
-    datamanager = build_datamanager(**C.imagedata_kwargs(cfg))
-    if not cfg.test.evaluate and len(datamanager.train_loader) == 0:
-        raise ValueError(
-            'the training data give no batch: {} identities with {} images '
-            'cannot fill a batch of train.batch_size = {} with '
-            'sampler.num_instances = {} images per identity'.format(
-                datamanager.num_train_pids,
-                len(datamanager.train_loader.dataset), cfg.train.batch_size,
-                cfg.sampler.num_instances
-            )
-        )
-
-    print('Building model: {}'.format(cfg.model.name))
-    model = build_model(cfg, datamanager.num_train_pids)
-    num_params, flops = torchreid.utils.compute_model_complexity(
-        model, (1, 3, cfg.data.height, cfg.data.width)
-    )
-    print('Model complexity: params={:,} flops={:,}'.format(num_params, flops))
-
-    if cfg.model.load_weights:
-        load_pretrained_weights(model, cfg.model.load_weights)
-
-    if cfg.use_gpu:
-        model = nn.DataParallel(model).cuda()
-
-    optimizer = torchreid.optim.build_optimizer(model, **C.optimizer_kwargs(cfg))
-    scheduler = build_lr_scheduler(optimizer, **C.lr_scheduler_kwargs(cfg))
-
-    print('Building {}-engine for {}-reid'.format(cfg.loss.name, cfg.data.type))
-    engine = build_engine(cfg, datamanager, model, optimizer, scheduler)
-
-    start_epoch = cfg.train.start_epoch
-    if cfg.model.resume:  # last: it restores the random-number states
-        start_epoch = resume_from_checkpoint(
-            cfg.model.resume, model, optimizer=optimizer, scheduler=scheduler,
-            engine=engine
-        )
-    run_kwargs = C.engine_run_kwargs(cfg)
-    run_kwargs['start_epoch'] = start_epoch
-    started = time.time()
-    engine.run(**run_kwargs)
-    if not cfg.test.evaluate:
-        write_results(cfg, engine, time.time() - started)
-    return engine
-
-
-def write_results(cfg, engine, run_seconds: float) -> str:
-    """Writes ``<save_dir>/results.json`` (atomically) once training ended:
-    the setting, the last evaluation of every target and the times (training
-    epochs only; ``engine.run`` with its evaluations; the whole process).
-    Its presence marks a finished run (``scripts/ablation.py`` relies on
-    it)."""
-    path = osp.join(cfg.data.save_dir, 'results.json')
-    record = {
-        'model': cfg.model.name,
-        'loss': cfg.loss.name,
-        'mix': cfg.pmm.mix if C.uses_pmm_engine(cfg.model.name) else None,
-        'pretrained': bool(cfg.model.pretrained),
-        'seed': int(cfg.train.seed),
-        'split_id': int(cfg.data.split_id),
-        'sources': list(cfg.data.sources),
-        'max_epoch': int(cfg.train.max_epoch),
-        'height': int(cfg.data.height),
-        'width': int(cfg.data.width),
-        'batch_size': int(cfg.train.batch_size),
-        # what the results are measured on: the test split, or identities
-        # held out of the training set (data.val_ids)
-        'evaluated_on': 'validation' if cfg.data.val_ids else 'test',
-        'val_ids': int(cfg.data.val_ids),
-        'results': {name: dict(res) for name, res in engine.results.items()},
-        'train_seconds': round(float(engine.train_seconds), 2),
-        'run_seconds': round(float(run_seconds), 2),
-        'wall_seconds': round(time.time() - STARTED, 2),
-        'finished': time.strftime('%Y-%m-%d %H:%M:%S'),
-    }
-    with atomic_write(path, 'w') as f:
-        json.dump(record, f, indent=1, allow_nan=False)
-    print('Results saved to "{}"'.format(path))
-    return path
-
+from pmm_torchreid.launch import main  # noqa: E402
 
 if __name__ == '__main__':
-    main()
+    main(started=STARTED)

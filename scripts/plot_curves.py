@@ -14,7 +14,10 @@ import argparse
 import os.path as osp
 import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+try:
+    import pmm_torchreid  # noqa: F401  (installed: pip install -e .)
+except ImportError:  # run from a source tree that is not installed
+    sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from pmm_torchreid.checkpoint import atomic_write  # noqa: E402
 from pmm_torchreid.curves import read_curves  # noqa: E402

@@ -23,7 +23,10 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+try:
+    import pmm_torchreid  # noqa: F401  (installed: pip install -e .)
+except ImportError:  # run from a source tree that is not installed
+    sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 
 from pmm_torchreid.checkpoint import load_checkpoint  # noqa: E402

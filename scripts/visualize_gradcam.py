@@ -22,27 +22,18 @@ Examples::
         --indices 0 1 2 --sheet 3 \\
         model.load_weights log/pmm_demo/model/model.pth.tar-24
 """
-import importlib.util
 import json
 import os.path as osp
 import sys
 
 import torch
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, ROOT)
+try:
+    import pmm_torchreid  # noqa: F401  (installed: pip install -e .)
+except ImportError:  # run from a source tree that is not installed
+    sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-
-def _load_main():
-    spec = importlib.util.spec_from_file_location(
-        'pmm_scripts_main', osp.join(ROOT, 'scripts', 'main.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-main_script = _load_main()
-
+from pmm_torchreid import launch  # noqa: E402
 from pmm_torchreid import config as C  # noqa: E402
 from pmm_torchreid.checkpoint import (  # noqa: E402
     atomic_write, load_pretrained_weights
@@ -56,7 +47,7 @@ from pmm_torchreid.visualize import (  # noqa: E402
 
 
 def build_parser():
-    parser = main_script.build_parser()
+    parser = launch.build_parser()
     parser.description = __doc__.splitlines()[0]
     parser.add_argument('--num', type=int, default=8,
                         help='random query images to picture (seeded)')
@@ -85,7 +76,7 @@ def main(argv=None):
         raise ValueError('--num {}: expected >= 1'.format(args.num))
     if args.sheet < 1:
         raise ValueError('--sheet {}: expected >= 1'.format(args.sheet))
-    cfg = main_script.setup_config(args)
+    cfg = launch.setup_config(args)
     if not C.is_pmm_model(cfg.model.name):
         raise ValueError(
             'model.name = {!r}: Grad-CAM stage pictures need a PMM model '
@@ -94,7 +85,7 @@ def main(argv=None):
     C.check_paths(cfg)  # the dataset and the weights file exist
     torch.manual_seed(cfg.train.seed)
     datamanager = build_datamanager(**C.imagedata_kwargs(cfg))
-    model = main_script.build_model(cfg, datamanager.num_train_pids)
+    model = launch.build_model(cfg, datamanager.num_train_pids)
     if cfg.model.load_weights:
         load_pretrained_weights(model, cfg.model.load_weights)
     else:

@@ -1,4 +1,3 @@
-import importlib.util
 import os
 import sys
 import warnings
@@ -9,15 +8,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), 'shared')
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-
-
-def load_main_script():
-    """scripts/main.py as a module (its functions; main() is not run)."""
-    spec = importlib.util.spec_from_file_location(
-        'pmm_scripts_main', os.path.join(ROOT, 'scripts', 'main.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # torchreid warns at import that its Cython evaluation is not built

@@ -71,8 +71,8 @@ def main():
     else:
         raise SystemExit('fault_driver: unknown fault {!r}'.format(fault))
 
-    from conftest import load_main_script
-    load_main_script().main(argv)
+    from pmm_torchreid.launch import main as run_main
+    run_main(argv)
 
 
 if __name__ == '__main__':

@@ -20,9 +20,10 @@ from pmm_torchreid.data import (BadImageError, drop_bad_images,
                                 find_bad_images, read_image)
 from pmm_torchreid.models import build_backbone, feature_map_size
 
-from conftest import ROOT, load_main_script
+from conftest import ROOT
+from pmm_torchreid import launch
 
-MAIN = load_main_script()
+MAIN = launch
 FAST = [
     'data.height', '64', 'data.width', '32', 'pmm.block_size', '[1, 1]',
     'pmm.top_k', '2', 'train.batch_size', '16', 'train.print_freq', '10',

@@ -25,7 +25,7 @@ from pmm_torchreid.guidance import check_block_grid
 from pmm_torchreid.models import BDB
 from pmm_torchreid.optim import build_lr_scheduler
 
-from conftest import load_main_script
+from pmm_torchreid import launch
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = sorted(glob.glob(osp.join(REPO, 'configs', '*.yaml')))
@@ -38,7 +38,7 @@ PAPER = {
 }
 
 
-main_script = load_main_script()
+main_script = launch
 
 
 def setup_config(*argv):

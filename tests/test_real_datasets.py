@@ -28,14 +28,14 @@ import pmm_torchreid  # noqa: F401  (registers the PMM models)
 from pmm_torchreid import config as C
 from pmm_torchreid.data import Cutout, build_datamanager
 
-from conftest import load_main_script
+from pmm_torchreid import launch
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CUHK03_CONFIG = osp.join(REPO, 'configs', 'pmm_cuhk03.yaml')
 CUHK01_CAMPUS = osp.join(osp.dirname(REPO), 'shared', 'data', 'cuhk01', 'campus')
 
 
-main_script = load_main_script()
+main_script = launch
 
 
 # ---------------------------------------------------------------------------
