@@ -485,7 +485,8 @@ def resolved_top_k(cfg: CN) -> int:
             block or to every block.
     """
     from .guidance import blocks_for_ratio, check_block_grid
-    from .models import feature_map_size, model_backbone
+    from .backbones import feature_map_size
+    from .models import model_backbone
     backbone = model_backbone(cfg.model.name)
     height, width = feature_map_size(backbone, cfg.data.height, cfg.data.width)
     ratio = cfg.pmm.mix_ratio

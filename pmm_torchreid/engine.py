@@ -434,7 +434,7 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
         (``top_k``, or what ``mix_ratio`` gives)."""
         if self.mixer is None or self.mixer.ratio is None:
             return self.top_k
-        from .models import feature_map_size
+        from .backbones import feature_map_size
         model = getattr(self.model, 'module', self.model)
         height, width = feature_map_size(model.backbone_name,
                                          self.datamanager.height,

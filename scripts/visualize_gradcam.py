@@ -39,7 +39,8 @@ from pmm_torchreid.checkpoint import (  # noqa: E402
     atomic_write, load_pretrained_weights
 )
 from pmm_torchreid.data import build_datamanager  # noqa: E402
-from pmm_torchreid.models import feature_map_size, model_backbone  # noqa: E402
+from pmm_torchreid.backbones import feature_map_size  # noqa: E402
+from pmm_torchreid.models import model_backbone  # noqa: E402
 from pmm_torchreid.visualize import (  # noqa: E402
     StagePictures, chance_iou, draw_partners, format_overlap,
     json_safe

@@ -215,7 +215,7 @@ def test_paper_config_holds_the_paper_recipe(name):
     # network: ResNet-50 PMM, ImageNet-initialised, 3 stages of 512-d
     assert cfg.model.name in ('pmm', 'pmm_resnet50')
     assert main_script.MODEL_FACTORY[cfg.model.name] \
-        is pmm_torchreid.models.pmm_resnet50
+        is pmm_torchreid.models.MODEL_FACTORY['pmm_resnet50']
     assert cfg.model.pretrained is True
     assert (cfg.pmm.num_stages, cfg.pmm.embedding_dim) == (3, 512)
     assert cfg.loss.name == 'pmm'

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-import pmm_torchreid.models as models
+import pmm_torchreid.backbones as backbones
 from pmm_torchreid.checkpoint import load_checkpoint, load_pretrained_weights
-from pmm_torchreid.models import build_backbone
+from pmm_torchreid.backbones import build_backbone
 
 from conftest import ROOT, SHARED
 
@@ -111,7 +111,7 @@ def test_osnet_weights_load_only_with_the_recorded_hash(torch_home, monkeypatch)
     with pytest.raises(RuntimeError) as info:
         build_backbone('osnet_x0_25', pretrained=True)
     assert torch_home in str(info.value)
-    assert models.OSNET_X0_25_SHA256 in str(info.value)
+    assert backbones.OSNET_X0_25_SHA256 in str(info.value)
     assert osp.exists(torch_home)  # the user's file is not deleted
 
 
@@ -127,7 +127,7 @@ def test_osnet_download_with_a_wrong_hash_is_discarded(torch_home, monkeypatch):
     monkeypatch.setattr('gdown.download', fake_download)
     with pytest.raises(RuntimeError, match='SHA-256'):
         build_backbone('osnet_x0_25', pretrained=True)
-    assert calls == [models.OSNET_X0_25_URL]
+    assert calls == [backbones.OSNET_X0_25_URL]
     assert os.listdir(osp.dirname(torch_home)) == []  # nothing kept
 
 

@@ -220,7 +220,7 @@ def test_stage_views_follow_the_training_chain_and_touch_nothing():
 
 @pytest.mark.parametrize('backbone', ['resnet50', 'osnet_x0_25'])
 def test_stage_views_work_with_the_other_backbones(backbone):
-    from pmm_torchreid.models import feature_map_size
+    from pmm_torchreid.backbones import feature_map_size
     torch.manual_seed(0)
     model = PMM(5, backbone=backbone, pretrained=False).eval()
     images = torch.randn(6, 3, 64, 32)
