@@ -4,11 +4,20 @@ Importing the package registers the ``pmm*`` models, the baseline ``bdb*``
 models and the ``pmm_synthetic`` dataset with torchreid, so ``torchreid.models.build_model('pmm', ...)`` and
 ``torchreid.utils.FeatureExtractor(model_name='pmm', ...)`` work.
 """
+try:
+    import torchreid  # noqa: F401
+except ModuleNotFoundError as error:  # PyPI torchreid declares no dependencies
+    raise ModuleNotFoundError(
+        'importing torchreid failed ({}); with the PyPI torchreid, install '
+        'what it imports too: pip install "pmm-torchreid[torchreid-deps]", '
+        'or the pinned stack: pip install -r requirements.txt'.format(error),
+        name=error.name) from error
+
 from .guidance import block_mask, grad_cam, hard_mix, sample_negatives
 from .models import BDB, PMM
 from .registry import register
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
 
 register()
 
