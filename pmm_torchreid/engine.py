@@ -15,7 +15,7 @@ import torchreid
 
 from .checkpoint import (atomic_write, capture_rng_state, restore_rng_state,
                          save_checkpoint)
-from .guidance import build_mixer
+from .guidance import MIX_MODES, build_mixer
 from .losses import (batch_hard_triplet, mixed_cross_entropy,
                      smoothed_cross_entropy)
 
@@ -246,6 +246,74 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
         self._curves = None
         self._epoch_sums = None
         self._pictures = None
+
+    @staticmethod
+    def check_cfg(cfg) -> None:
+        """Checks what PMM and BDB need of a config (Dassl's ``check_cfg``):
+        the ``pmm.*`` values, a BDB model without a mixing rule, an identity
+        sampler with at least 2 identities of at least 2 images per batch
+        (every sample needs a partner of another identity, and the triplet
+        loss a positive), and a block grid that tiles the feature map.
+
+        Raises:
+            ValueError: naming the key, the value and what was expected.
+        """
+        from .checks import fail
+        from .config import is_bdb_model, resolved_top_k
+        if is_bdb_model(cfg.model.name):
+            if cfg.pmm.mix != 'none':
+                fail('pmm.mix', cfg.pmm.mix, "'none' for a BDB model ({!r} "
+                     'drops its own block in the part branch)'.format(
+                         cfg.model.name))
+            if cfg.pmm.vis_freq:
+                fail('pmm.vis_freq', cfg.pmm.vis_freq, '0 for a BDB model (the '
+                     'Grad-CAM pictures are drawn for PMM models)')
+        if cfg.pmm.mix not in MIX_MODES:
+            fail('pmm.mix', cfg.pmm.mix, 'one of {}'.format(list(MIX_MODES)))
+        if len(cfg.pmm.block_size) != 2 or min(cfg.pmm.block_size) < 1:
+            fail('pmm.block_size', list(cfg.pmm.block_size), '[height, width] >= 1')
+        if cfg.pmm.top_k < 0:
+            fail('pmm.top_k', cfg.pmm.top_k, 'a number of blocks >= 0')
+        if not 0 <= cfg.pmm.mix_ratio < 1:
+            fail('pmm.mix_ratio', cfg.pmm.mix_ratio, 'a share of the map in (0, '
+                 '1), or 0 to use pmm.top_k')
+        if cfg.pmm.mix_start_epoch < 0:
+            fail('pmm.mix_start_epoch', cfg.pmm.mix_start_epoch, 'an epoch >= 0')
+        if cfg.pmm.num_stages < 1:
+            fail('pmm.num_stages', cfg.pmm.num_stages, '>= 1')
+        if cfg.pmm.embedding_dim < 1:
+            fail('pmm.embedding_dim', cfg.pmm.embedding_dim, '>= 1')
+        if not 0 <= cfg.pmm.label_smooth < 1:
+            fail('pmm.label_smooth', cfg.pmm.label_smooth, 'an epsilon in [0, 1)')
+        for key in ('weight_triplet', 'weight_ce', 'triplet_margin'):
+            if cfg.pmm[key] < 0:
+                fail('pmm.' + key, cfg.pmm[key], '>= 0')
+        if cfg.pmm.vis_freq < 0:
+            fail('pmm.vis_freq', cfg.pmm.vis_freq,
+                 'a number of epochs >= 1, or 0 for no pictures')
+        if cfg.pmm.vis_freq > 0 and cfg.pmm.mix not in ('hard_mix', 'none'):
+            fail('pmm.vis_freq', cfg.pmm.vis_freq, "0 with pmm.mix = {!r}: the "
+                 "training pictures draw the A-Hard-Mix chain ('hard_mix' or "
+                 "'none')".format(cfg.pmm.mix))
+        if cfg.pmm.vis_num < 1:
+            fail('pmm.vis_num', cfg.pmm.vis_num, 'a number of images >= 1')
+        if cfg.test.evaluate:
+            return
+        if cfg.sampler.train_sampler != 'RandomIdentitySampler':
+            fail('sampler.train_sampler', cfg.sampler.train_sampler,
+                 "'RandomIdentitySampler': PMM needs every batch to hold several "
+                 'identities with several images each, so that every sample has '
+                 'a partner of another identity to mix with')
+        n, k = cfg.train.batch_size, cfg.sampler.num_instances
+        if k < 2 or n % k != 0 or n // k < 2:
+            fail('train.batch_size / sampler.num_instances', (n, k),
+                 'num_instances >= 2 and a batch size that is a multiple of it '
+                 'with at least 2 identities per batch (e.g. {} or {})'.format(
+                     (max(2, k) * 2, max(2, k)), (max(2, k) * 8, max(2, k))))
+        if cfg.pmm.mix == 'none':
+            return
+        # the block grid on the map the backbone gives at the configured size
+        resolved_top_k(cfg)
 
     def stage_losses(self, outputs: Dict, pids: torch.Tensor):
         """Sum of the stage losses and the per-stage summary.

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torchreid
 
-from . import config as C
+from . import checks, config as C
 from .checkpoint import atomic_write, load_pretrained_weights, \
     resume_from_checkpoint
 from .data import build_datamanager
@@ -90,7 +90,7 @@ def setup_config(args: argparse.Namespace):
         cfg.model.name = args.model
     if args.opts:
         C.merge_list(cfg, args.opts)
-    C.check_config(cfg)
+    checks.check_config(cfg)
     cfg.freeze()
     return cfg
 
@@ -139,7 +139,7 @@ def main(argv=None, started: Optional[float] = None):
     ``results.json`` (default: when this module was imported)."""
     args = build_parser().parse_args(argv)
     cfg = setup_config(args)
-    C.check_paths(cfg)  # datasets and weight files exist, before any work
+    checks.check_paths(cfg)  # datasets and weight files exist, before any work
     torchreid.utils.set_random_seed(cfg.train.seed)
 
     log_name = 'test.log' if cfg.test.evaluate else 'train.log'

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import os.path as osp
 import random
 from typing import List, Sequence, Tuple

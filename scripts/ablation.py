@@ -46,7 +46,7 @@ try:
 except ImportError:  # run from a source tree that is not installed
     sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from pmm_torchreid import config as C  # noqa: E402
+from pmm_torchreid import checks, config as C  # noqa: E402
 from pmm_torchreid.checkpoint import atomic_write  # noqa: E402
 from pmm_torchreid.launch import read_results  # noqa: E402
 
@@ -344,7 +344,7 @@ def main(argv=None):
         try:
             C.merge_file(cfg, args.config_file)
             C.merge_list(cfg, setting.options() + list(args.opts))
-            C.check_config(cfg)
+            checks.check_config(cfg)
         except (ValueError, KeyError, OSError) as error:
             raise SystemExit('error: setting {!r}: {}'.format(setting.spec,
                                                              error))

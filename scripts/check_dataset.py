@@ -26,7 +26,7 @@ except ImportError:  # run from a source tree that is not installed
 import torchreid  # noqa: E402
 
 from pmm_torchreid.launch import build_parser, setup_config  # noqa: E402
-from pmm_torchreid import config as C  # noqa: E402
+from pmm_torchreid import checks  # noqa: E402
 from pmm_torchreid.data import find_bad_images  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = setup_config(args)
-        C.check_paths(cfg)
+        checks.check_paths(cfg)
     except (KeyError, ValueError, FileNotFoundError) as error:
         print('error: {}'.format(error.args[0] if error.args else error),
               file=sys.stderr)

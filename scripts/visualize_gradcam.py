@@ -34,7 +34,7 @@ except ImportError:  # run from a source tree that is not installed
     sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from pmm_torchreid import launch  # noqa: E402
-from pmm_torchreid import config as C  # noqa: E402
+from pmm_torchreid import checks, config as C  # noqa: E402
 from pmm_torchreid.checkpoint import (  # noqa: E402
     atomic_write, load_pretrained_weights
 )
@@ -83,7 +83,7 @@ def main(argv=None):
             'model.name = {!r}: Grad-CAM stage pictures need a PMM model '
             '(pmm, pmm_resnet50, pmm_resnet18, pmm_osnet_x0_25)'.format(
                 cfg.model.name))
-    C.check_paths(cfg)  # the dataset and the weights file exist
+    checks.check_paths(cfg)  # the dataset and the weights file exist
     torch.manual_seed(cfg.train.seed)
     datamanager = build_datamanager(**C.imagedata_kwargs(cfg))
     model = launch.build_model(cfg, datamanager.num_train_pids)

@@ -15,7 +15,7 @@ import torchreid
 from PIL import Image
 
 import pmm_torchreid  # noqa: F401  (installs the reader)
-from pmm_torchreid import config as C
+from pmm_torchreid import checks
 from pmm_torchreid.data import (BadImageError, drop_bad_images,
                                 find_bad_images, read_image)
 from pmm_torchreid.backbones import build_backbone, feature_map_size
@@ -281,22 +281,22 @@ def test_unknown_keys_are_refused_with_the_closest_names(tmp_path):
 def test_missing_dataset_names_the_expected_layout(tmp_path):
     cfg = setup('--root', str(tmp_path), config='configs/pmm_market1501.yaml')
     with pytest.raises(FileNotFoundError) as info:
-        C.check_paths(cfg)
+        checks.check_paths(cfg)
     message = str(info.value)
     assert "dataset 'market1501'" in message and str(tmp_path) in message
     assert osp.join('Market-1501-v15.09.15', 'bounding_box_train') in message
     os.makedirs(tmp_path / 'market1501' / 'bounding_box_train')
     os.makedirs(tmp_path / 'market1501' / 'query')
     with pytest.raises(FileNotFoundError, match='bounding_box_test'):
-        C.check_paths(cfg)
+        checks.check_paths(cfg)
     os.makedirs(tmp_path / 'market1501' / 'bounding_box_test')
-    C.check_paths(cfg)  # the layout without the version folder is fine too
+    checks.check_paths(cfg)  # the layout without the version folder is fine too
     cfg = setup('--root', str(tmp_path), config='configs/pmm_cuhk03.yaml')
     with pytest.raises(FileNotFoundError, match='cuhk03_release/cuhk-03.mat'):
-        C.check_paths(cfg)
+        checks.check_paths(cfg)
     cfg = setup('--root', str(tmp_path), 'model.load_weights', 'nope.pth')
     with pytest.raises(FileNotFoundError, match="model.load_weights = 'nope.pth'"):
-        C.check_paths(cfg)
+        checks.check_paths(cfg)
 
 
 def test_main_refuses_a_missing_dataset_before_any_work(tmp_path):

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from pmm_torchreid import config as C
+from pmm_torchreid import checks, config as C
 from pmm_torchreid.checkpoint import load_checkpoint
 from pmm_torchreid.engine import PMMEngine
 from pmm_torchreid.guidance import (HardMix, blocks_for_ratio, build_mixer,
@@ -63,7 +63,7 @@ def test_a_ratio_overrides_top_k_and_is_checked_in_the_config():
     C.merge_file(cfg, osp.join(ROOT, 'configs', 'pmm_demo.yaml'))
     C.merge_list(cfg, ['pmm.block_size', '[1, 1]', 'pmm.top_k', '4',
                        'pmm.mix_ratio', '0.094'])
-    C.check_config(cfg)
+    checks.check_config(cfg)
     assert C.resolved_top_k(cfg) == 3  # 0.094 of the 8x4 = 32 blocks
     assert C.engine_kwargs(cfg)['mix_ratio'] == pytest.approx(0.094)
     cfg.pmm.mix_ratio = 0.0
@@ -76,7 +76,7 @@ def test_a_ratio_overrides_top_k_and_is_checked_in_the_config():
         C.merge_file(bad, osp.join(ROOT, 'configs', 'pmm_demo.yaml'))
         C.merge_list(bad, ['pmm.block_size', '[1, 1]', 'pmm.mix_ratio', ratio])
         with pytest.raises(ValueError, match=message):
-            C.check_config(bad)
+            checks.check_config(bad)
 
 
 def test_build_mixer_passes_the_ratio_on():
@@ -137,7 +137,7 @@ def test_start_epoch_is_checked():
     C.merge_file(cfg, osp.join(ROOT, 'configs', 'pmm_demo.yaml'))
     C.merge_list(cfg, ['pmm.mix_start_epoch', '-1'])
     with pytest.raises(ValueError, match='pmm.mix_start_epoch = -1'):
-        C.check_config(cfg)
+        checks.check_config(cfg)
 
 
 def test_resume_across_the_start_epoch_equals_the_straight_run(

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import pmm_torchreid  # noqa: F401  (registers the datasets)
-from pmm_torchreid import config as C
+from pmm_torchreid import checks, config as C
 from pmm_torchreid.data import build_datamanager
 from pmm_torchreid.splits import carve_validation, write_cuhk01_splits
 
@@ -101,7 +101,7 @@ def test_val_ids_config_checks():
         cfg = C.get_default_config()
         C.merge_file(cfg, osp.join(ROOT, 'configs', 'pmm_demo.yaml'))
         C.merge_list(cfg, list(opts))
-        C.check_config(cfg)
+        checks.check_config(cfg)
 
     check('data.val_ids', '10')
     with pytest.raises(ValueError, match='data.val_ids = -1'):

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from pmm_torchreid.checkpoint import save_checkpoint
-from pmm_torchreid.config import check_config, get_default_config
+from pmm_torchreid.checks import check_config
+from pmm_torchreid.config import get_default_config
 from pmm_torchreid.curves import CurveLog, curve_columns, read_curves
 from pmm_torchreid.guidance import Mixed, block_mask, grad_cam
 from pmm_torchreid.models import PMM
