@@ -20,8 +20,9 @@ import torch
 import torch.nn as nn
 
 __all__ = [
-    'to_plain', 'atomic_write', 'save_checkpoint', 'load_checkpoint', 'resume_from_checkpoint',
-    'load_pretrained_weights', 'capture_rng_state', 'restore_rng_state'
+    'to_plain', 'atomic_write', 'save_checkpoint', 'load_checkpoint',
+    'resume_from_checkpoint', 'load_pretrained_weights', 'capture_rng_state',
+    'restore_rng_state', 'unwrap'
 ]
 
 
@@ -147,8 +148,11 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.DataParallel) else model
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside ``nn.DataParallel`` or ``DistributedDataParallel``
+    (the model itself otherwise)."""
+    parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    return model.module if isinstance(model, parallel) else model
 
 
 def _strip_module(state_dict: dict) -> dict:
@@ -163,7 +167,7 @@ def resume_from_checkpoint(
 ) -> int:
     """Restores model, optimizer and scheduler; returns the epoch to start from.
 
-    With ``engine`` (a :class:`pmm_torchreid.engine.SafeCheckpointMixin`
+    With ``engine`` (a :class:`pmm_torchreid.records.RunRecordsMixin`
     engine), the random-number states saved with the checkpoint are restored
     too, so that the resumed run continues exactly as the uninterrupted one
     (call it last, right before ``engine.run``).
@@ -178,7 +182,7 @@ def resume_from_checkpoint(
                     fpath, key
                 )
             )
-    _unwrap(model).load_state_dict(_strip_module(checkpoint['state_dict']))
+    unwrap(model).load_state_dict(_strip_module(checkpoint['state_dict']))
     print('Loaded model weights')
     if optimizer is not None and checkpoint.get('optimizer') is not None:
         optimizer.load_state_dict(checkpoint['optimizer'])
@@ -205,7 +209,7 @@ def load_pretrained_weights(model: nn.Module, weight_path: str) -> None:
     state = checkpoint.get('state_dict', checkpoint) \
         if isinstance(checkpoint, dict) else checkpoint
     state = _strip_module(state)
-    target = _unwrap(model)
+    target = unwrap(model)
     own = target.state_dict()
     matched = {k: v for k, v in state.items()
                if k in own and own[k].shape == v.shape}

@@ -263,17 +263,15 @@ def resolved_top_k(cfg: CN) -> int:
         ValueError: the blocks do not tile the map, or the share rounds to no
             block or to every block.
     """
-    from .guidance import blocks_for_ratio, check_block_grid
     from .backbones import feature_map_size
+    from .guidance import BlockChoice
     from .models import model_backbone
     backbone = model_backbone(cfg.model.name)
     height, width = feature_map_size(backbone, cfg.data.height, cfg.data.width)
     ratio = cfg.pmm.mix_ratio
     try:
-        rows, cols = check_block_grid(height, width, cfg.pmm.block_size,
-                                      None if ratio else cfg.pmm.top_k)
-        return blocks_for_ratio(rows * cols, ratio) if ratio else \
-            int(cfg.pmm.top_k)
+        return BlockChoice(tuple(cfg.pmm.block_size), int(cfg.pmm.top_k),
+                           ratio or None).count(height, width)
     except ValueError as error:
         raise ValueError(
             'config pmm.block_size = {} / {}: at input {}x{} '

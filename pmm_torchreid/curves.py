@@ -17,13 +17,13 @@ from typing import Dict, List, Sequence
 __all__ = ['curve_columns', 'CurveLog', 'read_curves']
 
 
-def curve_columns(num_stages: int) -> List[str]:
-    """The CSV header for a model with ``num_stages`` stages."""
-    cols = ['run', 'kind', 'epoch', 'step', 'lr', 'loss']
-    for prefix in ('loss_t', 'loss_x', 'acc'):
-        cols += ['{}{}'.format(prefix, s) for s in range(1, num_stages + 1)]
-    cols += ['dataset', 'mAP', 'rank1', 'seconds']
-    return cols
+def curve_columns(keys: Sequence[str]) -> List[str]:
+    """The CSV header for a training step that reports the numbers ``keys``
+    (e.g. PMM's ``loss``, ``loss_t1``, ``loss_x1``, ``acc1``, ...; torchreid's
+    triplet engine's ``loss_t``, ``loss_x``, ``acc``)."""
+    steps = [k for k in keys if k != 'loss']
+    return (['run', 'kind', 'epoch', 'step', 'lr', 'loss'] + steps +
+            ['dataset', 'mAP', 'rank1', 'seconds'])
 
 
 class CurveLog(object):
@@ -31,9 +31,10 @@ class CurveLog(object):
 
     Args:
         path (str): the CSV file (created with its header if absent).
-        columns (sequence of str): the header. An existing file with another
-            header (e.g. a model with another number of stages) is renamed to
-            ``<name>-<time>.csv`` and a new file is started.
+        columns (sequence of str): the header (:func:`curve_columns`). An
+            existing file with another header (e.g. a model with another
+            number of stages) is renamed to ``<name>-<time>.csv`` and a new
+            file is started.
 
     Rows are dicts; missing columns are left empty, unknown keys are an error
     naming them.

@@ -1,129 +1,27 @@
-"""``PMMEngine``: torchreid's engine with PMM's guided, stage-wise training step."""
+"""``PMMEngine``: torchreid's engine with PMM's guided, stage-wise training
+step.  What a run records besides (safe checkpoints, curves, results,
+pictures on schedule) is :mod:`pmm_torchreid.records`, shared with torchreid's
+own engines."""
 from __future__ import annotations
 
-import inspect
 import json
-import math
 import os.path as osp
-import shutil
-import time
 from collections import OrderedDict
 from typing import Dict, Sequence
 
 import torch
 import torchreid
 
-from .checkpoint import (atomic_write, capture_rng_state, restore_rng_state,
-                         save_checkpoint)
-from .guidance import MIX_MODES, build_mixer
+from .checkpoint import atomic_write, unwrap
+from .guidance import MIX_MODES, BlockChoice, build_mixer
 from .losses import (batch_hard_triplet, mixed_cross_entropy,
                      smoothed_cross_entropy)
+from .records import with_run_records
 
-__all__ = ['SafeCheckpointMixin', 'PMMEngine', 'with_safe_checkpoints']
-
-
-class SafeCheckpointMixin(object):
-    """Replaces ``Engine.save_model``: plain numbers, atomic files.
-
-    The files keep torchreid's names and keys (``model/model.pth.tar-<epoch>``
-    with ``state_dict``, ``epoch``, ``rank1``, ``optimizer``, ``scheduler``), so
-    torchreid's ``load_pretrained_weights`` and ``FeatureExtractor`` read them.
-    They add ``rng_state`` (Python, NumPy, torch) so that a resumed run
-    continues exactly, and a non-finite loss stops the run before the next
-    checkpoint could hold its damage.
-    """
-
-    last_checkpoint = None  # path of the newest checkpoint this run wrote
-    train_seconds = 0.0  # time spent in training epochs (not evaluation)
-
-    @property
-    def results(self) -> Dict:
-        """``{dataset: {'epoch', 'rank1', 'mAP'}}`` (percent) of the latest
-        evaluation of each target dataset."""
-        if '_results' not in self.__dict__:
-            self._results = OrderedDict()
-        return self._results
-
-    def train(self, *args, **kwargs):
-        start = time.time()
-        try:
-            return super(SafeCheckpointMixin, self).train(*args, **kwargs)
-        finally:
-            self.train_seconds += time.time() - start
-
-    def _evaluate(self, *args, **kwargs):
-        rank1, mAP = super(SafeCheckpointMixin, self)._evaluate(*args,
-                                                                **kwargs)
-        name = kwargs.get('dataset_name', args[0] if args else '')
-        self.results[name] = OrderedDict(
-            epoch=int(getattr(self, 'epoch', 0)) + 1,
-            rank1=float(rank1) * 100, mAP=float(mAP) * 100)
-        return rank1, mAP
-
-    def save_model(self, epoch, rank1, save_dir, is_best=False):
-        for name in self.get_model_names():
-            scheduler = self._scheds[name]
-            state = {
-                'state_dict': self._models[name].state_dict(),
-                'epoch': int(epoch) + 1,
-                'rank1': float(rank1),
-                'optimizer': self._optims[name].state_dict(),
-                'scheduler': scheduler.state_dict()
-                if scheduler is not None else None,
-            }
-            state.update(self.extra_checkpoint_state())
-            fpath = osp.join(
-                save_dir, name, 'model.pth.tar-{}'.format(int(epoch) + 1)
-            )
-            save_checkpoint(state, fpath)
-            self.last_checkpoint = fpath
-            print('Checkpoint saved to "{}"'.format(fpath))
-            if is_best:
-                best = osp.join(save_dir, name, 'model-best.pth.tar')
-                with open(fpath, 'rb') as src, atomic_write(best) as dst:
-                    shutil.copyfileobj(src, dst)
-
-    def extra_checkpoint_state(self) -> Dict:
-        """More entries for the checkpoint (plain values or tensors only)."""
-        return {'rng_state': capture_rng_state()}
-
-    def restore_checkpoint_state(self, checkpoint: Dict) -> None:
-        """Restores what :meth:`extra_checkpoint_state` saved (if present)."""
-        if checkpoint.get('rng_state') is not None:
-            restore_rng_state(checkpoint['rng_state'])
-            print('Restored the random-number states')
-        else:
-            print('** The checkpoint holds no random-number states: the '
-                  'resumed run will not repeat an uninterrupted one exactly')
-
-    def non_finite_error(self, what: str) -> FloatingPointError:
-        """The error that stops a run whose loss is not finite."""
-        return FloatingPointError(
-            '{} at epoch {}, iteration {}; training stopped, the last good '
-            'checkpoint is {}'.format(
-                what, getattr(self, 'epoch', 0) + 1,
-                getattr(self, 'batch_idx', 0) + 1,
-                '"{}"'.format(self.last_checkpoint) if self.last_checkpoint
-                else 'none (none was saved in this run yet)'
-            )
-        )
-
-    def forward_backward(self, data):
-        summary = super(SafeCheckpointMixin, self).forward_backward(data)
-        loss = summary.get('loss') if isinstance(summary, dict) else None
-        if loss is not None and not math.isfinite(float(loss)):
-            raise self.non_finite_error('loss is not finite ({})'.format(loss))
-        return summary
+__all__ = ['PMMEngine', 'RecordedPMMEngine']
 
 
-def with_safe_checkpoints(engine_cls):
-    """A subclass of a torchreid engine class that saves safe checkpoints."""
-    return type(
-        'Safe' + engine_cls.__name__, (SafeCheckpointMixin, engine_cls), {}
-    )
-
-
-class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
+class PMMEngine(torchreid.engine.Engine):
     r"""Training engine of PMM (Zhang et al., ICASSP 2021).
 
     Each step runs the stages in sequence; between stages the Grad-CAM of the
@@ -179,9 +77,12 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
         vis_num (int, optional): number of training images pictured.
             Default is 8.
 
-    Training also writes ``<save_dir>/curves.csv``: per epoch the mean stage
-    losses and accuracies and the learning rate, and mAP/Rank-1 at every
-    evaluation (see :mod:`pmm_torchreid.curves`).
+    This class is the method; :data:`RecordedPMMEngine` (what
+    ``scripts/main.py`` builds) adds the run records of
+    :mod:`pmm_torchreid.records`: safe, resumable checkpoints,
+    ``<save_dir>/curves.csv`` (per epoch the mean stage losses and accuracies
+    and the learning rate, and mAP/Rank-1 at every evaluation), the results
+    and, with ``vis_freq``, the training-time pictures.
 
     Examples::
 
@@ -197,7 +98,7 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
         )
         optimizer = torchreid.optim.build_optimizer(model, optim='adam',
                                                     lr=1e-3)
-        engine = PMMEngine(datamanager, model, optimizer, top_k=3)
+        engine = RecordedPMMEngine(datamanager, model, optimizer, top_k=3)
         engine.run(save_dir='log/pmm', max_epoch=400, eval_freq=50)
     """
 
@@ -228,9 +129,12 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
         self.scheduler = scheduler
         self.register_model('model', model, optimizer, scheduler)
         self.generator = torch.Generator().manual_seed(int(seed))
+        #: how much of the map is replaced (the one owner of top-k)
+        self.choice = BlockChoice(tuple(int(b) for b in block_size),
+                                  int(top_k), mix_ratio)
         self.mixer = build_mixer(
-            mix, block=block_size, k=top_k, generator=self.generator,
-            ratio=mix_ratio
+            mix, block=self.choice.block, k=self.choice.k,
+            generator=self.generator, ratio=self.choice.ratio
         )
         self.mix_start_epoch = int(mix_start_epoch)
         self.soft_margin = soft_margin
@@ -241,10 +145,6 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
         self.vis_freq = int(vis_freq)
         self.vis_num = int(vis_num)
         self.seed = int(seed)
-        self.block_size = tuple(int(b) for b in block_size)
-        self.top_k = int(top_k)
-        self._curves = None
-        self._epoch_sums = None
         self._pictures = None
 
     @staticmethod
@@ -291,10 +191,6 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
         if cfg.pmm.vis_freq < 0:
             fail('pmm.vis_freq', cfg.pmm.vis_freq,
                  'a number of epochs >= 1, or 0 for no pictures')
-        if cfg.pmm.vis_freq > 0 and cfg.pmm.mix not in ('hard_mix', 'none'):
-            fail('pmm.vis_freq', cfg.pmm.vis_freq, "0 with pmm.mix = {!r}: the "
-                 "training pictures draw the A-Hard-Mix chain ('hard_mix' or "
-                 "'none')".format(cfg.pmm.mix))
         if cfg.pmm.vis_num < 1:
             fail('pmm.vis_num', cfg.pmm.vis_num, 'a number of images >= 1')
         if cfg.test.evaluate:
@@ -316,7 +212,9 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
         resolved_top_k(cfg)
 
     def stage_losses(self, outputs: Dict, pids: torch.Tensor):
-        """Sum of the stage losses and the per-stage summary.
+        """Step 7: the sum over stages of batch-hard triplet (the anchor's own
+        label) + label-smoothed cross-entropy (mixed targets for the rules
+        that mix labels), and the per-stage summary.
 
         Raises:
             FloatingPointError: naming the stage, epoch and iteration when a
@@ -343,10 +241,12 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
                                                 self.label_smooth)
             loss = self.weight_triplet * loss_t + self.weight_ce * loss_x
             if not bool(torch.isfinite(loss)):
-                raise self.non_finite_error(
+                raise FloatingPointError(
                     'stage {} loss is not finite (triplet {}, cross-entropy '
-                    '{})'.format(s, loss_t.item(), loss_x.item())
-                )
+                    '{}) at epoch {}, iteration {}'.format(
+                        s, loss_t.item(), loss_x.item(),
+                        getattr(self, 'epoch', 0) + 1,
+                        getattr(self, 'batch_idx', 0) + 1))
             total = total + loss
             summary['loss_t{}'.format(s)] = loss_t.item()
             summary['loss_x{}'.format(s)] = loss_x.item()
@@ -361,85 +261,38 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
             getattr(self, 'epoch', 0) >= self.mix_start_epoch
 
     def forward_backward(self, data):
+        """One PMM step (the spec's steps 1-7).
+
+        1-6 happen in the model: the backbone map ``F`` feeds stage I; the
+        part map ``P`` feeds stages II and III, and between two stages the
+        mixing rule takes the previous stage's Grad-CAM, ranks the blocks and
+        replaces the top-k with a partner's (A-Hard-Mix).  7: the summed
+        stage losses, one backward pass, one optimiser step.
+        """
         imgs, pids = self.parse_data_for_train(data)
         if self.use_gpu:
             imgs, pids = imgs.cuda(), pids.cuda()
-        mixer = self.mixer if self.mixing() else None
-        outputs = self.model(imgs, pids, mixer=mixer)
+        outputs = self.model(imgs, pids,
+                             mixer=self.mixer if self.mixing() else None)
         loss, summary = self.stage_losses(outputs, pids)
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
         summary['loss'] = loss.item()
-        if self._epoch_sums is not None:
-            for key, value in summary.items():
-                self._epoch_sums[key] = self._epoch_sums.get(key, 0.0) + value
-            self._epoch_sums['_n'] = self._epoch_sums.get('_n', 0) + 1
         return summary
 
-    # ------------------------------------------------------------------
-    # curves (CSV) and Grad-CAM pictures during training
-    # ------------------------------------------------------------------
-    def run(self, *args, **kwargs):
-        """torchreid's ``Engine.run``; training also writes ``curves.csv``
-        and, with ``vis_freq > 0``, the Grad-CAM pictures."""
-        from .curves import CurveLog, curve_columns
-        bound = inspect.signature(torchreid.engine.Engine.run).bind(
-            self, *args, **kwargs)
-        bound.apply_defaults()
-        self.save_dir = bound.arguments['save_dir']
-        training = not bound.arguments['test_only']
-        if training:
-            num_stages = getattr(getattr(self.model, 'module', self.model),
-                                 'num_stages', 3)
-            self._curves = CurveLog(osp.join(self.save_dir, 'curves.csv'),
-                                    curve_columns(num_stages))
-            if self.vis_freq > 0:
-                self._setup_pictures()
-        try:
-            return super(PMMEngine, self).run(*args, **kwargs)
-        finally:
-            if self._curves is not None:
-                self._curves.close()
-                self._curves = None
-
     def train(self, *args, **kwargs):
-        lr = self.get_current_lr()
         if self.mixer is not None and self.mix_start_epoch and \
                 self.epoch == self.mix_start_epoch:
             print('** Mixing ({!r}) starts with this epoch ({}); the epochs '
                   'before trained without it'.format(self.mixer,
                                                      self.epoch + 1))
-        start = time.time()
-        self._epoch_sums = {}
-        try:
-            result = super(PMMEngine, self).train(*args, **kwargs)
-        finally:
-            sums, self._epoch_sums = self._epoch_sums, None
-        if self._curves is not None and sums.get('_n'):
-            n = sums.pop('_n')
-            row = {key: value / n for key, value in sums.items()}
-            row.update(kind='train', epoch=self.epoch + 1,
-                       step=(self.epoch + 1) * self.num_batches, lr=float(lr),
-                       seconds=round(time.time() - start, 2))
-            self._curves.write(row)
-        if self._pictures is not None and (
-                (self.epoch + 1) % self.vis_freq == 0
-                or self.epoch + 1 == getattr(self, 'max_epoch', -1)):
-            self.write_pictures()
-        return result
+        return super(PMMEngine, self).train(*args, **kwargs)
 
-    def _evaluate(self, *args, **kwargs):
-        rank1, mAP = super(PMMEngine, self)._evaluate(*args, **kwargs)
-        if self._curves is not None:
-            name = kwargs.get('dataset_name', args[0] if args else '')
-            self._curves.write({
-                'kind': 'test', 'epoch': self.epoch + 1, 'dataset': name,
-                'mAP': float(mAP) * 100, 'rank1': float(rank1) * 100
-            })
-        return rank1, mAP
-
-    def _setup_pictures(self):
+    # ------------------------------------------------------------------
+    # Grad-CAM pictures during training (scheduled by the run records)
+    # ------------------------------------------------------------------
+    def setup_pictures(self):
         """Picks the fixed training images (and their partners) once."""
         from .visualize import StagePictures, draw_partners
         train = list(self.train_loader.dataset.train)
@@ -451,8 +304,7 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
         picks = torch.randperm(len(train), generator=gen)[:self.vis_num]
         items = [train[i] for i in sorted(picks.tolist())]
         pool_pids = [int(it[1]) for it in train]
-        num_stages = getattr(getattr(self.model, 'module', self.model),
-                             'num_stages', 3)
+        num_stages = getattr(unwrap(self.model), 'num_stages', 3)
         partners = []  # without a mixing rule: test-time CAMs only
         if self.mixer is not None:
             partners = [[train[j] for j in draw_partners(
@@ -461,8 +313,8 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
         device = 'cuda' if self.use_gpu else 'cpu'
         self._pictures = {
             'maker': StagePictures(self.model, self.datamanager.transform_te,
-                                   self.block_size, self.blocks(), device,
-                                   use_labels=True),
+                                   self.choice.block, self.blocks(), device,
+                                   use_labels=True, rule=self.mixer),
             'items': items, 'partners': partners,
         }
 
@@ -476,8 +328,8 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
         res = pics['maker'].write(
             pics['items'], pics['partners'], folder, columns=4,
             title='epoch {}: Grad-CAM per stage at the true class, top-{} '
-            'blocks outlined (IoU: mean top-K IoU between stages)'.format(
-                self.epoch + 1, self.blocks()),
+            'blocks outlined (IoU: mean top-K IoU between stages); chain: '
+            '{}'.format(self.epoch + 1, self.blocks(), self.mixer),
             prefixes=prefixes)
         overlap = res['overlap']
         with atomic_write(osp.join(folder, 'overlap.json'), 'w') as f:
@@ -500,21 +352,21 @@ class PMMEngine(SafeCheckpointMixin, torchreid.engine.Engine):
     def blocks(self) -> int:
         """The blocks replaced per sample at the data manager's image size
         (``top_k``, or what ``mix_ratio`` gives)."""
-        if self.mixer is None or self.mixer.ratio is None:
-            return self.top_k
         from .backbones import feature_map_size
-        model = getattr(self.model, 'module', self.model)
-        height, width = feature_map_size(model.backbone_name,
+        height, width = feature_map_size(unwrap(self.model).backbone_name,
                                          self.datamanager.height,
                                          self.datamanager.width)
-        return self.mixer.blocks(height, width)
+        return self.choice.count(height, width)
 
-    def extra_checkpoint_state(self):
-        state = super(PMMEngine, self).extra_checkpoint_state()
-        state['pmm_generator'] = self.generator.get_state()
-        return state
+    def extra_checkpoint_state(self) -> Dict:
+        """The partner generator's state, so a resumed run draws on."""
+        return {'pmm_generator': self.generator.get_state()}
 
-    def restore_checkpoint_state(self, checkpoint):
-        super(PMMEngine, self).restore_checkpoint_state(checkpoint)
+    def restore_checkpoint_state(self, checkpoint: Dict) -> None:
         if checkpoint.get('pmm_generator') is not None:
             self.generator.set_state(checkpoint['pmm_generator'])
+
+
+#: :class:`PMMEngine` with the run records of :mod:`pmm_torchreid.records`
+#: (what ``scripts/main.py`` trains with).
+RecordedPMMEngine = with_run_records(PMMEngine)

@@ -12,8 +12,9 @@ identity.  The paper's ablation variants (``cutout``, ``cutmix``, ``a_cutmix``,
 """
 from __future__ import annotations
 
+import copy
 import math
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ __all__ = [
     'grad_cam', 'block_mask', 'random_block_mask', 'replaced_fraction',
     'sample_negatives', 'hard_mix', 'Mixed', 'MixRule', 'HardMix', 'Cutout',
     'CutMix', 'ACutMix', 'BatchDrop', 'MIX_RULES', 'MIX_MODES', 'build_mixer',
-    'check_block_grid', 'blocks_for_ratio'
+    'check_block_grid', 'blocks_for_ratio', 'BlockChoice', 'with_partners'
 ]
 
 
@@ -136,6 +137,36 @@ def blocks_for_ratio(num_blocks: int, ratio: float) -> int:
                 ratio, num_blocks, num_blocks,
                 (num_blocks - 0.5) / num_blocks))
     return k
+
+
+class BlockChoice(NamedTuple):
+    """How much of a map a rule replaces: ``k`` blocks of ``block`` size, or,
+    with ``ratio``, that share of the blocks the map is cut into
+    (:func:`blocks_for_ratio`).  The one place that turns ``pmm.top_k`` /
+    ``pmm.mix_ratio`` into a number of blocks.
+
+    Examples::
+
+        >>> BlockChoice((1, 1), k=4).count(8, 4)
+        4
+        >>> BlockChoice((1, 1), ratio=0.094).count(8, 4)   # 3 of 32
+        3
+    """
+    block: Tuple[int, int] = (3, 2)
+    k: int = 8
+    ratio: Optional[float] = None
+
+    def count(self, height: int, width: int) -> int:
+        """Blocks replaced per sample on a ``height x width`` map.
+
+        Raises:
+            ValueError: the blocks do not tile the map, ``k`` exceeds the
+                blocks, or the ratio rounds to none or all of them.
+        """
+        rows, cols = check_block_grid(height, width, self.block,
+                                      None if self.ratio else self.k)
+        return blocks_for_ratio(rows * cols, self.ratio) if self.ratio \
+            else self.k
 
 
 def block_mask(cam: torch.Tensor, block: Sequence[int], k: int) -> torch.Tensor:
@@ -349,17 +380,36 @@ class MixRule(object):
         generator: Optional[torch.Generator] = None,
         ratio: Optional[float] = None
     ):
-        self.block = (int(block[0]), int(block[1]))
-        self.k = int(k)
-        self.ratio = None if ratio is None else float(ratio)
+        self.choice = BlockChoice((int(block[0]), int(block[1])), int(k),
+                                  None if ratio is None else float(ratio))
         self.generator = generator
+
+    @property
+    def block(self) -> Tuple[int, int]:
+        return self.choice.block
+
+    @property
+    def k(self) -> int:
+        return self.choice.k
+
+    @property
+    def ratio(self) -> Optional[float]:
+        return self.choice.ratio
 
     def blocks(self, height: int, width: int) -> int:
         """The number of blocks replaced on a ``height x width`` map."""
-        if self.ratio is None:
-            return self.k
-        rows, cols = check_block_grid(height, width, self.block)
-        return blocks_for_ratio(rows * cols, self.ratio)
+        return self.choice.count(height, width)
+
+    #: partner indices to use instead of drawing, one tensor per call, in
+    #: stage order (:func:`with_partners`); None: draw
+    given: Optional[List[torch.Tensor]] = None
+
+    def partners(self, labels: torch.Tensor) -> torch.Tensor:
+        """For every sample, the batch index of its partner of another
+        identity: drawn (:func:`sample_negatives`), or the next given ones."""
+        if self.given:
+            return self.given.pop(0).to(labels.device)
+        return sample_negatives(labels, self.generator)
 
     def cam_mask(self, part_map, cam_map, cam_logits, labels):
         """Top-``k`` mask of the Grad-CAM of ``cam_logits`` at ``cam_map``."""
@@ -402,7 +452,7 @@ class HardMix(MixRule):
 
     def __call__(self, part_map, cam_map, cam_logits, labels):
         mask = self.cam_mask(part_map, cam_map, cam_logits, labels)
-        negatives = sample_negatives(labels, self.generator)
+        negatives = self.partners(labels)
         return Mixed(hard_mix(part_map, mask, negatives), mask, negatives,
                      part_map.new_zeros(part_map.shape[0]))
 
@@ -427,7 +477,7 @@ class CutMix(MixRule):
 
     def __call__(self, part_map, cam_map, cam_logits, labels):
         mask = self.random_mask(part_map)
-        negatives = sample_negatives(labels, self.generator)
+        negatives = self.partners(labels)
         return Mixed(hard_mix(part_map, mask, negatives), mask, negatives,
                      replaced_fraction(mask))
 
@@ -441,7 +491,7 @@ class ACutMix(MixRule):
 
     def __call__(self, part_map, cam_map, cam_logits, labels):
         partner_mask = self.cam_mask(part_map, cam_map, cam_logits, labels)
-        negatives = sample_negatives(labels, self.generator)
+        negatives = self.partners(labels)
         mask = partner_mask.index_select(0, negatives)
         return Mixed(hard_mix(part_map, mask, negatives), mask, negatives,
                      replaced_fraction(mask))
@@ -457,6 +507,27 @@ class BatchDrop(MixRule):
         mask = self.random_mask(part_map, same_for_batch=True)
         return Mixed(part_map * mask, mask, None,
                      part_map.new_zeros(part_map.shape[0]))
+
+
+def with_partners(
+    rule: MixRule, partners: Sequence[torch.Tensor],
+    generator: Optional[torch.Generator] = None
+) -> MixRule:
+    """A copy of ``rule`` that takes ``partners[0]``, ``partners[1]``, ... (N
+    batch indices each, in stage order) instead of drawing partners, and
+    draws its random blocks from ``generator``: the same chain, fixed, for
+    pictures.  ``rule`` itself and its generator are untouched.
+
+    Examples::
+
+        >>> fixed = with_partners(HardMix((1, 1), 2), [torch.tensor([1, 0])])
+        >>> fixed.partners(torch.tensor([0, 1]))
+        tensor([1, 0])
+    """
+    fixed = copy.copy(rule)
+    fixed.given = [torch.as_tensor(p).long() for p in partners]
+    fixed.generator = generator
+    return fixed
 
 
 MIX_RULES = {rule.name: rule for rule in

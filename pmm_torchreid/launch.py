@@ -30,9 +30,10 @@ from . import checks, config as C
 from .checkpoint import atomic_write, load_pretrained_weights, \
     resume_from_checkpoint
 from .data import build_datamanager
-from .engine import PMMEngine, with_safe_checkpoints
+from .engine import RecordedPMMEngine
 from .models import MODEL_FACTORY
 from .optim import build_lr_scheduler
+from .records import with_run_records
 
 __all__ = ['build_parser', 'setup_config', 'build_model', 'build_engine',
            'main', 'write_results', 'read_results']
@@ -113,17 +114,17 @@ def build_model(cfg, num_classes: int) -> nn.Module:
 
 def build_engine(cfg, datamanager, model, optimizer, scheduler):
     if cfg.loss.name == 'pmm':
-        return PMMEngine(
+        return RecordedPMMEngine(
             datamanager, model, optimizer, scheduler=scheduler,
             **C.engine_kwargs(cfg)
         )
     if cfg.loss.name == 'softmax':
-        engine_cls = with_safe_checkpoints(torchreid.engine.ImageSoftmaxEngine)
+        engine_cls = with_run_records(torchreid.engine.ImageSoftmaxEngine)
         return engine_cls(
             datamanager, model, optimizer=optimizer, scheduler=scheduler,
             use_gpu=cfg.use_gpu, label_smooth=cfg.loss.softmax.label_smooth
         )
-    engine_cls = with_safe_checkpoints(torchreid.engine.ImageTripletEngine)
+    engine_cls = with_run_records(torchreid.engine.ImageTripletEngine)
     return engine_cls(
         datamanager, model, optimizer=optimizer, margin=cfg.loss.triplet.margin,
         weight_t=cfg.loss.triplet.weight_t, weight_x=cfg.loss.triplet.weight_x,

@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import atomic_write
-from .guidance import block_mask, grad_cam
+from .checkpoint import atomic_write, unwrap
+from .guidance import HardMix, MixRule, block_mask, grad_cam, with_partners
 
 __all__ = [
     'STAGE_NAMES', 'stage_name', 'unwrap_model', 'denormalize', 'upsample_cam',
@@ -54,7 +54,7 @@ def stage_name(s: int) -> str:
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The PMM network inside ``nn.DataParallel``/``DistributedDataParallel``."""
-    net = getattr(model, 'module', model)
+    net = unwrap(model)
     for name in ('backbone', 'global_head', 'part_trunk', 'part_heads'):
         if not hasattr(net, name):
             raise TypeError(
@@ -158,13 +158,44 @@ def overlay(
 # --------------------------------------------------------------------------
 # the stages' CAMs and masks
 # --------------------------------------------------------------------------
+def test_time_views(
+    net: nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor],
+    block: Sequence[int], k: int
+) -> Dict:
+    """Every stage's Grad-CAM and top-K mask on the clean maps (test time).
+
+    ``net`` is an unwrapped PMM in eval mode; ``labels`` (N classes, or None
+    for the class the stages' summed logits predict).  Returns ``'labels'``,
+    ``'predicted'``, ``'cams'`` (N x h x w per stage) and ``'masks'``.
+    """
+    with torch.no_grad():
+        fmap = net.backbone(images)
+        part = net.part_trunk(fmap) if net.part_heads else None
+    fmap = fmap.detach().requires_grad_()
+    if part is not None:
+        part = part.detach().requires_grad_()
+    with torch.enable_grad():
+        logits = [net.global_head(fmap)[0]]
+        logits += [head(part)[0] for head in net.part_heads]
+        predicted = labels is None
+        if predicted:
+            labels = torch.stack([z.detach() for z in logits]).sum(0).argmax(1)
+        labels = labels.to(images.device).long()
+        cams = [grad_cam(logits[0], fmap, labels)]
+        cams += [grad_cam(z, part, labels) for z in logits[1:]]
+    return {'labels': labels.detach(), 'predicted': predicted, 'cams': cams,
+            'masks': [block_mask(c, block, k) for c in cams]}
+
+
 def stage_views(
     model: nn.Module,
     images: torch.Tensor,
     labels: Optional[torch.Tensor] = None,
     block: Sequence[int] = (3, 2),
     k: int = 8,
-    partners: Optional[Sequence[torch.Tensor]] = None
+    partners: Optional[Sequence[torch.Tensor]] = None,
+    rule: Optional[MixRule] = None,
+    partner_labels: Optional[Sequence[torch.Tensor]] = None
 ) -> Dict:
     """Every stage's Grad-CAM and top-K mask for a batch, without training.
 
@@ -172,6 +203,12 @@ def stage_views(
     Grad-CAMs are gradients with respect to each stage's input only
     (:func:`~pmm_torchreid.guidance.grad_cam`): no parameter ``.grad`` is
     written.  The model's train/eval mode is restored afterwards.
+
+    The training chain is the model's own
+    :meth:`~pmm_torchreid.models.PMM.forward_train`, run with ``rule`` (any
+    mixing rule) whose partners are fixed to the given images
+    (:func:`~pmm_torchreid.guidance.with_partners`); random blocks come from
+    a generator seeded 0, so the training generator is untouched.
 
     Args:
         model (nn.Module): a PMM model (optionally wrapped in DataParallel).
@@ -183,9 +220,13 @@ def stage_views(
         block (sequence of int): block height and width on the feature map.
         k (int): top-K blocks per stage.
         partners (list of Tensor, optional): for each mixed stage (2, 3, ...),
-            N x 3 x H x W images of another identity whose part-map blocks
-            replace the previous stage's top-K blocks, as in training.
-            Default is None: no training chain.
+            N x 3 x H x W images of another identity, the partners of the
+            chain. Default is None: no training chain.
+        rule (MixRule, optional): the mixing rule of the chain. Default is
+            :class:`~pmm_torchreid.guidance.HardMix` on ``block``/``k``.
+        partner_labels (list of Tensor, optional): the partners' classes
+            (their own Grad-CAMs matter to ``a_cutmix``). Default is None:
+            their predicted classes.
 
     Returns:
         dict with
@@ -193,9 +234,11 @@ def stage_views(
         ``'cams'`` (one N x h x w tensor per stage, test time: every stage on
         the clean maps), ``'masks'`` (N x 1 x h x w, 0 on each stage's top-K
         blocks), and, with ``partners``, ``'mix_cams'`` and ``'mix_masks'``
-        (the same along the training chain; stage I is the same in both) and
+        (the same along the training chain, each stage on its own input),
         ``'mix_inputs'`` (for stage s >= 2, the N x 1 x h x w mask that built
-        its mixed input: 0 where the partner's blocks were pasted).
+        its input: 0 where the blocks were replaced) and ``'mix_pasted'``
+        (per mixed stage, True when the partner's features filled them,
+        False when they were zeroed).
     """
     net = unwrap_model(model)
     num_stages = 1 + len(net.part_heads)
@@ -207,58 +250,51 @@ def stage_views(
     was_training = net.training
     net.eval()
     try:
-        with torch.no_grad():
-            n = images.shape[0]
-            batch = images
-            if partners is not None:
-                batch = torch.cat([images] + list(partners[:num_stages - 1]))
-            fmap_all = net.backbone(batch)
-            part_all = net.part_trunk(fmap_all) if num_stages > 1 else None
-        fmap = fmap_all[:n].detach().requires_grad_()
-        with torch.enable_grad():
-            logits1, _ = net.global_head(fmap)
-            part = None
-            if num_stages > 1:
-                part = part_all[:n].detach().requires_grad_()
-                clean_logits = [head(part)[0] for head in net.part_heads]
-            else:
-                clean_logits = []
-            if labels is None:
-                with torch.no_grad():
-                    total = logits1.detach().clone()
-                    for z in clean_logits:
-                        total = total + z.detach()
-                    labels = total.argmax(dim=1)
-                predicted = True
-            else:
-                labels = labels.to(images.device).long()
-                predicted = False
-            cams = [grad_cam(logits1, fmap, labels)]
-            cams += [grad_cam(z, part, labels) for z in clean_logits]
-            out = {
-                'labels': labels.detach(),
-                'predicted': predicted,
-                'cams': cams,
-                'masks': [block_mask(c, block, k) for c in cams],
-            }
-            if partners is None or num_stages == 1:
-                return out
-            mix_cams, mix_masks = [cams[0]], [out['masks'][0]]
-            mix_inputs = []
-            for s, head in enumerate(net.part_heads, 2):
-                other = part_all[n * (s - 1):n * s].detach()
-                keep = mix_masks[-1]
-                stage_in = torch.where(
-                    keep.bool(), part.detach(), other
-                ).requires_grad_()
-                logits, _ = head(stage_in)
-                cam = grad_cam(logits, stage_in, labels)
-                mix_inputs.append(keep)
-                mix_cams.append(cam)
-                mix_masks.append(block_mask(cam, block, k))
-            out.update(mix_cams=mix_cams, mix_masks=mix_masks,
-                       mix_inputs=mix_inputs)
-            return out
+        n = images.shape[0]
+        if partners is None or num_stages == 1:
+            return test_time_views(net, images, labels, block, k)
+        partners = list(partners[:num_stages - 1])
+        batch = torch.cat([images] + partners)
+        clean = test_time_views(net, batch, None, block, k)
+        all_labels = clean['labels'].clone()
+        if labels is not None:
+            all_labels[:n] = labels.to(all_labels.device).long()
+        for s, lab in enumerate(partner_labels or []):
+            all_labels[n * (s + 1):n * (s + 2)] = lab.to(all_labels.device)
+        views = test_time_views(net, images, labels, block, k) \
+            if labels is not None else {
+                'labels': clean['labels'][:n], 'predicted': True,
+                'cams': [c[:n] for c in clean['cams']],
+                'masks': [m[:n] for m in clean['masks']]}
+        # partner of sample i at stage s: row n * (s - 1) + i; the partner
+        # rows themselves keep their own features (they are not pictured)
+        given = []
+        for s in range(1, num_stages):
+            idx = torch.arange(batch.shape[0])
+            idx[:n] = torch.arange(n) + n * s
+            given.append(idx)
+        chain_rule = with_partners(rule or HardMix(block, k), given,
+                                   torch.Generator().manual_seed(0))
+        seen = []  # (stage input, logits), in stage order
+        hooks = [head.register_forward_hook(
+            lambda mod, inp, out: seen.append((inp[0], out[0])))
+            for head in [net.global_head] + list(net.part_heads)]
+        try:
+            with torch.no_grad():
+                fmap = net.backbone(batch)
+            fmap = fmap.detach().requires_grad_()
+            with torch.enable_grad():
+                out = net.forward_train(fmap, all_labels, chain_rule)
+                mix_cams = [grad_cam(z, x, all_labels)[:n] for x, z in seen]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        views.update(
+            mix_cams=mix_cams,
+            mix_masks=[block_mask(c, block, k) for c in mix_cams],
+            mix_inputs=[m[:n].detach() for m in out['masks']],
+            mix_pasted=[neg is not None for neg in out['negatives']])
+        return views
     finally:
         net.train(was_training)
 
@@ -456,15 +492,23 @@ def _tiles_for(i: int, image01: torch.Tensor, views: Dict,
             heat = _outline(heat, sel)
         tiles.append(('stage {} CAM'.format(stage_name(s)), heat))
     if partners01 is not None and 'mix_inputs' in views:
+        pasted = views.get('mix_pasted') or [True] * len(views['mix_inputs'])
         for s, keep in enumerate(views['mix_inputs'], 2):
-            partner = partners01[s - 2][i:i + 1]
-            keep_px = upsample_mask(keep[i:i + 1], size)[0]
-            mixed = torch.where(keep_px.bool().to(img.device), img[0],
-                                partner[0])
+            keep_px = upsample_mask(keep[i:i + 1], size)[0].bool().to(
+                img.device)
             sel = keep_px.cpu().numpy() == 0
-            tiles.append(('partner {}'.format(stage_name(s)),
-                          _to_uint8(partner[0])))
-            tiles.append(('mixed in {} *'.format(stage_name(s)),
+            if pasted[s - 2]:
+                partner = partners01[s - 2][i:i + 1][0]
+                title = 'mixed in {} *'
+            else:  # the rule zeroes the blocks (cutout, batch_drop)
+                partner = torch.full_like(img[0], 0.5)
+                title = 'zeroed in {} *'
+            mixed = torch.where(keep_px, img[0],
+                                partner if pasted[s - 2] else
+                                torch.zeros_like(img[0]))
+            tiles.append(('partner {}'.format(stage_name(s)) if pasted[s - 2]
+                          else 'no partner', _to_uint8(partner)))
+            tiles.append((title.format(stage_name(s)),
                           _outline(_to_uint8(mixed), sel, color=(255, 0, 255))))
     return tiles
 
@@ -510,7 +554,8 @@ def render_panel(
         canvas.paste(Image.fromarray(_scale(tile, scale)), (x, top))
     note = 'white: top-K blocks; red = hot'
     if with_mix:
-        note += '; * pixel view of the feature mix (magenta: from partner)'
+        note += ('; * pixel view of the feature mix (magenta: replaced '
+                 'blocks)')
     draw.text((_PAD, top + height * scale + 2), note, fill=_INK,
               font=_font(10))
     return np.asarray(canvas)
@@ -600,11 +645,14 @@ class StagePictures(object):
         use_labels (bool): take the Grad-CAM at each item's pid (training
             images: pids are classifier classes) instead of the predicted
             class (query images). Default is False.
+        rule (MixRule, optional): the mixing rule whose training chain is
+            drawn. Default is None: A-Hard-Mix on ``block``/``k``.
     """
 
     def __init__(self, model, transform, block=(3, 2), k=8, device=None,
-                 use_labels=False):
+                 use_labels=False, rule=None):
         self.model = model
+        self.rule = rule
         self.transform = transform
         self.block = tuple(int(b) for b in block)
         self.k = int(k)
@@ -622,12 +670,15 @@ class StagePictures(object):
         images = load_images(items, self.transform, self.device)
         partners = [load_images(p, self.transform, self.device)
                     for p in partner_items] or None
-        labels = None
+        labels, partner_labels = None, None
         if self.use_labels:
-            labels = torch.as_tensor([int(it[1]) for it in items],
-                                     device=images.device)
+            def pids(group):
+                return torch.as_tensor([int(it[1]) for it in group],
+                                       device=images.device)
+            labels = pids(items)
+            partner_labels = [pids(p) for p in partner_items]
         views = stage_views(self.model, images, labels, self.block, self.k,
-                            partners)
+                            partners, self.rule, partner_labels)
         return {
             'views': views,
             'images01': denormalize(images, self.mean, self.std),

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Draws the training curves that PMMEngine writes to <save_dir>/curves.csv.
+"""Draws the training curves a run writes to <save_dir>/curves.csv (PMM, BDB or
+a torchreid engine run through scripts/main.py).
 
 Four plots in one PNG: the loss of every stage (triplet and cross-entropy),
 the training accuracy of every stage, the learning rate, and the evaluation
@@ -35,13 +36,16 @@ def build_parser():
     return parser
 
 
-def _stages(rows):
+def _suffixes(rows):
+    """Column suffixes of the per-stage numbers: '1', '2', ... for PMM/BDB;
+    '' for a torchreid engine's single head (loss_t, loss_x, acc)."""
+    row = rows[0] if rows else {}
     count = 0
-    for row in rows:
-        while 'loss_x{}'.format(count + 1) in row:
-            count += 1
-        break
-    return count
+    while 'loss_x{}'.format(count + 1) in row:
+        count += 1
+    if count:
+        return [str(s) for s in range(1, count + 1)]
+    return [''] if any(k in row for k in ('loss_x', 'loss_t', 'acc')) else []
 
 
 def plot(rows, output, title='', dpi=100):
@@ -54,20 +58,23 @@ def plot(rows, output, title='', dpi=100):
     test = [r for r in rows if r['kind'] == 'test']
     if not train and not test:
         raise ValueError('no training or evaluation rows to plot')
-    stages = _stages(train or rows)
     colors = plt.get_cmap('tab10').colors
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     ax_loss, ax_acc, ax_lr, ax_eval = axes.ravel()
     epochs = [r['epoch'] for r in train]
-    for s in range(1, stages + 1):
-        c = colors[(s - 1) % len(colors)]
-        name = stage_name(s)
-        ax_loss.plot(epochs, [r['loss_x{}'.format(s)] for r in train], '-',
-                     color=c, label='cross-entropy {}'.format(name))
-        ax_loss.plot(epochs, [r['loss_t{}'.format(s)] for r in train], '--',
-                     color=c, label='triplet {}'.format(name))
-        ax_acc.plot(epochs, [r['acc{}'.format(s)] for r in train], '-',
-                    color=c, label='stage {}'.format(name))
+    for i, suffix in enumerate(_suffixes(train or rows)):
+        c = colors[i % len(colors)]
+        name = stage_name(int(suffix)) if suffix else ''
+        for key, style, label in (('loss_x', '-', 'cross-entropy'),
+                                  ('loss_t', '--', 'triplet')):
+            values = [r.get(key + suffix) for r in train]
+            if any(v is not None for v in values):
+                ax_loss.plot(epochs, values, style, color=c,
+                             label='{} {}'.format(label, name).strip())
+        values = [r.get('acc' + suffix) for r in train]
+        if any(v is not None for v in values):
+            ax_acc.plot(epochs, values, '-', color=c,
+                        label='stage {}'.format(name) if name else 'accuracy')
     ax_loss.set_title('training losses per stage (epoch means)')
     ax_loss.set_xlabel('epoch')
     ax_loss.legend(fontsize=8, ncol=2)

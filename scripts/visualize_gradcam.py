@@ -39,6 +39,7 @@ from pmm_torchreid.checkpoint import (  # noqa: E402
     atomic_write, load_pretrained_weights
 )
 from pmm_torchreid.data import build_datamanager  # noqa: E402
+from pmm_torchreid.guidance import build_mixer  # noqa: E402
 from pmm_torchreid.backbones import feature_map_size  # noqa: E402
 from pmm_torchreid.models import model_backbone  # noqa: E402
 from pmm_torchreid.visualize import (  # noqa: E402
@@ -118,8 +119,12 @@ def main(argv=None):
     pool_pids = [int(it[1]) for it in query]
     gen = torch.Generator().manual_seed(args.seed + 1)
     top_k = C.resolved_top_k(cfg)  # pmm.top_k, or what pmm.mix_ratio gives
+    # the chain of the model's own rule (A-Hard-Mix for a model trained
+    # without one, to show what the paper's rule would do)
+    rule = build_mixer(cfg.pmm.mix if cfg.pmm.mix != 'none' else 'hard_mix',
+                       block=cfg.pmm.block_size, k=top_k)
     pictures = StagePictures(model, datamanager.transform_te,
-                             cfg.pmm.block_size, top_k, device)
+                             cfg.pmm.block_size, top_k, device, rule=rule)
     partners = [[query[j] for j in draw_partners([it[1] for it in items],
                                                  pool_pids, gen)]
                 for _ in range(pictures.num_stages - 1)]

@@ -8,18 +8,19 @@ import torch
 
 from pmm_torchreid.checkpoint import load_checkpoint, save_checkpoint
 from pmm_torchreid.data import Cutout
-from pmm_torchreid.engine import PMMEngine
+from pmm_torchreid.engine import PMMEngine, RecordedPMMEngine
 from pmm_torchreid.losses import batch_hard_triplet, smoothed_cross_entropy
 from pmm_torchreid.models import PMM
 from pmm_torchreid.optim import WarmupMultiStepLR
 
 
-def _engine(mix='hard_mix', seed=1, **kwargs):
+def _engine(mix='hard_mix', seed=1, recorded=False, **kwargs):
     torch.manual_seed(0)
     model = PMM(4, backbone='resnet18', pretrained=False)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     fake = types.SimpleNamespace(train_loader=None, test_loader={})
-    engine = PMMEngine(fake, model, opt, use_gpu=False, mix=mix,
+    cls = RecordedPMMEngine if recorded else PMMEngine
+    engine = cls(fake, model, opt, use_gpu=False, mix=mix,
                        block_size=(2, 1), top_k=2, seed=seed, **kwargs)
     model.train()
     return engine
@@ -53,14 +54,17 @@ def test_loss_weights_apply_to_every_stage():
     assert weighted['loss'] == pytest.approx(expected, rel=1e-4)
 
 
-def test_non_finite_loss_names_stage_and_iteration():
-    engine = _engine()
+@pytest.mark.parametrize('recorded', [False, True])
+def test_non_finite_loss_names_stage_and_iteration(recorded):
+    engine = _engine(recorded=recorded)
     engine.epoch, engine.batch_idx = 2, 6
     with torch.no_grad():
         engine.model.part_heads[0].classifier.weight.fill_(float('nan'))
     with pytest.raises(FloatingPointError,
-                       match=r'stage 2 .*epoch 3, iteration 7'):
+                       match=r'stage 2 .*epoch 3, iteration 7') as info:
         engine.forward_backward(_data())
+    # the run records add where the last good weights are
+    assert ('last good checkpoint is none' in str(info.value)) == recorded
 
 
 def test_negatives_are_reproducible_from_the_seed():
@@ -107,7 +111,7 @@ def test_label_smoothing_matches_the_formula():
 
 
 def test_save_model_writes_plain_safe_checkpoints(tmp_path):
-    engine = _engine()
+    engine = _engine(recorded=True)
     engine.save_model(epoch=4, rank1=np.float64(0.25), save_dir=str(tmp_path),
                       is_best=True)
     fpath = tmp_path / 'model' / 'model.pth.tar-5'
@@ -118,7 +122,7 @@ def test_save_model_writes_plain_safe_checkpoints(tmp_path):
     assert sorted(os.listdir(tmp_path / 'model')) == [
         'model-best.pth.tar', 'model.pth.tar-5']  # no temporary left over
     assert set(load_checkpoint(str(fpath))) >= {
-        'state_dict', 'optimizer', 'scheduler', 'pmm_generator'}
+        'state_dict', 'optimizer', 'scheduler', 'pmm_generator', 'rng_state'}
 
 
 def test_save_checkpoint_replaces_atomically(tmp_path, monkeypatch):

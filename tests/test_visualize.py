@@ -270,7 +270,8 @@ def test_panel_and_sheet_have_the_documented_size():
 # --------------------------------------------------------------------------
 def test_curves_append_resume_and_survive_a_cut_line(tmp_path, monkeypatch):
     path = str(tmp_path / 'curves.csv')
-    cols = curve_columns(3)
+    cols = curve_columns(['loss'] + ['{}{}'.format(k, s) for s in (1, 2, 3)
+                                     for k in ('loss_t', 'loss_x', 'acc')])
     first = CurveLog(path, cols)
     for e in (1, 2, 3):
         first.write({'kind': 'train', 'epoch': e, 'loss': 10.0 - e})
@@ -291,10 +292,11 @@ def test_curves_append_resume_and_survive_a_cut_line(tmp_path, monkeypatch):
         ('train', 1, 9.0), ('train', 2, 8.0), ('train', 3, 1.0),
         ('train', 4, 1.0)]
     # another stage count: the old file is kept aside, a new one started
-    CurveLog(path, curve_columns(2)).close()
+    two = curve_columns(['loss', 'loss_t1', 'loss_t2'])
+    CurveLog(path, two).close()
     assert len(glob.glob(str(tmp_path / 'curves-*.csv'))) == 1
     with open(path) as f:
-        assert next(csv.reader(f)) == curve_columns(2)
+        assert next(csv.reader(f)) == two
 
 
 def test_vis_keys_are_checked():
@@ -444,7 +446,7 @@ def test_pictures_during_training_leave_training_unchanged(synthetic_root,
     engine = PMMEngine(dm, model, opt, use_gpu=False, block_size=(1, 1),
                        top_k=2, vis_freq=1, vis_num=2)
     engine.save_dir = str(tmp_path)
-    engine._setup_pictures()
+    engine.setup_pictures()
     model.train()
     states = (torch.get_rng_state(), random.getstate(),
               np.random.get_state()[1].copy(), engine.generator.get_state())
