@@ -616,7 +616,8 @@ class _ChoiceReplay:
     outputs the replayed draws used.
     """
 
-    block = 1 << 16
+    block = 1 << 16  # raw outputs fetched at a time (at least)
+    per_draw, slack = 4, 4096  # outputs reserved per call: see __call__
 
     def __init__(self):
         self.state = np.random.get_state()
@@ -624,37 +625,49 @@ class _ChoiceReplay:
         self.pos = 0
         self.used = 0  # outputs consumed before self.raw[0]
 
-    def _refill(self) -> None:
-        fresh = np.random.randint(0, 2**32, size=self.block,
+    def _reserve(self, need: int) -> None:
+        """At least ``need`` unread raw outputs in the buffer."""
+        if len(self.raw) - self.pos >= need:
+            return
+        fresh = np.random.randint(0, 2**32, size=max(self.block, need),
                                   dtype=np.uint32).tolist()
         self.used += self.pos
         self.raw = self.raw[self.pos:] + fresh
         self.pos = 0
 
     def __call__(self, sizes: np.ndarray) -> np.ndarray:
-        out = []
-        append = out.append
-        raw, pos, end = self.raw, self.pos, len(self.raw)
-        for n in sizes.tolist():
-            if n <= 1:
-                if n < 1:
-                    raise ValueError('cannot choose from an empty group')
-                append(0)
+        sizes = np.asarray(sizes, np.int64)
+        if sizes.shape[0] and sizes.min() < 1:
+            raise ValueError('cannot choose from an empty group')
+        tops = sizes - 1
+        # all ones up to the top bit of n - 1 (0 for n == 1: nothing drawn);
+        # frexp's exponent is the bit length for these (< 2**53) integers
+        masks = np.left_shift(1, np.frexp(tops.astype(np.float64))[1]) - 1
+        # Every draw takes one output with probability > 1/2, so four per
+        # draw are practically always enough; should they not be, the call
+        # is replayed with a larger buffer.
+        need = self.per_draw * sizes.shape[0] + self.slack
+        while True:
+            self._reserve(need)
+            raw, pos = self.raw, self.pos
+            out: List[int] = []
+            append = out.append
+            try:
+                for top, mask in zip(tops.tolist(), masks.tolist()):
+                    if mask:
+                        value = raw[pos] & mask
+                        pos += 1
+                        while value > top:
+                            value = raw[pos] & mask
+                            pos += 1
+                        append(value)
+                    else:
+                        append(0)
+            except IndexError:  # about 2**-4096 likely (tests force it)
+                need = 2 * need + 1
                 continue
-            top = n - 1
-            mask = (1 << top.bit_length()) - 1
-            while True:
-                if pos >= end:
-                    self.pos = pos
-                    self._refill()
-                    raw, pos, end = self.raw, self.pos, len(self.raw)
-                value = raw[pos] & mask
-                pos += 1
-                if value <= top:
-                    break
-            append(value)
-        self.pos = pos
-        return np.array(out, np.int64)
+            self.pos = pos
+            return np.array(out, np.int64)
 
     def finish(self) -> None:
         consumed = self.used + self.pos
@@ -689,7 +702,8 @@ def _replay_is_exact() -> bool:
             np.random.set_state(start)
             replay = _ChoiceReplay()
             replay.block = 97  # exercise refills
-            replayed = replay(sizes)
+            replayed = np.concatenate([replay(part) for part in
+                                       np.array_split(sizes, 50)])
             replay.finish()
             _REPLAY_OK = (replayed.tolist() == [int(v) for v in literal]
                           and _states_equal(np.random.get_state(),
