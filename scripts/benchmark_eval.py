@@ -227,16 +227,16 @@ def main(argv=None):
         call = (distmat, q_pids, g_pids, q_camids, g_camids, args.max_rank,
                 cuhk03)
 
-        def seeded(fn):
+        def seeded(fn, *fn_args, **fn_kwargs):
             def run():
                 np.random.seed(args.seed)
-                return fn()
+                return fn(*fn_args, **fn_kwargs)
             return run
 
         times = []
         for _ in range(max(1, args.repeats)):
-            res, sec, mem = timed(seeded(lambda: evaluate_rank_details(
-                *call, num_threads=threads)))
+            res, sec, mem = timed(seeded(evaluate_rank_details, *call,
+                                         num_threads=threads))
             times.append(sec)
             print('ours: {:.3f} s, peak RSS growth {} ({})'.format(
                 sec, mib(mem.peak), mem.method))
@@ -250,8 +250,8 @@ def main(argv=None):
                   res.num_exact_sorts / res.num_valid))
 
         if tr_rank.IS_CYTHON_AVAI:
-            ref, sec, mem = timed(seeded(lambda: tr_rank.evaluate_rank(
-                *call, use_cython=True)))
+            ref, sec, mem = timed(seeded(tr_rank.evaluate_rank, *call,
+                                         use_cython=True))
             equal = same(ref, ours)
             ok &= equal
             print('torchreid Cython: {:.3f} s, peak RSS growth {}; ratio '
@@ -259,8 +259,8 @@ def main(argv=None):
                       sec, mib(mem.peak), sec / best, sec / median, equal))
         if name != 'msmt17' and not args.skip_torchreid:
             try:
-                ref, sec, mem = timed(seeded(lambda: tr_rank.evaluate_rank(
-                    *call, use_cython=False)))
+                ref, sec, mem = timed(seeded(tr_rank.evaluate_rank, *call,
+                                             use_cython=False))
             except AttributeError as exc:  # np.bool on NumPy 1.24 to 1.26
                 print('torchreid Python: fails on NumPy {}: {}'.format(
                     np.__version__, exc))

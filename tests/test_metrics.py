@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 
 with warnings.catch_warnings():  # torchreid: "Cython evaluation ..."
     warnings.simplefilter('ignore')
+    from torchreid.reid.metrics import rank as tr_rank
+
     from pmm_torchreid import metrics
     from pmm_torchreid.metrics import evaluate_rank, evaluate_rank_details
-    from torchreid.reid.metrics import rank as tr_rank
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROPERTY = settings(max_examples=150, deadline=None, derandomize=True)
@@ -329,7 +330,7 @@ def test_max_rank_above_gallery_size(capsys):
     q_pids, q_camids = np.array([0, 1, 2, 1]), np.zeros(4, int)
     distmat = rng.random((4, 7)).astype(np.float32)
     args = (distmat, q_pids, g_pids, q_camids, g_camids)
-    cmc, mAP = evaluate_rank(*args, max_rank=50)
+    cmc, _ = evaluate_rank(*args, max_rank=50)
     assert 'number of gallery samples is quite small, got 7' in \
         capsys.readouterr().out
     assert cmc.shape == (7, )
