@@ -284,122 +284,75 @@ def resolved_top_k(cfg: CN) -> int:
         ) from None
 
 
+def _same_names(section: CN, names: str) -> dict:
+    """``{name: section[name]}`` for the space-separated ``names``: the
+    constructor arguments that are spelled like their config keys."""
+    return {name: section[name] for name in names.split()}
+
+
 def imagedata_kwargs(cfg: CN) -> dict:
-    return {
-        'root': cfg.data.root,
-        'sources': cfg.data.sources,
-        'targets': cfg.data.targets,
-        'height': cfg.data.height,
-        'width': cfg.data.width,
-        'transforms': cfg.data.transforms,
-        'k_tfm': cfg.data.k_tfm,
-        'norm_mean': cfg.data.norm_mean,
-        'norm_std': cfg.data.norm_std,
-        'use_gpu': cfg.use_gpu,
-        'split_id': cfg.data.split_id,
-        'combineall': cfg.data.combineall,
-        'load_train_targets': cfg.data.load_train_targets,
-        'batch_size_train': cfg.train.batch_size,
-        'batch_size_test': cfg.test.batch_size,
-        'workers': cfg.data.workers,
-        'num_instances': cfg.sampler.num_instances,
-        'num_cams': cfg.sampler.num_cams,
-        'num_datasets': cfg.sampler.num_datasets,
-        'train_sampler': cfg.sampler.train_sampler,
-        'train_sampler_t': cfg.sampler.train_sampler_t,
-        'cuhk03_labeled': cfg.cuhk03.labeled_images,
-        'cuhk03_classic_split': cfg.cuhk03.classic_split,
-        'market1501_500k': cfg.market1501.use_500k_distractors,
-        'cutout_size': cfg.data.cutout_size,
-        'cutout_prob': cfg.data.cutout_prob,
-        'cutout_inside': cfg.data.cutout_inside,
-        'val_ids': cfg.data.val_ids,
-        'val_seed': cfg.data.val_seed,
-        'check_images': cfg.data.check_images,
-        'skip_bad_images': cfg.data.skip_bad_images,
-    }
+    """Arguments of :func:`pmm_torchreid.data.build_datamanager` (torchreid's
+    ``ImageDataManager`` plus the plugin's)."""
+    kwargs = _same_names(
+        cfg.data, 'root sources targets height width transforms k_tfm '
+        'norm_mean norm_std split_id combineall load_train_targets workers '
+        'cutout_size cutout_prob cutout_inside val_ids val_seed check_images '
+        'skip_bad_images')
+    kwargs.update(_same_names(
+        cfg.sampler, 'num_instances num_cams num_datasets train_sampler '
+        'train_sampler_t'))
+    kwargs.update(
+        use_gpu=cfg.use_gpu, batch_size_train=cfg.train.batch_size,
+        batch_size_test=cfg.test.batch_size,
+        cuhk03_labeled=cfg.cuhk03.labeled_images,
+        cuhk03_classic_split=cfg.cuhk03.classic_split,
+        market1501_500k=cfg.market1501.use_500k_distractors)
+    return kwargs
 
 
 def model_kwargs(cfg: CN, num_classes: int) -> dict:
-    kwargs = {
-        'name': cfg.model.name,
-        'num_classes': num_classes,
-        'loss': cfg.loss.name,
-        'pretrained': cfg.model.pretrained,
-    }
+    kwargs = {'name': cfg.model.name, 'num_classes': num_classes,
+              'loss': cfg.loss.name, 'pretrained': cfg.model.pretrained}
     if is_pmm_model(cfg.model.name):
-        kwargs.update(
-            embedding_dim=cfg.pmm.embedding_dim,
-            num_stages=cfg.pmm.num_stages
-        )
+        kwargs.update(_same_names(cfg.pmm, 'embedding_dim num_stages'))
     return kwargs
 
 
 def optimizer_kwargs(cfg: CN) -> dict:
-    return {
-        'optim': cfg.train.optim,
-        'lr': cfg.train.lr,
-        'weight_decay': cfg.train.weight_decay,
-        'momentum': cfg.sgd.momentum,
-        'sgd_dampening': cfg.sgd.dampening,
-        'sgd_nesterov': cfg.sgd.nesterov,
-        'rmsprop_alpha': cfg.rmsprop.alpha,
-        'adam_beta1': cfg.adam.beta1,
-        'adam_beta2': cfg.adam.beta2,
-        'staged_lr': cfg.train.staged_lr,
-        'new_layers': cfg.train.new_layers,
-        'base_lr_mult': cfg.train.base_lr_mult,
-    }
+    """Arguments of torchreid's ``build_optimizer``."""
+    kwargs = _same_names(cfg.train, 'optim lr weight_decay staged_lr '
+                         'new_layers base_lr_mult')
+    kwargs.update(
+        momentum=cfg.sgd.momentum, sgd_dampening=cfg.sgd.dampening,
+        sgd_nesterov=cfg.sgd.nesterov, rmsprop_alpha=cfg.rmsprop.alpha,
+        adam_beta1=cfg.adam.beta1, adam_beta2=cfg.adam.beta2)
+    return kwargs
 
 
 def lr_scheduler_kwargs(cfg: CN) -> dict:
-    return {
-        'lr_scheduler': cfg.train.lr_scheduler,
-        'stepsize': cfg.train.stepsize,
-        'gamma': cfg.train.gamma,
-        'max_epoch': cfg.train.max_epoch,
-        'warmup_epochs': cfg.train.warmup_epochs,
-        'warmup_interval': cfg.train.warmup_interval,
-        'warmup_offset': cfg.train.warmup_offset,
-    }
+    """Arguments of :func:`pmm_torchreid.optim.build_lr_scheduler`."""
+    return _same_names(cfg.train, 'lr_scheduler stepsize gamma max_epoch '
+                       'warmup_epochs warmup_interval warmup_offset')
 
 
 def engine_kwargs(cfg: CN) -> dict:
     """Arguments of :class:`pmm_torchreid.engine.PMMEngine`."""
-    return {
-        'use_gpu': cfg.use_gpu,
-        'mix': cfg.pmm.mix,
-        'block_size': tuple(cfg.pmm.block_size),
-        'top_k': cfg.pmm.top_k,
-        'mix_ratio': cfg.pmm.mix_ratio or None,
-        'mix_start_epoch': cfg.pmm.mix_start_epoch,
-        'seed': cfg.train.seed,
-        'soft_margin': cfg.pmm.soft_margin,
-        'triplet_margin': cfg.pmm.triplet_margin,
-        'weight_triplet': cfg.pmm.weight_triplet,
-        'weight_ce': cfg.pmm.weight_ce,
-        'label_smooth': cfg.pmm.label_smooth,
-        'vis_freq': cfg.pmm.vis_freq,
-        'vis_num': cfg.pmm.vis_num,
-    }
+    kwargs = _same_names(
+        cfg.pmm, 'mix top_k mix_start_epoch soft_margin triplet_margin '
+        'weight_triplet weight_ce label_smooth vis_freq vis_num')
+    kwargs.update(use_gpu=cfg.use_gpu, seed=cfg.train.seed,
+                  block_size=tuple(cfg.pmm.block_size),
+                  mix_ratio=cfg.pmm.mix_ratio or None)
+    return kwargs
 
 
 def engine_run_kwargs(cfg: CN) -> dict:
-    return {
-        'save_dir': cfg.data.save_dir,
-        'max_epoch': cfg.train.max_epoch,
-        'start_epoch': cfg.train.start_epoch,
-        'fixbase_epoch': cfg.train.fixbase_epoch,
-        'open_layers': cfg.train.open_layers,
-        'start_eval': cfg.test.start_eval,
-        'eval_freq': cfg.test.eval_freq,
-        'test_only': cfg.test.evaluate,
-        'print_freq': cfg.train.print_freq,
-        'dist_metric': cfg.test.dist_metric,
-        'normalize_feature': cfg.test.normalize_feature,
-        'visrank': cfg.test.visrank,
-        'visrank_topk': cfg.test.visrank_topk,
-        'use_metric_cuhk03': cfg.cuhk03.use_metric_cuhk03,
-        'ranks': cfg.test.ranks,
-        'rerank': cfg.test.rerank,
-    }
+    """Arguments of torchreid's ``Engine.run``."""
+    kwargs = _same_names(cfg.train, 'max_epoch start_epoch fixbase_epoch '
+                         'open_layers print_freq')
+    kwargs.update(_same_names(cfg.test, 'start_eval eval_freq dist_metric '
+                              'normalize_feature visrank visrank_topk '
+                              'ranks rerank'))
+    kwargs.update(save_dir=cfg.data.save_dir, test_only=cfg.test.evaluate,
+                  use_metric_cuhk03=cfg.cuhk03.use_metric_cuhk03)
+    return kwargs

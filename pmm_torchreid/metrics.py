@@ -153,30 +153,16 @@ def evaluate_rank(
         ...                          q_camids, g_camids)
         >>> print('mAP {:.1%}, rank-1 {:.1%}'.format(mAP, cmc[0]))
     """
-    result = evaluate_rank_details(
-        distmat, q_pids, g_pids, q_camids, g_camids, max_rank,
-        use_metric_cuhk03, memory_budget=memory_budget,
-        num_threads=num_threads
-    )
+    result = _rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank,
+                   use_metric_cuhk03, memory_budget, num_threads)
     return result.cmc, result.mAP
 
 
-def evaluate_rank_details(
-    distmat: Any,
-    q_pids: Any,
-    g_pids: Any,
-    q_camids: Any,
-    g_camids: Any,
-    max_rank: int = 50,
-    use_metric_cuhk03: bool = False,
-    *,
-    memory_budget: Optional[int] = None,
-    num_threads: Optional[int] = None
-) -> RankResult:
+def evaluate_rank_details(*args, **kwargs) -> RankResult:
     """:func:`evaluate_rank` with the counts of valid, skipped and tied rows.
 
     Args:
-        See :func:`evaluate_rank`.
+        The arguments of :func:`evaluate_rank`.
 
     Returns:
         RankResult: ``cmc``, ``mAP``, ``num_valid``, ``num_skipped`` and
@@ -189,6 +175,12 @@ def evaluate_rank_details(
         >>> res.num_skipped        # queries whose identity is not in the gallery
         0
     """
+    return _rank(*args, **kwargs)
+
+
+def _rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50,
+          use_metric_cuhk03=False, memory_budget=None,
+          num_threads=None) -> RankResult:
     prob = _Problem(distmat, q_pids, g_pids, q_camids, g_camids)
     if isinstance(max_rank, bool) or int(max_rank) != max_rank \
             or max_rank < 1:
@@ -505,22 +497,25 @@ def _cmc_from_first(first: np.ndarray, length: int,
     return cmc / np.float32(num_valid)
 
 
-def _no_valid_query() -> ValueError:
-    return ValueError(
-        'Error: all query identities do not appear in gallery (no query has '
-        'a true match in the gallery once same-camera images are removed)')
+def _count_valid(num_valid: int, num_q: int) -> int:
+    """The skipped queries (logged); an error when none is valid."""
+    if num_valid == 0:
+        raise ValueError(
+            'Error: all query identities do not appear in gallery (no query '
+            'has a true match in the gallery once same-camera images are '
+            'removed)')
+    num_skipped = num_q - num_valid
+    if num_skipped:
+        logger.info('%d of %d queries have no true match in the gallery and '
+                    'are skipped', num_skipped, num_q)
+    return num_skipped
 
 
 def _summarise_market(prob: _Problem, rows: _MarketRows,
                       max_rank: int) -> RankResult:
     valid = rows.first >= 0
     num_valid = int(valid.sum())
-    num_skipped = prob.num_q - num_valid
-    if num_valid == 0:
-        raise _no_valid_query()
-    if num_skipped:
-        logger.info('%d of %d queries have no true match in the gallery and '
-                    'are skipped', num_skipped, prob.num_q)
+    num_skipped = _count_valid(num_valid, prob.num_q)
     length = _cmc_length(prob, np.minimum(rows.kept[valid], max_rank))
     cmc = _cmc_from_first(rows.first[valid], length, num_valid)
     mAP = np.mean(rows.ap[valid])
@@ -553,12 +548,7 @@ def _eval_cuhk03(prob: _Problem, max_rank: int, budget: int) -> RankResult:
     finally:
         draw.finish()
     num_valid = len(curves)
-    num_skipped = prob.num_q - num_valid
-    if num_valid == 0:
-        raise _no_valid_query()
-    if num_skipped:
-        logger.info('%d of %d queries have no true match in the gallery and '
-                    'are skipped', num_skipped, prob.num_q)
+    num_skipped = _count_valid(num_valid, prob.num_q)
     _cmc_length(prob, np.array([c.shape[0] for c in curves]))
     # same float32 array and reduction as torchreid, so the same rounding
     cmc = np.asarray(curves).astype(np.float32).sum(0) / np.float32(num_valid)

@@ -122,9 +122,27 @@ class PartHead(nn.Module):
 
 
 # --------------------------------------------------------------------------
-# the network
+# the networks
 # --------------------------------------------------------------------------
-class PMM(nn.Module):
+class _Trunk(nn.Module):
+    """What PMM and BDB share: the backbone, stage I (the global head, from
+    the backbone's pretrained embedding when it has one) and the part trunk
+    (a fresh Bottleneck on the backbone map)."""
+
+    def __init__(self, num_classes: int, backbone: str, pretrained: bool,
+                 global_dim: int):
+        super().__init__()
+        self.backbone_name = backbone
+        built = build_backbone(backbone, pretrained)
+        self.backbone, channels = built.body, built.channels
+        self.feature_channels = channels
+        self.part_trunk = Bottleneck(channels, channels // Bottleneck.expansion)
+        self.part_trunk.apply(_init_kaiming)
+        self.global_head = GlobalHead(channels, global_dim, num_classes)
+        _start_from_embedding(self.global_head, built, type(self).__name__)
+
+
+class PMM(_Trunk):
     """Progressive Multi-stage Feature Mix (Zhang et al., ICASSP 2021).
 
     Args:
@@ -155,33 +173,18 @@ class PMM(nn.Module):
         torch.Size([2, 1536])
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        backbone: str = 'resnet50',
-        pretrained: bool = True,
-        embedding_dim: int = 512,
-        num_stages: int = 3,
-        loss: str = 'pmm',
-        **kwargs
-    ):
-        super().__init__()
+    def __init__(self, num_classes: int, backbone: str = 'resnet50',
+                 pretrained: bool = True, embedding_dim: int = 512,
+                 num_stages: int = 3, loss: str = 'pmm', **kwargs):
         if num_stages < 1:
             raise ValueError(
                 'num_stages must be >= 1, got {}'.format(num_stages)
             )
-        self.backbone_name = backbone
-        built = build_backbone(backbone, pretrained)
-        self.backbone, channels = built.body, built.channels
-        self.feature_channels = channels
+        super().__init__(num_classes, backbone, pretrained, embedding_dim)
         self.embedding_dim = embedding_dim
         self.num_stages = num_stages
-        self.part_trunk = Bottleneck(channels, channels // Bottleneck.expansion)
-        self.part_trunk.apply(_init_kaiming)
-        self.global_head = GlobalHead(channels, embedding_dim, num_classes)
-        _start_from_embedding(self.global_head, built, 'PMM')
         self.part_heads = nn.ModuleList(
-            PartHead(channels, embedding_dim, num_classes)
+            PartHead(self.feature_channels, embedding_dim, num_classes)
             for _ in range(num_stages - 1)
         )
         self.feature_dim = embedding_dim * num_stages
@@ -277,7 +280,7 @@ class BatchDropBlock(nn.Module):
         return x * mask
 
 
-class BDB(nn.Module):
+class BDB(_Trunk):
     """Batch DropBlock network (Dai et al., ICCV 2019), the paper's baseline.
 
     A global branch (average pooling, 1x1 conv + BN + ReLU to 512-d) and a
@@ -304,29 +307,13 @@ class BDB(nn.Module):
 
     num_stages = 2  # branches, for the engine's per-branch curves
 
-    def __init__(
-        self,
-        num_classes: int,
-        backbone: str = 'resnet50',
-        pretrained: bool = True,
-        global_dim: int = 512,
-        part_dim: int = 1024,
-        drop_height_ratio: float = 0.33,
-        drop_width_ratio: float = 1.0,
-        loss: str = 'pmm',
-        **kwargs
-    ):
-        super().__init__()
-        self.backbone_name = backbone
-        built = build_backbone(backbone, pretrained)
-        self.backbone, channels = built.body, built.channels
-        self.feature_channels = channels
-        self.global_head = GlobalHead(channels, global_dim, num_classes)
-        _start_from_embedding(self.global_head, built, 'BDB')
-        self.part_trunk = Bottleneck(channels, channels // Bottleneck.expansion)
-        self.part_trunk.apply(_init_kaiming)
+    def __init__(self, num_classes: int, backbone: str = 'resnet50',
+                 pretrained: bool = True, global_dim: int = 512,
+                 part_dim: int = 1024, drop_height_ratio: float = 0.33,
+                 drop_width_ratio: float = 1.0, loss: str = 'pmm', **kwargs):
+        super().__init__(num_classes, backbone, pretrained, global_dim)
         self.batch_drop = BatchDropBlock(drop_height_ratio, drop_width_ratio)
-        self.part_head = PartHead(channels, part_dim, num_classes)
+        self.part_head = PartHead(self.feature_channels, part_dim, num_classes)
         self.feature_dim = global_dim + part_dim
 
     def forward(
