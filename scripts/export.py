@@ -515,7 +515,8 @@ def main(argv=None) -> dict:
         raise ExportCheckError(
             'the exported model does not reproduce PyTorch: max abs '
             'difference {:.3e} > --tolerance {:g} ({}); "{}" was not '
-            'written'.format(worst, args.tolerance, summary, output))
+            'written (a file already there is left as it was)'.format(
+                worst, args.tolerance, summary, output))
 
     with atomic_write(output) as f:
         f.write(data)
