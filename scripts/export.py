@@ -13,7 +13,9 @@ Before the file is written, onnxruntime runs the exported bytes on real query
 images of the first target (read and transformed as torchreid's evaluation
 reads them), once as one batch of ``--num-images`` and once in batches of
 ``--batch-size``, and compares with PyTorch: a max abs difference above
-``--tolerance`` writes nothing and exits with code 1.  The file is written
+``--tolerance`` writes nothing and exits with code 1, unless it is float32
+rounding (onnxruntime within 4 times PyTorch's own float32 error of
+PyTorch's float64 features; ``--strict`` refuses that too).  The file is written
 atomically (temporary file, fsync, rename), so it is never half-written.  The
 preprocessing and distance a deployment needs are printed and stored in the
 model's metadata (``metadata_props``).
@@ -27,6 +29,7 @@ Examples::
         model.load_weights log/pmm_market1501/model/model.pth.tar-400
 """
 import argparse
+import copy
 import hashlib
 import io
 import json
@@ -54,11 +57,14 @@ from pmm_torchreid.data import build_datamanager, read_image  # noqa: E402
 #: names of the graph's input and output
 INPUT_NAME = 'images'
 OUTPUT_NAME = 'features'
-#: the default opset: the lowest the torch.export-based exporter writes
-#: natively (it cannot convert its graphs to older opsets), read by
-#: onnxruntime >= 1.14, TensorRT >= 8.6 and OpenVINO
+#: the default opset: the lowest the torch.export-based exporter writes (it
+#: fails to convert its graphs to older ones), run by onnxruntime >= 1.14
 DEFAULT_OPSET = 18
 MIN_DYNAMO_OPSET = 18
+#: float32 rounding: onnxruntime's distance to PyTorch's float64 features may
+#: be up to this many times PyTorch's own float32 distance (an export that
+#: changed the computation is orders of magnitude further)
+FLOAT32_FACTOR = 4
 EXPORTERS = ('dynamo', 'torchscript')
 
 
@@ -88,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                         'this size (besides one batch of all of them)')
     parser.add_argument('--tolerance', type=float, default=1e-4,
                         help='largest max abs difference to PyTorch accepted')
+    parser.add_argument('--strict', action='store_true',
+                        help='fail whenever the difference exceeds '
+                        '--tolerance, even when it is float32 rounding (see '
+                        'check_export)')
     parser.add_argument('--dataset', type=str, default='',
                         help='target dataset whose query images are used '
                         '(default: the first of data.targets)')
@@ -140,7 +150,7 @@ def load_export_weights(model: nn.Module, path: str, model_name: str = '') -> in
         >>> model = launch.build_model(cfg, num_classes=100).eval()
         >>> load_export_weights(model, 'log/pmm_demo/model/model.pth.tar-24',
         ...                     'pmm_resnet18')
-        182
+        164
     """
     checkpoint = load_checkpoint(path, map_location='cpu')
     state = checkpoint.get('state_dict', checkpoint) \
@@ -338,31 +348,58 @@ def onnx_session(model_bytes: bytes):
                                 providers=['CPUExecutionProvider'])
 
 
-def compare(session, images: torch.Tensor,
-            reference: Dict[int, np.ndarray]) -> Dict[int, float]:
-    """Max abs difference between onnxruntime's features of ``images``, run
-    in batches of each size in ``reference``, and PyTorch's (``reference``:
-    batch size -> :func:`run_torch`'s features at that size).
+def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape or not np.isfinite(a).all():
+        return float('inf')
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+
+
+def check_export(model: nn.Module, session, images: torch.Tensor,
+                 reference: Dict[int, np.ndarray], tolerance: float = 1e-4,
+                 strict: bool = False) -> dict:
+    """Compares onnxruntime's features of ``images`` with PyTorch's, at each
+    batch size of ``reference`` (batch size -> :func:`run_torch`'s features,
+    taken before the export), and with PyTorch's in float64.
+
+    The export passes when the max abs difference is at most ``tolerance``.
+    Deep networks in float32 can differ by more from rounding alone (PMM on
+    ResNet-50 at 384 x 128: PyTorch's own features differ by about 2e-4
+    between batch sizes, and by about 4e-4 from float64), so unless
+    ``strict``, it also passes when onnxruntime is no further than
+    :data:`FLOAT32_FACTOR` times PyTorch's float32 error from the float64
+    features: an export that changed the computation is much further.
 
     Returns:
-        dict: batch size -> max abs difference (inf when the shapes differ or
-        a value is not finite).
+        dict: ``diffs`` (batch size -> max abs difference; inf when the
+        shapes differ or a value is not finite), ``max_abs_diff``,
+        ``onnx_vs_float64`` and ``torch_vs_float64`` (max abs differences
+        to PyTorch's float64 features), ``passed`` and ``rule``
+        (``'tolerance'``, ``'float32 rounding'`` or ``'failed'``).
 
     Examples::
 
         >>> reference = {16: run_torch(model, images, 16),
         ...              1: run_torch(model, images, 1)}
-        >>> compare(onnx_session(proto.SerializeToString()), images, reference)
+        >>> check_export(model, onnx_session(proto.SerializeToString()),
+        ...              images, reference)['diffs']
         {16: 1.1e-05, 1: 9.5e-06}
     """
-    result = {}
-    for size, ref in reference.items():
-        out = run_onnx(session, images, size)
-        if out.shape != ref.shape or not np.isfinite(out).all():
-            result[size] = float('inf')
-        else:
-            result[size] = float(np.abs(out - ref).max())
-    return result
+    outputs = {s: run_onnx(session, images, s) for s in reference}
+    diffs = {s: _max_abs(outputs[s], reference[s]) for s in reference}
+    exact = run_torch(copy.deepcopy(model).double(), images.double(),
+                      len(images))
+    onnx64 = max(_max_abs(out, exact) for out in outputs.values())
+    torch64 = max(_max_abs(ref, exact) for ref in reference.values())
+    worst = max(diffs.values())
+    if worst <= tolerance:
+        rule = 'tolerance'
+    elif not strict and onnx64 <= FLOAT32_FACTOR * torch64:
+        rule = 'float32 rounding'
+    else:
+        rule = 'failed'
+    return {'diffs': diffs, 'max_abs_diff': worst, 'onnx_vs_float64': onnx64,
+            'torch_vs_float64': torch64, 'passed': rule != 'failed',
+            'rule': rule}
 
 
 # --------------------------------------------------------------------------
@@ -501,22 +538,35 @@ def main(argv=None) -> dict:
     data = proto.SerializeToString()
 
     started = time.time()
-    session = onnx_session(data)
-    diffs = compare(session, images, reference)
+    check = check_export(model, onnx_session(data), images, reference,
+                         args.tolerance, args.strict)
     check_seconds = time.time() - started
-    worst = max(diffs.values())
+    diffs = check['diffs']
     summary = ', '.join('{:.2e} at batch {}'.format(diffs[s], s)
                         for s in sizes)
     print('Check on {} query images of {} (onnxruntime {} vs PyTorch {}): '
           'max abs difference {} (tolerance {:g}); {:.1f} s'.format(
               args.num_images, name, onnxruntime.__version__,
               torch.__version__, summary, args.tolerance, check_seconds))
-    if not worst <= args.tolerance:
+    print('  to PyTorch in float64: onnxruntime {:.2e}, PyTorch float32 '
+          '{:.2e}'.format(check['onnx_vs_float64'], check['torch_vs_float64']))
+    if check['rule'] == 'float32 rounding':
+        print('  above --tolerance, but onnxruntime is within {} times '
+              'PyTorch\'s own float32 error of the float64 features: float32 '
+              'rounding, accepted (--strict would refuse it)'.format(
+                  FLOAT32_FACTOR))
+    if not check['passed']:
         raise ExportCheckError(
             'the exported model does not reproduce PyTorch: max abs '
-            'difference {:.3e} > --tolerance {:g} ({}); "{}" was not '
+            'difference {:.3e} > --tolerance {:g} ({}){}; "{}" was not '
             'written (a file already there is left as it was)'.format(
-                worst, args.tolerance, summary, output))
+                check['max_abs_diff'], args.tolerance, summary,
+                '' if args.strict else ', and onnxruntime is {:.2e} from '
+                'PyTorch\'s float64 features, more than {} times PyTorch\'s '
+                'float32 {:.2e}'.format(check['onnx_vs_float64'],
+                                        FLOAT32_FACTOR,
+                                        check['torch_vs_float64']),
+                output))
 
     with atomic_write(output) as f:
         f.write(data)
@@ -526,7 +576,7 @@ def main(argv=None) -> dict:
     print(format_deployment(info))
     return {
         'output': output, 'opset': args.opset, 'exporter': args.exporter,
-        'max_abs_diff': worst, 'diffs': diffs, 'feature_dim': feature_dim,
+        'check': check, 'feature_dim': feature_dim,
         'export_seconds': export_seconds, 'check_seconds': check_seconds,
         'deployment': dict(info),
     }

@@ -121,6 +121,9 @@ def test_export_writes_a_checked_file(exported):
                       proc.stdout)
     assert found, proc.stdout[-2000:]
     assert max(float(found.group(1)), float(found.group(2))) <= 1e-4
+    found = re.search(r'to PyTorch in float64: onnxruntime (\S+), PyTorch '
+                      r'float32 (\S+)\n', proc.stdout)
+    assert found and max(map(float, found.groups())) <= 1e-4
     assert 'Exported "{}"'.format(path) in proc.stdout
 
 
@@ -225,14 +228,15 @@ def test_weights_of_another_model_name_the_file(synthetic_root, tmp_path,
 
 
 def test_a_failed_check_writes_nothing(synthetic_root, tmp_path, bdb_weights):
-    """--tolerance 0 fails unless both runtimes agree to the last bit; either
-    way the outcome is consistent, and a failure keeps the old file."""
+    """--strict --tolerance 0 fails unless both runtimes agree to the last
+    bit; either way the outcome is consistent, and a failure keeps the old
+    file."""
     target = tmp_path / 'deploy' / 'model.onnx'
     target.parent.mkdir()
     target.write_bytes(b'the previous export')
     proc = run_export(synthetic_root, 'bdb_resnet18', str(tmp_path / 'log'),
                       bdb_weights, '--exporter', 'torchscript', '--opset', '17',
-                      '--tolerance', '0', '--num-images', '4',
+                      '--strict', '--tolerance', '0', '--num-images', '4',
                       '--batch-size', '3', '--output', str(target),
                       cwd=str(tmp_path))
     found = re.search(r'max abs difference (\S+) at batch 4, (\S+) at batch 3',
