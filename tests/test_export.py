@@ -16,6 +16,7 @@ import torch
 
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
+pytest.importorskip('onnxscript')  # torch's default (dynamo) exporter needs it
 
 from conftest import ROOT  # noqa: E402
 from pmm_torchreid import launch  # noqa: E402
