@@ -1,0 +1,255 @@
+"""scripts/export.py, run as a user runs it (a subprocess, from a folder that
+is not the repository): ONNX files of pmm_resnet18, pmm_osnet_x0_25 (the
+default dynamo exporter) and bdb_resnet18 (the TorchScript exporter) that
+onnxruntime runs like PyTorch, on random and real images at two batch sizes;
+the deployment facts it prints and stores; and its errors."""
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip('onnx')
+ort = pytest.importorskip('onnxruntime')
+pytest.importorskip('onnxscript')  # torch's default (dynamo) exporter needs it
+
+from conftest import ROOT  # noqa: E402
+from pmm_torchreid import launch  # noqa: E402
+from pmm_torchreid.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from pmm_torchreid.data import read_image  # noqa: E402
+
+SCRIPT = os.path.join(ROOT, 'scripts', 'export.py')
+CONFIG = os.path.join(ROOT, 'configs', 'pmm_demo.yaml')
+# the script must run this tree's package, not another installed copy
+ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join(
+    [ROOT] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]  # not the defaults: are they used?
+# model -> the exporter its test uses (both exporters, every backbone)
+MODELS = {'pmm_resnet18': 'dynamo', 'pmm_osnet_x0_25': 'dynamo',
+          'bdb_resnet18': 'torchscript'}
+
+
+def overrides(model, save_dir, weights=None):
+    pairs = ['data.height', '64', 'data.width', '32', 'model.pretrained',
+             'False', 'data.workers', '0', 'data.check_images', 'False',
+             'data.norm_mean', str(MEAN), 'data.norm_std', str(STD),
+             'test.dist_metric', 'cosine', 'test.normalize_feature', 'True',
+             'pmm.mix', 'none' if model.startswith('bdb') else 'hard_mix',
+             'data.save_dir', save_dir]
+    return pairs + (['model.load_weights', weights] if weights else [])
+
+
+def build_cfg(root, model, save_dir, weights=None):
+    args = launch.build_parser().parse_args(
+        ['--config-file', CONFIG, '--root', root, '-m', model] +
+        overrides(model, save_dir, weights))
+    return launch.setup_config(args)
+
+
+def make_checkpoint(root, model, path):
+    """A checkpoint of a freshly built model whose BatchNorm layers hold
+    non-trivial statistics (so that folding them into the convolutions is
+    checked too)."""
+    torch.manual_seed(0)
+    net = launch.build_model(build_cfg(root, model, os.path.dirname(path)), 100)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    save_checkpoint({'state_dict': net.state_dict(), 'epoch': 1}, path)
+    return path
+
+
+def run_export(root, model, save_dir, weights, *options, cwd):
+    cmd = [sys.executable, SCRIPT, '--config-file', CONFIG, '--root', root,
+           '-m', model] + list(options) + overrides(model, save_dir, weights)
+    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+
+
+def torch_model(root, model, weights):
+    net = launch.build_model(build_cfg(root, model, '.'), 100)
+    net.load_state_dict(load_checkpoint(weights, 'cpu')['state_dict'])
+    return net.eval()
+
+
+def gallery_images(root, num):
+    """Real images (gallery: the script checks query images), transformed
+    as torchreid's evaluation transforms them."""
+    import torchreid
+    transform = torchreid.data.transforms.build_transforms(
+        64, 32, norm_mean=MEAN, norm_std=STD)[1]
+    paths = sorted(glob.glob(os.path.join(root, 'pmm_synthetic', 'gallery',
+                                          '*.png')))[::37][:num]
+    return torch.stack([transform(read_image(p)) for p in paths])
+
+
+@pytest.fixture(scope='module', params=sorted(MODELS))
+def exported(request, synthetic_root, tmp_path_factory):
+    """(model, .onnx path, weights, completed process) of one export."""
+    model = request.param
+    work = tmp_path_factory.mktemp('export-' + model)
+    weights = make_checkpoint(synthetic_root, model,
+                              str(work / 'weights' / 'model.pth.tar-1'))
+    save_dir = str(work / 'log')
+    options = ['--exporter', MODELS[model]]
+    if MODELS[model] == 'torchscript':
+        options += ['--opset', '17', '--output', 'deploy/bdb.onnx']
+        path = str(work / 'deploy' / 'bdb.onnx')  # relative to the cwd
+    else:
+        path = os.path.join(save_dir, 'model.onnx')  # the default
+    proc = run_export(synthetic_root, model, save_dir, weights, *options,
+                      cwd=str(work))
+    return model, path, weights, proc
+
+
+def test_export_writes_a_checked_file(exported):
+    model, path, _, proc = exported
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert os.path.isfile(path)
+    assert not [n for n in os.listdir(os.path.dirname(path))
+                if n.endswith('.tmp')]  # no debris of the atomic write
+    found = re.search(r'Check on 16 query images of pmm_synthetic .*max abs '
+                      r'difference (\S+) at batch 16, (\S+) at batch 1 ',
+                      proc.stdout)
+    assert found, proc.stdout[-2000:]
+    assert max(float(found.group(1)), float(found.group(2))) <= 1e-4
+    found = re.search(r'to PyTorch in float64: onnxruntime (\S+), PyTorch '
+                      r'float32 (\S+)\n', proc.stdout)
+    assert found and max(map(float, found.groups())) <= 1e-4
+    assert 'Exported "{}"'.format(path) in proc.stdout
+
+
+def test_printed_deployment_matches_the_config(exported):
+    _, _, _, proc = exported
+    out = proc.stdout
+    assert re.search(r'input +images float32 \[batch, 3, 64, 32\]', out)
+    assert re.search(r'output +features float32 \[batch, 1536\]', out)
+    assert re.search(r'resize +to H x W = 64 x 32', out)
+    assert re.search(r'pixels +RGB; values x 1/255 -> \[0, 1\]', out)
+    mean = re.search(r'^  mean +(\[.*\])$', out, re.M).group(1)
+    std = re.search(r'^  std +(\[.*\])$', out, re.M).group(1)
+    assert json.loads(mean) == MEAN and json.loads(std) == STD
+    assert re.search(r"distance cosine .* on the L2-normalised features "
+                     r"\(test.dist_metric = 'cosine', test.normalize_feature "
+                     r"= True\)", out)
+
+
+def test_metadata_and_graph(exported):
+    model, path, weights, _ = exported
+    proto = onnx.load(path)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta['model_name'] == model
+    assert meta['weights_file'] == os.path.basename(weights)
+    assert json.loads(meta['norm_mean']) == MEAN
+    assert json.loads(meta['norm_std']) == STD
+    assert meta['color_order'] == 'RGB' and meta['pixel_scale'] == '1/255'
+    assert meta['dist_metric'] == 'cosine'
+    assert json.loads(meta['normalize_feature']) is True
+    assert json.loads(meta['input_shape']) == ['batch', 3, 64, 32]
+    assert json.loads(meta['output_shape']) == ['batch', 1536]
+    opset = {d.domain: d.version for d in proto.opset_import}['']
+    assert opset == (17 if MODELS[model] == 'torchscript' else 18)
+    (inp, ), (out, ) = proto.graph.input, proto.graph.output
+    assert inp.name == 'images' and out.name == 'features'
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert isinstance(dims[0], str) and dims[1:] == [3, 64, 32]
+
+
+def test_onnxruntime_equals_pytorch(exported, synthetic_root):
+    """Random and real images, batches of 1 and 5, read from the file."""
+    model, path, weights, proc = exported
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    net = torch_model(synthetic_root, model, weights)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(path, options,
+                                   providers=['CPUExecutionProvider'])
+    torch.manual_seed(1)
+    sets = {'random': torch.randn(5, 3, 64, 32),
+            'real': gallery_images(synthetic_root, 5)}
+    for kind, images in sets.items():
+        for size in (1, 5):
+            with torch.no_grad():
+                ref = torch.cat([net(images[i:i + size])
+                                 for i in range(0, 5, size)]).numpy()
+            out = np.concatenate([
+                session.run(['features'], {'images': images[i:i + size]
+                                           .numpy()})[0]
+                for i in range(0, 5, size)])
+            assert out.shape == (5, 1536)
+            diff = np.abs(out - ref).max()
+            assert diff <= 1e-4, (model, kind, size, diff)
+
+
+# --------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def bdb_weights(synthetic_root, tmp_path_factory):
+    work = tmp_path_factory.mktemp('other-weights')
+    return make_checkpoint(synthetic_root, 'bdb_resnet18',
+                           str(work / 'bdb.pth.tar'))
+
+
+def test_missing_load_weights_names_the_key(synthetic_root, tmp_path):
+    proc = run_export(synthetic_root, 'pmm_resnet18', str(tmp_path / 'log'),
+                      None, cwd=str(tmp_path))
+    assert proc.returncode == 1
+    assert 'model.load_weights is empty' in proc.stderr
+    assert not os.path.exists(tmp_path / 'log' / 'model.onnx')
+
+
+def test_missing_weights_file_names_the_file(synthetic_root, tmp_path):
+    missing = str(tmp_path / 'nowhere' / 'model.pth.tar-9')
+    proc = run_export(synthetic_root, 'pmm_resnet18', str(tmp_path / 'log'),
+                      missing, cwd=str(tmp_path))
+    assert proc.returncode == 1
+    assert 'model.load_weights' in proc.stderr and missing in proc.stderr
+
+
+def test_weights_of_another_model_name_the_file(synthetic_root, tmp_path,
+                                                bdb_weights):
+    proc = run_export(synthetic_root, 'pmm_resnet18', str(tmp_path / 'log'),
+                      bdb_weights, cwd=str(tmp_path))
+    assert proc.returncode == 1
+    message = proc.stderr.strip().splitlines()[-1]
+    assert bdb_weights in message and "'pmm_resnet18'" in message
+    assert 'missing' in message and 'part_heads.0.' in message
+    assert 'unexpected' in message and 'part_head.' in message
+    assert not os.path.exists(tmp_path / 'log' / 'model.onnx')
+
+
+def test_a_failed_check_writes_nothing(synthetic_root, tmp_path, bdb_weights):
+    """--strict --tolerance 0 fails unless both runtimes agree to the last
+    bit; either way the outcome is consistent, and a failure keeps the old
+    file."""
+    target = tmp_path / 'deploy' / 'model.onnx'
+    target.parent.mkdir()
+    target.write_bytes(b'the previous export')
+    proc = run_export(synthetic_root, 'bdb_resnet18', str(tmp_path / 'log'),
+                      bdb_weights, '--exporter', 'torchscript', '--opset', '17',
+                      '--strict', '--tolerance', '0', '--num-images', '4',
+                      '--batch-size', '3', '--output', str(target),
+                      cwd=str(tmp_path))
+    found = re.search(r'max abs difference (\S+) at batch 4, (\S+) at batch 3',
+                      proc.stdout)
+    assert found, proc.stdout[-2000:] + proc.stderr[-2000:]
+    worst = max(float(found.group(1)), float(found.group(2)))
+    if worst > 0:
+        assert proc.returncode == 1
+        assert 'does not reproduce PyTorch' in proc.stderr
+        assert '--tolerance 0' in proc.stderr and str(target) in proc.stderr
+        assert target.read_bytes() == b'the previous export'
+    else:
+        assert proc.returncode == 0
+        onnx.checker.check_model(onnx.load(str(target)))
+    assert not [n for n in os.listdir(target.parent) if n.endswith('.tmp')]
