@@ -50,7 +50,7 @@ except ImportError:  # run from a source tree that is not installed
     sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from pmm_torchreid import launch  # noqa: E402
-from pmm_torchreid import config as C  # noqa: E402
+from pmm_torchreid import checks, config as C  # noqa: E402
 from pmm_torchreid.checkpoint import atomic_write, load_checkpoint  # noqa: E402
 from pmm_torchreid.data import build_datamanager, read_image  # noqa: E402
 
@@ -506,7 +506,7 @@ def main(argv=None) -> dict:
         raise IsADirectoryError('--output "{}" is a folder; expected the path '
                                 'of the .onnx file'.format(output))
     onnx, onnxruntime = _import_onnx(args.exporter)
-    C.check_paths(cfg)  # the datasets and the weights file exist
+    checks.check_paths(cfg)  # the datasets and the weights file exist
     torch.manual_seed(cfg.train.seed)
 
     datamanager = build_datamanager(**C.imagedata_kwargs(cfg))
