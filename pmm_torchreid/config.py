@@ -151,6 +151,9 @@ def add_pmm_config(cfg: CN) -> CN:
     # the warm-up staircase counts epochs from this number (1: the reference
     # code's 1-based count, so its first step lasts interval - 1 epochs)
     cfg.train.warmup_offset = 0
+    # mixed precision on a GPU: bfloat16 autocast (float16 + gradient scaler
+    # where bfloat16 is missing); Grad-CAMs stay float32; no effect on a CPU
+    cfg.train.amp = False
 
     cfg.data.cutout_size = 64  # side of the Cutout square (transform 'cutout')
     cfg.data.cutout_prob = 0.5  # probability of Cutout per image
@@ -340,9 +343,13 @@ def engine_kwargs(cfg: CN) -> dict:
     kwargs = _same_names(
         cfg.pmm, 'mix top_k mix_start_epoch soft_margin triplet_margin '
         'weight_triplet weight_ce label_smooth vis_freq vis_num')
+    from .models import model_backbone
     kwargs.update(use_gpu=cfg.use_gpu, seed=cfg.train.seed,
                   block_size=tuple(cfg.pmm.block_size),
-                  mix_ratio=cfg.pmm.mix_ratio or None)
+                  mix_ratio=cfg.pmm.mix_ratio or None, amp=cfg.train.amp,
+                  # channels-last convolutions pay off for ResNets on GPUs
+                  channels_last=bool(cfg.use_gpu) and model_backbone(
+                      cfg.model.name).startswith('resnet'))
     return kwargs
 
 

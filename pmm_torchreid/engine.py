@@ -18,7 +18,24 @@ from .losses import (batch_hard_triplet, mixed_cross_entropy,
                      smoothed_cross_entropy)
 from .records import with_run_records
 
-__all__ = ['PMMEngine', 'RecordedPMMEngine']
+__all__ = ['PMMEngine', 'RecordedPMMEngine', 'amp_settings']
+
+
+def amp_settings(amp: bool, device_type: str):
+    """``(autocast dtype or None, use a gradient scaler)`` for ``train.amp``
+    on ``device_type``: bfloat16 on a GPU that has it, else float16 with a
+    scaler; nothing on the CPU (``train.amp`` is a GPU setting).
+
+    Examples::
+
+        >>> amp_settings(True, 'cpu')
+        (None, False)
+    """
+    if not amp or device_type != 'cuda':
+        return None, False
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, False
+    return torch.float16, True
 
 
 class PMMEngine(torchreid.engine.Engine):
@@ -76,6 +93,14 @@ class PMMEngine(torchreid.engine.Engine):
             the stage overlap. Default is 0 (off).
         vis_num (int, optional): number of training images pictured.
             Default is 8.
+        amp (bool, optional): mixed precision on a GPU: bfloat16 autocast
+            (float16 with a gradient scaler on GPUs without bfloat16). The
+            Grad-CAMs are still taken in float32 (:func:`~pmm_torchreid.
+            guidance.grad_cam`). No effect on the CPU. Default is False.
+        channels_last (bool, optional): channels-last memory format for the
+            model and the images (faster convolutions on recent GPUs; the
+            launcher turns it on for ResNet backbones on CUDA). Default is
+            False.
 
     This class is the method; :data:`RecordedPMMEngine` (what
     ``scripts/main.py`` builds) adds the run records of
@@ -121,7 +146,9 @@ class PMMEngine(torchreid.engine.Engine):
         weight_ce: float = 1.0,
         label_smooth: float = 0.1,
         vis_freq: int = 0,
-        vis_num: int = 8
+        vis_num: int = 8,
+        amp: bool = False,
+        channels_last: bool = False
     ):
         super(PMMEngine, self).__init__(datamanager, use_gpu)
         self.model = model
@@ -146,6 +173,15 @@ class PMMEngine(torchreid.engine.Engine):
         self.vis_num = int(vis_num)
         self.seed = int(seed)
         self._pictures = None
+        self.device_type = 'cuda' if self.use_gpu else 'cpu'
+        self.amp_dtype, use_scaler = amp_settings(amp, self.device_type)
+        if amp and self.amp_dtype is None:
+            print('** train.amp has no effect on the CPU: training in float32')
+        self.scaler = torch.amp.GradScaler(self.device_type) \
+            if use_scaler else None
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
 
     @staticmethod
     def check_cfg(cfg) -> None:
@@ -270,14 +306,24 @@ class PMMEngine(torchreid.engine.Engine):
         stage losses, one backward pass, one optimiser step.
         """
         imgs, pids = self.parse_data_for_train(data)
-        if self.use_gpu:
-            imgs, pids = imgs.cuda(), pids.cuda()
-        outputs = self.model(imgs, pids,
-                             mixer=self.mixer if self.mixing() else None)
-        loss, summary = self.stage_losses(outputs, pids)
+        if self.use_gpu:  # pinned batches (torchreid's loaders): async copies
+            imgs = imgs.cuda(non_blocking=True)
+            pids = pids.cuda(non_blocking=True)
+        if self.channels_last:
+            imgs = imgs.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device_type, dtype=self.amp_dtype,
+                            enabled=self.amp_dtype is not None):
+            outputs = self.model(imgs, pids,
+                                 mixer=self.mixer if self.mixing() else None)
+            loss, summary = self.stage_losses(outputs, pids)
         self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is not None:  # float16: scaled against underflow
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
         summary['loss'] = loss.item()
         return summary
 
@@ -359,12 +405,18 @@ class PMMEngine(torchreid.engine.Engine):
         return self.choice.count(height, width)
 
     def extra_checkpoint_state(self) -> Dict:
-        """The partner generator's state, so a resumed run draws on."""
-        return {'pmm_generator': self.generator.get_state()}
+        """The partner generator's state, so a resumed run draws on (and the
+        gradient scaler's, with float16 mixed precision)."""
+        state = {'pmm_generator': self.generator.get_state()}
+        if self.scaler is not None:
+            state['grad_scaler'] = self.scaler.state_dict()
+        return state
 
     def restore_checkpoint_state(self, checkpoint: Dict) -> None:
         if checkpoint.get('pmm_generator') is not None:
             self.generator.set_state(checkpoint['pmm_generator'])
+        if self.scaler is not None and checkpoint.get('grad_scaler'):
+            self.scaler.load_state_dict(checkpoint['grad_scaler'])
 
 
 #: :class:`PMMEngine` with the run records of :mod:`pmm_torchreid.records`

@@ -44,9 +44,9 @@ def grad_cam(
         labels (Tensor): N integer class indices.
 
     Returns:
-        Tensor: N x H x W, ``ReLU(sum_c w_c * feature_map_c)`` with
-        ``w = mean over H, W of the gradient``; detached (it guides, it never
-        trains).
+        Tensor: N x H x W float32, ``ReLU(sum_c w_c * feature_map_c)`` with
+        ``w = mean over H, W of the gradient``, computed in float32 (also
+        under mixed precision); detached (it guides, it never trains).
 
     Examples::
 
@@ -69,9 +69,9 @@ def grad_cam(
     labels = labels.to(device=logits.device, dtype=torch.long)
     score = logits.gather(1, labels.view(-1, 1)).sum()
     (grad, ) = torch.autograd.grad(score, feature_map, retain_graph=True)
-    with torch.no_grad():
-        weights = grad.mean(dim=(2, 3), keepdim=True)
-        cam = F.relu((weights * feature_map.detach()).sum(dim=1))
+    with torch.no_grad():  # in float32 even under autocast: it ranks blocks
+        weights = grad.float().mean(dim=(2, 3), keepdim=True)
+        cam = F.relu((weights * feature_map.detach().float()).sum(dim=1))
     return cam
 
 

@@ -8,10 +8,17 @@ Runs the real ``PMMEngine.forward_backward`` on random images; the three modes
 are interleaved so that drifts of the machine hit them alike, and the median
 step time is reported.
 
+With ``--device cuda`` it measures training throughput on a GPU instead:
+images/s of ``pmm_resnet50`` (``hard_mix`` and ``none``) and ``bdb_resnet50``
+at 384x128, batch 64 (16 x 4), in float32 and with ``train.amp`` (bfloat16
+autocast, or float16 with a gradient scaler), channels-last, plus the
+images/s of feature extraction for evaluation.
+
 Examples::
 
     python scripts/benchmark.py                      # resnet50 and osnet_x0_25
     python scripts/benchmark.py --backbones resnet18 --repeats 5
+    python scripts/benchmark.py --device cuda        # GPU throughput table
 """
 import argparse
 import os.path as osp
@@ -103,6 +110,80 @@ def bench_backbone(backbone, batch, height, width, block, top_k, repeats,
     return med
 
 
+def throughput(name, mix, amp, device, batch=64, height=384, width=128,
+               block=(3, 2), top_k=3, repeats=20, warmup=5):
+    """Training images/s of ``name`` with ``mix`` and ``amp`` on ``device``
+    (the real engine step; channels-last for ResNets on CUDA), and the
+    images/s of feature extraction (eval mode, no gradients)."""
+    torch.manual_seed(0)
+    cuda = device == 'cuda'
+    ids = batch // 4
+    model = MODEL_FACTORY[name](num_classes=751, pretrained=False).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    fake_dm = types.SimpleNamespace(train_loader=None, test_loader={})
+    engine = PMMEngine(fake_dm, model, optimizer, use_gpu=cuda, mix=mix,
+                       block_size=block, top_k=top_k, amp=amp,
+                       channels_last=cuda and 'resnet' in name)
+    images = torch.randn(batch, 3, height, width)
+    data = {'img': images.pin_memory() if cuda else images,
+            'pid': torch.arange(ids).repeat_interleave(batch // ids)}
+
+    def timed(step, n):
+        for _ in range(warmup):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(n):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        return n * batch / (time.perf_counter() - start)
+
+    model.train()
+    train = timed(lambda: engine.forward_backward(data), repeats)
+    model.eval()
+    gpu_images = images.to(device)
+    if engine.channels_last:
+        gpu_images = gpu_images.contiguous(memory_format=torch.channels_last)
+
+    def extract():
+        with torch.no_grad(), torch.autocast(
+                engine.device_type, dtype=engine.amp_dtype,
+                enabled=engine.amp_dtype is not None):
+            model(gpu_images)
+
+    return train, timed(extract, repeats)
+
+
+def bench_device(device, repeats, warmup, batch=64, height=384, width=128):
+    """The GPU table: training and extraction images/s, float32 vs AMP."""
+    rows = [('pmm_resnet50', 'hard_mix'), ('pmm_resnet50', 'none'),
+            ('bdb_resnet50', 'none')]
+    name = torch.cuda.get_device_name() if device == 'cuda' else 'cpu'
+    print('torch {} | device {} | batch {} ({} ids x 4) | {}x{}'.format(
+        torch.__version__, name, batch, batch // 4, height, width))
+    print('  {:<14} {:<9} {:>12} {:>12} {:>7} {:>13} {:>13}'.format(
+        'model', 'mix', 'fp32 img/s', 'AMP img/s', 'ratio', 'extract fp32',
+        'extract AMP'))
+    results = {}
+    for model_name, mix in rows:
+        fp32 = throughput(model_name, mix, False, device, batch, height,
+                          width, repeats=repeats, warmup=warmup)
+        amp = throughput(model_name, mix, True, device, batch, height, width,
+                         repeats=repeats, warmup=warmup)
+        results[(model_name, mix)] = (fp32, amp)
+        print('  {:<14} {:<9} {:>12.1f} {:>12.1f} {:>6.2f}x {:>13.1f} '
+              '{:>13.1f}'.format(model_name, mix, fp32[0], amp[0],
+                                 amp[0] / fp32[0], fp32[1], amp[1]))
+    guided, plain = results[('pmm_resnet50', 'hard_mix')], \
+        results[('pmm_resnet50', 'none')]
+    print('  guided / unguided training throughput: fp32 {:.3f}, AMP '
+          '{:.3f}'.format(guided[0][0] / plain[0][0],
+                          guided[1][0] / plain[1][0]))
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--backbones', nargs='+',
@@ -116,6 +197,8 @@ def main(argv=None):
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--threads', type=int, default=0,
                         help='torch threads (0: leave the default)')
+    parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu',
+                        help="'cuda': the GPU throughput table (fp32 vs AMP)")
     parser.add_argument('--modes', nargs='+',
                         default=['none', 'hard_mix', 'reference'],
                         choices=list(MIX_MODES) + ['reference'],
@@ -125,6 +208,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == 'cuda':
+        if not torch.cuda.is_available():
+            raise SystemExit('error: --device cuda, but torch sees no CUDA '
+                             'device here (torch {})'.format(
+                                 torch.__version__))
+        torch.backends.cudnn.benchmark = True
+        bench_device('cuda', max(args.repeats, 20), max(args.warmup, 5))
+        return
     if 'none' not in args.modes:
         args.modes.insert(0, 'none')
     print('torch {} | {} threads | device cpu'.format(

@@ -1,0 +1,119 @@
+"""Mixed precision and the GPU settings of the training step, on the CPU
+where the logic allows it (bfloat16/float16 autocast exists on the CPU too)."""
+import types
+
+import pytest
+import torch
+
+from pmm_torchreid import config as C
+from pmm_torchreid.engine import PMMEngine, RecordedPMMEngine, amp_settings
+from pmm_torchreid.guidance import HardMix, grad_cam
+from pmm_torchreid.models import PMM
+
+from conftest import ROOT
+
+
+def test_amp_settings_per_device(monkeypatch):
+    assert amp_settings(False, 'cuda') == (None, False)
+    assert amp_settings(True, 'cpu') == (None, False)  # a GPU setting only
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda: True)
+    assert amp_settings(True, 'cuda') == (torch.bfloat16, False)
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda: False)
+    assert amp_settings(True, 'cuda') == (torch.float16, True)
+
+
+def _engine(cls=PMMEngine, **kwargs):
+    torch.manual_seed(0)
+    model = PMM(4, backbone='resnet18', pretrained=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    fake = types.SimpleNamespace(train_loader=None, test_loader={})
+    engine = cls(fake, model, opt, use_gpu=False, block_size=(2, 1),
+                 top_k=2, seed=1, **kwargs)
+    model.train()
+    return engine
+
+
+def _batch():
+    torch.manual_seed(1)
+    return {'img': torch.randn(8, 3, 64, 32),
+            'pid': torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])}
+
+
+def test_amp_has_no_effect_on_the_cpu(capsys):
+    plain = _engine().forward_backward(_batch())
+    amp = _engine(amp=True)
+    assert 'no effect on the CPU' in capsys.readouterr().out
+    assert amp.amp_dtype is None and amp.scaler is None
+    assert amp.forward_backward(_batch()) == plain
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_the_autocast_step_trains_and_saves_its_scaler(dtype, tmp_path):
+    """The mixed-precision branch of the step, run with the CPU's autocast
+    (what a GPU runs with CUDA's): finite losses, every weight moves, and
+    with float16 the gradient scaler's state goes into the checkpoint."""
+    engine = _engine(cls=RecordedPMMEngine)
+    engine.amp_dtype = dtype
+    if dtype is torch.float16:
+        engine.scaler = torch.amp.GradScaler('cpu')
+    before = {n: p.detach().clone()
+              for n, p in engine.model.named_parameters()}
+    for step in range(20):  # float16: the scaler skips overflowing steps
+        summary = engine.forward_backward(_batch())
+        assert all(torch.isfinite(torch.tensor(v)) for v in summary.values())
+        moved = [n for n, p in engine.model.named_parameters()
+                 if not torch.equal(p, before[n])]
+        if moved:
+            break
+    assert len(moved) == len(before)
+    if dtype is torch.float16 and step:  # skipped steps lowered the scale
+        assert engine.scaler.get_scale() < 2.0 ** 16
+    engine.save_model(0, 0.0, str(tmp_path))
+    ckpt = torch.load(tmp_path / 'model' / 'model.pth.tar-1',
+                      weights_only=True)
+    assert ('grad_scaler' in ckpt) == (dtype is torch.float16)
+
+
+def test_grad_cam_is_float32_under_autocast():
+    torch.manual_seed(0)
+    fmap = torch.randn(4, 8, 6, 4, requires_grad=True)
+    head = torch.nn.Linear(8, 3)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        logits = head(fmap.amax(dim=(2, 3)))
+        cam = grad_cam(logits, fmap, torch.tensor([0, 1, 2, 0]))
+    assert logits.dtype == torch.bfloat16 and cam.dtype == torch.float32
+
+
+def test_bfloat16_masks_agree_with_float32_on_a_fixed_batch():
+    """The blocks A-Hard-Mix replaces under bfloat16 autocast are the float32
+    ones but for near-ties: the measurement the README states."""
+    torch.manual_seed(0)
+    model = PMM(50, 'resnet18', pretrained=False).eval()
+    images = torch.randn(16, 3, 128, 64)
+    labels = torch.arange(8).repeat_interleave(2)
+    masks = {}
+    for dtype in (None, torch.bfloat16):
+        rule = HardMix((1, 1), 3, torch.Generator().manual_seed(1))
+        with torch.autocast('cpu', dtype=torch.bfloat16,
+                            enabled=dtype is not None):
+            out = model.forward_train(model.backbone(images), labels, rule)
+        masks[dtype] = torch.stack(out['masks'])
+    cells = (masks[None] == masks[torch.bfloat16]).float().mean().item()
+    assert cells >= 0.99
+
+
+def test_channels_last_on_for_resnets_on_a_gpu_only():
+    cfg = C.get_default_config()
+    C.merge_file(cfg, ROOT + '/configs/pmm_market1501.yaml')
+    cfg.use_gpu = True
+    assert C.engine_kwargs(cfg)['channels_last'] is True
+    cfg.model.name = 'pmm_osnet_x0_25'
+    assert C.engine_kwargs(cfg)['channels_last'] is False
+    cfg.model.name, cfg.use_gpu = 'pmm', False
+    assert C.engine_kwargs(cfg)['channels_last'] is False
+    # and the step runs with it (the CPU has the memory format too)
+    engine = _engine(channels_last=True)
+    conv = engine.model.backbone[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(torch.tensor(engine.forward_backward(_batch())
+                                       ['loss']))
