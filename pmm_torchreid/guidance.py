@@ -4,8 +4,8 @@ Every function works on whole batches (no per-sample Python loop) and on any
 feature-map size that the block size divides.  Shapes use ``N`` for the batch,
 ``C`` for channels and ``H x W`` for the spatial size of the feature map.
 
-The spec of the method is ``docs`` in the shared folder (PMM_SPEC.md); in short,
-a later stage sees the part map ``P`` with the ``k`` most salient blocks of the
+The method (Zhang et al., ICASSP 2021, arXiv 2007.08779; the README's "Inside
+the training step" gives the details the paper leaves open): a later stage sees the part map ``P`` with the ``k`` most salient blocks of the
 previous stage (by Grad-CAM) replaced by the same blocks of a sample of another
 identity.  The paper's ablation variants (``cutout``, ``cutmix``, ``a_cutmix``,
 ``batch_drop``) are rules of the same shape (:class:`MixRule`).

@@ -36,12 +36,10 @@ from .checkpoint import atomic_write, unwrap
 from .guidance import HardMix, MixRule, block_mask, grad_cam, with_partners
 
 __all__ = [
-    'STAGE_NAMES', 'stage_name', 'unwrap_model', 'denormalize', 'upsample_cam',
-    'upsample_mask', 'colorize', 'overlay', 'stage_views', 'mask_iou',
-    'cam_cosine', 'pairwise', 'stage_overlap', 'chance_iou', 'render_panel',
-    'panel_size', 'contact_sheet', 'save_png', 'draw_partners',
-    'normalization_of', 'summarize_overlap', 'tile_scale', 'load_images',
-    'item_name', 'StagePictures', 'format_overlap', 'json_safe'
+    'stage_views', 'test_time_views', 'StagePictures', 'render_panel',
+    'contact_sheet', 'panel_size', 'overlay', 'upsample_cam', 'upsample_mask',
+    'stage_overlap', 'summarize_overlap', 'mask_iou', 'cam_cosine',
+    'chance_iou', 'format_overlap', 'draw_partners', 'json_safe'
 ]
 
 STAGE_NAMES = ('I', 'II', 'III', 'IV', 'V', 'VI', 'VII', 'VIII')
