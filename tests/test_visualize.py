@@ -461,3 +461,53 @@ def test_pictures_during_training_leave_training_unchanged(synthetic_root,
     assert model.training
     assert all(p.grad is None for p in model.parameters())
     assert len(glob.glob(str(tmp_path / 'gradcam' / 'epoch-001' / '*.png'))) == 3
+
+
+@pytest.mark.parametrize('mode', ['hard_mix', 'cutout', 'cutmix', 'a_cutmix',
+                                  'batch_drop'])
+def test_every_mixing_rule_gets_its_training_chain_pictured(mode):
+    """The chain is the model's own forward_train with the rule's partners
+    fixed: each mixed stage replaces k blocks, pasted from the partner or
+    zeroed as the rule does, and the panel has the documented size."""
+    from pmm_torchreid.guidance import build_mixer
+    model = _model()
+    n = 3
+    torch.manual_seed(2)
+    images = torch.randn(3 * n, 3, 64, 32)
+    rule = build_mixer(mode, block=(1, 1), k=2,
+                       generator=torch.Generator().manual_seed(5))
+    state = rule.generator.get_state()
+    views = stage_views(model, images[:n], torch.tensor([0, 1, 2]), (1, 1), 2,
+                        partners=[images[n:2 * n], images[2 * n:]], rule=rule,
+                        partner_labels=[torch.tensor([3, 4, 3]),
+                                        torch.tensor([4, 3, 4])])
+    pasted = mode in ('hard_mix', 'cutmix', 'a_cutmix')
+    assert views['mix_pasted'] == [pasted, pasted]
+    for keep in views['mix_inputs']:
+        assert keep.shape == (n, 1, 4, 2)
+        assert ((keep == 0).flatten(1).sum(1) == 2).all()  # k blocks each
+    if mode == 'batch_drop':  # one draw for the whole batch
+        assert all((keep == keep[:1]).all() for keep in views['mix_inputs'])
+    if mode in ('hard_mix', 'cutout'):  # the previous stage's top-k blocks
+        assert torch.equal(views['mix_inputs'][0], views['masks'][0])
+        assert torch.equal(views['mix_inputs'][1], views['mix_masks'][1])
+    assert torch.equal(state, rule.generator.get_state())  # untouched
+    img01 = images[:n].sigmoid()
+    panel = render_panel(0, img01, views, [img01, img01], 'caption')
+    assert panel.shape == panel_size(64, 32, 3, True) + (3, )
+
+
+def test_a_cutmix_chain_pastes_the_partners_own_salient_blocks():
+    from pmm_torchreid.guidance import ACutMix
+    model = _model()
+    n = 2
+    torch.manual_seed(3)
+    images = torch.randn(3 * n, 3, 64, 32)
+    partner_labels = [torch.tensor([3, 4]), torch.tensor([4, 3])]
+    views = stage_views(model, images[:n], torch.tensor([0, 1]), (1, 1), 2,
+                        partners=[images[n:2 * n], images[2 * n:]],
+                        rule=ACutMix((1, 1), 2),
+                        partner_labels=partner_labels)
+    partner = stage_views(model, images[n:2 * n], partner_labels[0], (1, 1), 2)
+    # stage II's input: the partner's own stage-I top-k blocks, pasted
+    assert torch.equal(views['mix_inputs'][0], partner['masks'][0])
