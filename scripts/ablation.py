@@ -126,6 +126,11 @@ def build_parser():
                         'against (default: the first)')
     parser.add_argument('--dry-run', action='store_true',
                         help='print the commands, run nothing')
+    parser.add_argument('--table-only', action='store_true',
+                        help='run nothing: rewrite table.md, results.json and '
+                        'results.csv from the finished runs of --settings in '
+                        '--out (also when the recipe check would refuse the '
+                        'folder, e.g. for another --reference)')
     parser.add_argument('opts', nargs=argparse.REMAINDER,
                         help='KEY VALUE overrides for every run')
     return parser
@@ -254,8 +259,8 @@ def paired_table(records, settings, reference):
     is large against its own spread."""
     done = {(r['setting'], r['split_id'], r['seed']): r for r in records
             if r['status'] == 'done' and 'mAP' in r}
-    lines = ['| setting | Δ R1 vs {0} | Δ mAP vs {0} |'.format(reference),
-             '|---|---|---|']
+    lines = ['| setting | Δ R1 vs {0} | Δ mAP vs {0} | mAP Δ range | same '
+             'sign in every pair |'.format(reference), '|---|---|---|---|---|']
     for setting in settings:
         if setting.spec == reference:
             continue
@@ -274,7 +279,13 @@ def paired_table(records, settings, reference):
                 cells.append('{:+.1f} ± {:.1f} ({})'.format(
                     statistics.mean(diffs), statistics.stdev(diffs),
                     len(diffs)))
-        lines.append('| {} | {} | {} |'.format(setting.spec, *cells))
+        diffs = [a['mAP'] - b['mAP'] for a, b in pairs]
+        if diffs:
+            cells.append('{:+.1f} … {:+.1f}'.format(min(diffs), max(diffs)))
+            cells.append('yes' if min(diffs) > 0 or max(diffs) < 0 else 'no')
+        else:
+            cells += ['-', '-']
+        lines.append('| {} | {} | {} | {} | {} |'.format(setting.spec, *cells))
     return '\n'.join(lines) + '\n'
 
 
@@ -361,7 +372,13 @@ def main(argv=None):
             save_dir = run_dir(args.out, setting, split, seed)
             print(' '.join(command(args, setting, split, seed, save_dir)))
         return 0
-    check_recipe(args.out, recipe)
+    if args.table_only:  # the folder's own recipe, not re-checked
+        path = osp.join(args.out, 'recipe.json')
+        if osp.isfile(path):
+            with open(path) as f:
+                recipe = json.load(f)
+    else:
+        check_recipe(args.out, recipe)
 
     status = {}
     todo = []
@@ -391,6 +408,10 @@ def main(argv=None):
                             status.get(run_dir(args.out, s, sp, sd)))
                 for s, sp, sd in found]
 
+    if args.table_only:
+        print(write_outputs(args.out, records(), settings, args.splits,
+                            recipe, args.reference))
+        return 0
     running = {}
     failed = 0
     try:
