@@ -293,7 +293,8 @@ def test_global_head_computes_what_the_embedding_layer_computed(training):
     fc.train(training), head.train(training)
     expected = fc(fmap.mean(dim=(2, 3)))
     _, emb = head(fmap)
-    assert torch.allclose(emb, expected, atol=1e-5)
+    # float32 rounding: the batch mean of (Wx + b) vs of Wx, with |b| ~ 2
+    assert torch.allclose(emb, expected, atol=1e-4, rtol=1e-4)
     if training:  # the running statistics move the same way (bias folded in)
         head_mean = head.reduction[1].running_mean
         assert torch.allclose(head_mean, fc[1].running_mean - fc[0].bias,
