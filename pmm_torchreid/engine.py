@@ -259,19 +259,20 @@ class PMMEngine(torchreid.engine.Engine):
         total = 0.0
         summary = OrderedDict()
         stages = zip(outputs['logits'], outputs['embeddings'])
-        # stage s >= 2 was fed by a mix: its partners and label shares
-        mixes = dict(enumerate(zip(outputs.get('negatives', []),
+        # stage s >= 2 was fed by a mix: its partners' labels and their
+        # shares, per sample (from the model, so that under nn.DataParallel
+        # every replica's partners come from its own share of the batch)
+        mixes = dict(enumerate(zip(outputs.get('partner_labels', []),
                                    outputs.get('partner_weights', [])), 2))
         for s, (logits, emb) in enumerate(stages, 1):
             # triplet: always the anchor's own label
             loss_t = batch_hard_triplet(
                 emb, pids, self.triplet_margin, self.soft_margin
             )
-            negatives, weight = mixes.get(s, (None, None))
-            if negatives is not None and bool((weight > 0).any()):
+            partner_labels, weight = mixes.get(s, (None, None))
+            if partner_labels is not None and bool((weight > 0).any()):
                 loss_x = mixed_cross_entropy(
-                    logits, pids, pids.index_select(0, negatives), weight,
-                    self.label_smooth)
+                    logits, pids, partner_labels, weight, self.label_smooth)
             else:
                 loss_x = smoothed_cross_entropy(logits, pids,
                                                 self.label_smooth)
