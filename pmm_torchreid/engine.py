@@ -13,6 +13,7 @@ import torch
 import torchreid
 
 from .checkpoint import atomic_write, unwrap
+from .distributed import stop_if_any_failed
 from .guidance import MIX_MODES, BlockChoice, build_mixer
 from .losses import (batch_hard_triplet, mixed_cross_entropy,
                      smoothed_cross_entropy)
@@ -126,6 +127,10 @@ class PMMEngine(torchreid.engine.Engine):
         engine = RecordedPMMEngine(datamanager, model, optimizer, top_k=3)
         engine.run(save_dir='log/pmm', max_epoch=400, eval_freq=50)
     """
+
+    #: the step checks its loss on every rank before the backward pass (the
+    #: run records need not check again after it)
+    checks_loss_on_every_rank = True
 
     def __init__(
         self,
@@ -316,7 +321,15 @@ class PMMEngine(torchreid.engine.Engine):
                             enabled=self.amp_dtype is not None):
             outputs = self.model(imgs, pids,
                                  mixer=self.mixer if self.mixing() else None)
-            loss, summary = self.stage_losses(outputs, pids)
+            try:
+                loss, summary = self.stage_losses(outputs, pids)
+                failure = None
+            except FloatingPointError as error:
+                failure = error
+            # before the backward pass: with several processes every rank
+            # learns that one failed, and all stop here (none waits forever
+            # for the gradients of a rank that stopped)
+            stop_if_any_failed(failure)
         self.optimizer.zero_grad()
         if self.scaler is not None:  # float16: scaled against underflow
             self.scaler.scale(loss).backward()
