@@ -55,7 +55,7 @@ __all__ = [
     'LaunchInfo', 'LostRankError', 'launch_info', 'check_config', 'init',
     'finish', 'is_active', 'rank', 'world_size', 'is_main', 'rank_seed',
     'DistributedIdentitySampler', 'use_distributed_train_loader',
-    'wrap_model', 'stop_if_any_failed', 'gather_objects', 'wait_for_main',
+    'with_sync_bn', 'wrap_model', 'stop_if_any_failed', 'gather_objects', 'wait_for_main',
     'broadcast_buffers', 'average', 'is_comm_error', 'lost_contact_error'
 ]
 
@@ -373,15 +373,32 @@ def use_distributed_train_loader(datamanager, cfg) -> DataLoader:
     return loader
 
 
+def with_sync_bn(model: nn.Module) -> nn.Module:
+    """``model`` with every BatchNorm layer turned into a SyncBatchNorm
+    (``train.sync_bn``): in training its statistics are taken over the
+    whole global batch, all ranks' shares together, instead of each rank's.
+    The weights and running statistics are kept; the state_dict keys do not
+    change, so the checkpoints load into the plain network.  Torch runs it
+    on GPUs only.
+
+    Examples::
+
+        >>> net = with_sync_bn(PMM(751, backbone='resnet18'))
+        >>> any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+        False
+    """
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    print('BatchNorm layers synchronised across the {} ranks '
+          '(train.sync_bn)'.format(world_size()))
+    return model
+
+
 def wrap_model(model: nn.Module, cfg) -> nn.Module:
     """``DistributedDataParallel(model)`` on this rank's device (which the
-    model must be on), after BatchNorm -> SyncBatchNorm with
-    ``train.sync_bn``.  Rank 0's weights and buffers are copied to every
-    rank here."""
+    model must be on), after :func:`with_sync_bn` with ``train.sync_bn``.
+    Rank 0's weights and buffers are copied to every rank here."""
     if cfg.train.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        print('BatchNorm layers synchronised across the {} ranks '
-              '(train.sync_bn)'.format(world_size()))
+        model = with_sync_bn(model)
     device = _STATE['device']
     return nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == 'cuda' else None,
