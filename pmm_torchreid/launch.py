@@ -148,7 +148,16 @@ def main(argv=None, started: Optional[float] = None):
 
     Started by ``torchrun`` with several processes, it trains with
     DistributedDataParallel (:mod:`pmm_torchreid.distributed`): rank 0 writes
-    the log and every file, the others print nothing."""
+    the log and every file, the others print nothing.  Under torchrun a
+    failure's message is also handed to torchrun, whose summary then names
+    it as the root cause."""
+    if os.environ.get('TORCHELASTIC_ERROR_FILE'):  # set by torchrun
+        from torch.distributed.elastic.multiprocessing.errors import record
+        return record(_main)(argv, started)
+    return _main(argv, started)
+
+
+def _main(argv, started):
     args = build_parser().parse_args(argv)
     cfg = setup_config(args)
     launched = distributed.launch_info()  # torchrun with several processes

@@ -12,6 +12,7 @@ FAULT is one of
   set to NaN, as a diverging run would have it (with R: on rank R only);
 - ``sigkill_at:E:I:R``: rank R of a distributed run writes the time to MARKER
   and kills itself with SIGKILL at the start of epoch E, iteration I;
+- ``hang_at:E:I:R``: the same, but rank R hangs (sleeps) instead;
 - ``record``: the run is not disturbed; each rank records the identities of
   its batches and, at the end, a hash of its model's state_dict, in
   ``MARKER/rank<R>.json`` (MARKER is a folder).
@@ -82,7 +83,7 @@ def main():
             return real_train(self, *args, **kwargs)
 
         PMMEngine.train = train
-    elif kind == 'sigkill_at':
+    elif kind in ('sigkill_at', 'hang_at'):
         real_step = PMMEngine.forward_backward
         epoch, step, on_rank = (int(v) for v in arg.split(':'))
 
@@ -91,6 +92,8 @@ def main():
                     on_rank, epoch, step):
                 with open(marker, 'w') as f:
                     f.write(repr(time.time()))
+                if kind == 'hang_at':
+                    time.sleep(600)
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_step(self, data)
 
