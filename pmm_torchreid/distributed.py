@@ -52,7 +52,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Sampler
 
 __all__ = [
-    'LaunchInfo', 'LostRankError', 'launch_info', 'check_config', 'init',
+    'LaunchInfo', 'LostRankError', 'launch_info', 'per_rank_batch',
+    'check_config', 'init',
     'finish', 'is_active', 'rank', 'world_size', 'is_main', 'rank_seed',
     'DistributedIdentitySampler', 'use_distributed_train_loader',
     'with_sync_bn', 'wrap_model', 'stop_if_any_failed', 'gather_objects', 'wait_for_main',

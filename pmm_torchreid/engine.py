@@ -54,7 +54,9 @@ class PMMEngine(torchreid.engine.Engine):
             identity sampler (every batch needs >= 2 identities).
         model (nn.Module): a :class:`pmm_torchreid.models.PMM` or
             :class:`~pmm_torchreid.models.BDB` (optionally in
-            ``nn.DataParallel``).
+            ``nn.DataParallel`` or ``DistributedDataParallel``; with several
+            processes every rank mixes within its own batch, see
+            :mod:`pmm_torchreid.distributed`).
         optimizer (Optimizer): optimizer.
         scheduler (LRScheduler, optional): stepped once per epoch. Default is
             None.

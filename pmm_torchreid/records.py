@@ -264,8 +264,8 @@ class RunRecordsMixin(object):
             fpath = osp.join(
                 save_dir, name, 'model.pth.tar-{}'.format(int(epoch) + 1)
             )
-            self.last_checkpoint = fpath
-            if not distributed.is_main():
+            if not distributed.is_main():  # rank 0 writes it
+                self.last_checkpoint = fpath
                 continue
             scheduler = self._scheds[name]
             state = {
@@ -278,6 +278,7 @@ class RunRecordsMixin(object):
             }
             state.update(extra)
             save_checkpoint(state, fpath)
+            self.last_checkpoint = fpath
             print('Checkpoint saved to "{}"'.format(fpath))
             if is_best:
                 best = osp.join(save_dir, name, 'model-best.pth.tar')
