@@ -14,8 +14,8 @@ FAULT is one of
   and kills itself with SIGKILL at the start of epoch E, iteration I;
 - ``hang_at:E:I:R``: the same, but rank R hangs (sleeps) instead;
 - ``record``: the run is not disturbed; each rank records the identities of
-  its batches and, at the end, a hash of its model's state_dict, in
-  ``MARKER/rank<R>.json`` (MARKER is a folder).
+  its batches and their losses and, at the end, a hash of its model's
+  state_dict, in ``MARKER/rank<R>.json`` (MARKER is a folder).
 
 It also runs under torchrun (``torchrun --nproc_per_node=2
 tests/fault_driver.py FAULT MARKER -- ...``); ``RANK`` tells a rank apart.
@@ -104,9 +104,10 @@ def main():
         steps = []
 
         def forward_backward(self, data):
+            summary = real_step(self, data)
             steps.append([self.epoch, self.batch_idx,
-                          sorted(set(data['pid'].tolist()))])
-            return real_step(self, data)
+                          sorted(set(data['pid'].tolist())), summary['loss']])
+            return summary
 
         def run(self, *args, **kwargs):
             result = real_run(self, *args, **kwargs)

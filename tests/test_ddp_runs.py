@@ -11,6 +11,7 @@ import json
 import os
 import os.path as osp
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +22,6 @@ import torch
 from pmm_torchreid.checkpoint import load_checkpoint
 
 from conftest import ROOT
-from test_distributed import launch_by_hand
 from test_interrupted_runs import DRIVER, assert_same_checkpoints
 
 SMALL = [
@@ -34,6 +34,24 @@ ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1',
            PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
             '--nproc_per_node=2']
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def launch_by_hand(args, world=2, **popen):
+    """Starts ``world`` processes of ``python ARGS`` with torchrun's
+    variables set by hand: no torchrun agent watches them (as on a cluster
+    whose scheduler starts one process per GPU)."""
+    port = str(free_port())
+    return [subprocess.Popen(
+        [sys.executable] + args, cwd=ROOT, env=dict(
+            ENV, MASTER_ADDR='127.0.0.1', MASTER_PORT=port,
+            WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)),
+        **popen) for rank in range(world)]
 
 
 def main_args(root, save_dir, *extra):
@@ -61,29 +79,35 @@ def runs(synthetic_root, tmp_path_factory):
     """At once: (a) an uninterrupted 2-process, 2-epoch run under torchrun
     that records every rank's batches and final weights; (b) the same run
     started by hand (no torchrun agent to clean up), whose rank 1 kills
-    itself with SIGKILL at epoch 2, iteration 2."""
+    itself with SIGKILL at epoch 2, iteration 2; (c) a run started by hand
+    whose rank 1 gets a NaN classifier bias at the start of epoch 1."""
     base = tmp_path_factory.mktemp('ddp')
     straight, killed = str(base / 'straight'), str(base / 'killed')
     record, marker = str(base / 'record'), str(base / 'killed.marker')
+    diverged = str(base / 'diverged')
     proc = torchrun([DRIVER, 'record', record, '--'] +
                     main_args(synthetic_root, straight))
-    victims = launch_by_hand(
-        [DRIVER, 'sigkill_at:2:2:1', marker, '--'] +
-        main_args(synthetic_root, killed), env=ENV, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victims = launch_by_hand([DRIVER, 'sigkill_at:2:2:1', marker, '--'] +
+                             main_args(synthetic_root, killed), **pipes)
+    nans = launch_by_hand([DRIVER, 'nan_at_epoch:1:1', str(base / 'unused'),
+                           '--'] + main_args(synthetic_root, diverged),
+                          **pipes)
     try:
         outs = [p.communicate(timeout=240) for p in victims]
         ended = time.time()
+        nan_outs = [p.communicate(timeout=240) for p in nans]
         code, out = finish(proc)
     finally:  # nothing is left running, whatever happened
-        for p in victims + [proc]:
+        for p in victims + nans + [proc]:
             if p.poll() is None:
                 p.kill()
     assert code == 0, out[-4000:]
     return dict(root=synthetic_root, straight=straight, out=out,
                 record=record, killed=killed, marker=marker,
                 victims=[(p.returncode, o, e) for p, (o, e) in
-                         zip(victims, outs)], ended=ended)
+                         zip(victims, outs)], ended=ended, diverged=diverged,
+                nans=[(p.returncode, e) for p, (_, e) in zip(nans, nan_outs)])
 
 
 def test_two_processes_train_one_model_and_write_once(runs):
@@ -105,9 +129,15 @@ def test_two_processes_train_one_model_and_write_once(runs):
     assert len([n for n in names if n.startswith('train.log-')]) == 1
     assert len([n for n in names if n.startswith('events.out')]) == 1
     with open(osp.join(straight, 'curves.csv')) as f:
-        rows = [line.split(',')[1:3] for line in f.read().splitlines()[1:]]
-    assert rows == [['train', '1'], ['test', '1'], ['train', '2'],
-                    ['test', '2']]
+        lines = [line.split(',') for line in f.read().splitlines()]
+    assert [line[1:3] for line in lines[1:]] == [
+        ['train', '1'], ['test', '1'], ['train', '2'], ['test', '2']]
+    # an epoch's mean loss is over both ranks' steps, not rank 0's alone
+    loss = float(lines[1][lines[0].index('loss')])
+    means = [sum(s[3] for s in rec['steps'] if s[0] == 0) /
+             sum(1 for s in rec['steps'] if s[0] == 0) for rec in recs]
+    assert loss == pytest.approx(sum(means) / 2, rel=1e-5)
+    assert abs(means[0] - means[1]) > 1e-3  # the ranks' batches differ
     results = json.load(open(osp.join(straight, 'results.json')))
     assert results['world_size'] == 2 and results['batch_size'] == 16
     ckpt = load_checkpoint(osp.join(straight, 'model', 'model.pth.tar-2'))
@@ -167,17 +197,11 @@ def test_resuming_two_processes_continues_exactly(runs):
     assert final_metrics(out) == final_metrics(runs['out'])
 
 
-def test_a_non_finite_loss_on_one_rank_stops_both(runs, tmp_path):
-    save_dir = str(tmp_path / 'log')
-    procs = launch_by_hand(
-        [DRIVER, 'nan_at_epoch:1:1', str(tmp_path / 'unused'), '--'] +
-        main_args(runs['root'], save_dir), env=ENV, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
-    errs = [p.communicate(timeout=240)[1] for p in procs]
+def test_a_non_finite_loss_on_one_rank_stops_both(runs):
     message = ('FloatingPointError: rank 1 of 2: stage 1 loss is not finite')
     # both ranks stop, at the same step, with the same message
-    for p, err in zip(procs, errs):
-        assert p.returncode == 1
+    for code, err in runs['nans']:
+        assert code == 1
         assert message in err, err[-3000:]
         assert 'at epoch 1, iteration 1 (every rank stops)' in err
-    assert not osp.exists(osp.join(save_dir, 'model'))
+    assert not osp.exists(osp.join(runs['diverged'], 'model'))

@@ -1,21 +1,13 @@
 """The pieces of a distributed run on their own: the launch from torchrun's
-environment, the config checks, the distributed identity sampler, and the
-exchanges between ranks (two real gloo processes, no data, no training)."""
-import os
-import os.path as osp
-import socket
-import subprocess
-import sys
-import textwrap
-
+environment, the config checks, the distributed identity sampler and the
+SyncBatchNorm conversion; the exchanges between ranks are tested in real
+runs (tests/test_ddp_runs.py)."""
 import pytest
 import torch
 
 from pmm_torchreid import distributed
 from pmm_torchreid.config import get_default_config
 from pmm_torchreid.distributed import DistributedIdentitySampler, launch_info
-
-from conftest import ROOT
 
 
 # --------------------------------------------------------------------------
@@ -177,91 +169,3 @@ def test_sampler_refuses_a_batch_that_does_not_split():
     with pytest.raises(ValueError, match='15 identities cannot fill one step '
                        'of 2 ranks x 8 identities'):
         DistributedIdentitySampler(_data(), 64, 4, 2, 0)
-
-
-# --------------------------------------------------------------------------
-# two real processes (gloo): the exchanges, and each rank's own RNG states
-# --------------------------------------------------------------------------
-WORKER = textwrap.dedent('''
-    import json, os, random, sys
-    import numpy as np, torch, torch.nn as nn
-    from pmm_torchreid import distributed
-    from pmm_torchreid.config import get_default_config
-    from pmm_torchreid.records import RunRecordsMixin
-    info = distributed.launch_info()
-    cfg = get_default_config()
-    cfg.use_gpu = False
-    cfg.train.dist_timeout = 60
-    distributed.init(cfg, info)
-    rank, out = info.rank, {}
-    out['objects'] = distributed.gather_objects({'rank': rank})
-    out['average'] = distributed.average([rank, 10.0 * rank])
-
-    # a non-finite loss on rank 1 stops both ranks, naming rank 1
-    failure = FloatingPointError('loss is nan') if rank == 1 else None
-    try:
-        distributed.stop_if_any_failed(failure)
-    except FloatingPointError as error:
-        out['stopped'] = str(error)
-    distributed.stop_if_any_failed(None)  # all well: nothing happens
-
-    # each rank saves and gets back its own random-number states
-    torch.manual_seed(distributed.rank_seed(5))
-    random.seed(distributed.rank_seed(5))
-    np.random.seed(distributed.rank_seed(5))
-    engine = type('Engine', (RunRecordsMixin, object), {})()
-    state = engine.extra_checkpoint_state()  # every rank: gathers
-    def draw():
-        return [random.random(), float(np.random.rand()),
-                float(torch.rand(1))]
-    out['after_save'] = draw()
-    torch.manual_seed(0); random.seed(0); np.random.seed(0)
-    engine.restore_checkpoint_state(state)
-    out['after_restore'] = draw()
-    out['saved_ranks'] = [len(state['rank_states']), state['world_size']]
-    distributed.wait_for_main('the end')
-    with open(sys.argv[1] + str(rank), 'w') as f:
-        json.dump(out, f)
-    distributed.finish()
-''')
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def launch_by_hand(args, world=2, env=None, **popen):
-    """Starts ``world`` processes of ``python ARGS`` with torchrun's
-    variables set by hand (no torchrun agent watches them)."""
-    port = str(free_port())
-    procs = []
-    for rank in range(world):
-        penv = dict(os.environ if env is None else env, MASTER_ADDR='127.0.0.1',
-                    MASTER_PORT=port, WORLD_SIZE=str(world), RANK=str(rank),
-                    LOCAL_RANK=str(rank), OMP_NUM_THREADS='1',
-                    PYTHONPATH=ROOT + os.pathsep + os.environ.get(
-                        'PYTHONPATH', ''))
-        procs.append(subprocess.Popen([sys.executable] + args, cwd=ROOT,
-                                      env=penv, **popen))
-    return procs
-
-
-def test_exchanges_between_two_ranks(tmp_path):
-    prefix = str(tmp_path / 'out')
-    procs = launch_by_hand(['-c', WORKER, prefix], stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    for p, text in zip(procs, outs):
-        assert p.returncode == 0, text[-3000:]
-    import json
-    res = [json.load(open(prefix + str(r))) for r in range(2)]
-    for rank, out in enumerate(res):
-        assert out['objects'] == [{'rank': 0}, {'rank': 1}]
-        assert out['average'] == [0.5, 5.0]
-        assert out['stopped'] == 'rank 1 of 2: loss is nan (every rank stops)'
-        assert out['after_restore'] == out['after_save']
-        assert out['saved_ranks'] == [2, 2]
-    # the ranks' streams differ (train.seed + rank)
-    assert res[0]['after_save'] != res[1]['after_save']
