@@ -12,8 +12,9 @@ What a distributed run does differently:
 
 - **Batches.** ``train.batch_size`` is the *global* batch, split evenly:
   every rank trains on ``batch_size / world_size`` images, whole identities
-  of ``sampler.num_instances`` images each (:class:`DistributedIdentitySampler`;
-  torchreid's ``RandomSampler`` becomes torch's ``DistributedSampler``).  The
+  of ``sampler.num_instances`` images each
+  (:class:`DistributedIdentitySampler`; torchreid's ``RandomSampler``
+  becomes torch's ``DistributedSampler``).  The
   ranks' identities are disjoint in every step, every rank runs the same
   number of steps, and the draw is seeded by ``train.seed`` and the epoch.
   A config means the same optimisation whatever the number of processes, so
@@ -53,10 +54,10 @@ from torch.utils.data import DataLoader, Sampler
 
 __all__ = [
     'LaunchInfo', 'LostRankError', 'launch_info', 'per_rank_batch',
-    'check_config', 'init',
-    'finish', 'is_active', 'rank', 'world_size', 'is_main', 'rank_seed',
-    'DistributedIdentitySampler', 'use_distributed_train_loader',
-    'with_sync_bn', 'wrap_model', 'stop_if_any_failed', 'gather_objects', 'wait_for_main',
+    'check_config', 'init', 'finish', 'is_active', 'rank', 'world_size',
+    'is_main', 'rank_seed', 'DistributedIdentitySampler',
+    'use_distributed_train_loader', 'with_sync_bn', 'wrap_model',
+    'stop_if_any_failed', 'gather_objects', 'wait_for_main',
     'broadcast_buffers', 'average', 'is_comm_error', 'lost_contact_error'
 ]
 
@@ -107,8 +108,9 @@ def launch_info(environ=None) -> Optional[LaunchInfo]:
     try:
         info = LaunchInfo(*(int(environ[key]) for key in ENV_KEYS))
     except ValueError:
-        raise ValueError('environment: {} must be whole numbers, got {}'.format(
-            list(ENV_KEYS), {k: environ[k] for k in ENV_KEYS})) from None
+        raise ValueError(
+            'environment: {} must be whole numbers, got {}'.format(
+                list(ENV_KEYS), {k: environ[k] for k in ENV_KEYS})) from None
     if info.world_size < 1 or not 0 <= info.rank < info.world_size or \
             info.local_rank < 0:
         raise ValueError(
@@ -135,8 +137,9 @@ def check_config(cfg, world: int) -> None:
     from .checks import fail
     n, k = cfg.train.batch_size, cfg.sampler.num_instances
     if n % world:
-        fail('train.batch_size', n, 'a multiple of the {} processes: it is the '
-             'global batch, split evenly between the ranks (e.g. {})'.format(
+        fail('train.batch_size', n, 'a multiple of the {} processes: it is '
+             'the global batch, split evenly between the ranks (e.g. '
+             '{})'.format(
                  world, world * max(1, n // world)))
     per_rank = per_rank_batch(n, world)
     sampler = cfg.sampler.train_sampler
