@@ -163,17 +163,20 @@ def _strip_module(state_dict: dict) -> dict:
 
 
 def resume_from_checkpoint(
-    fpath: str, model: nn.Module, optimizer=None, scheduler=None, engine=None
+    fpath: str, model: nn.Module, optimizer=None, scheduler=None, engine=None,
+    map_location: Optional[str] = None
 ) -> int:
     """Restores model, optimizer and scheduler; returns the epoch to start from.
 
     With ``engine`` (a :class:`pmm_torchreid.records.RunRecordsMixin`
     engine), the random-number states saved with the checkpoint are restored
     too, so that the resumed run continues exactly as the uninterrupted one
-    (call it last, right before ``engine.run``).
+    (call it last, right before ``engine.run``).  ``map_location`` is
+    :func:`load_checkpoint`'s (the ranks of a distributed run load to the CPU,
+    not all onto the GPU that saved the file).
     """
     print('Loading checkpoint from "{}"'.format(fpath))
-    checkpoint = load_checkpoint(fpath)
+    checkpoint = load_checkpoint(fpath, map_location=map_location)
     for key in ('state_dict', 'epoch'):
         if key not in checkpoint:
             raise KeyError(

@@ -159,6 +159,11 @@ def check_config(cfg: CN) -> None:
              'warmup_epochs >= 0 and warmup_interval >= 1')
     if cfg.train.warmup_offset < 0:
         fail('train.warmup_offset', cfg.train.warmup_offset, '>= 0')
+    for key, value in (('train.dist_timeout', cfg.train.dist_timeout),
+                       ('test.dist_eval_timeout', cfg.test.dist_eval_timeout)):
+        if not value >= 1:
+            fail(key, value, 'a number of seconds >= 1 (how long a rank of a '
+                 'distributed run waits for the others)')
     if cfg.test.eval_freq == 0 or cfg.test.eval_freq < -1:
         fail('test.eval_freq', cfg.test.eval_freq,
              'a number of epochs >= 1, or -1 (only at the end)')

@@ -154,6 +154,15 @@ def add_pmm_config(cfg: CN) -> CN:
     # mixed precision on a GPU: bfloat16 autocast (float16 + gradient scaler
     # where bfloat16 is missing); Grad-CAMs stay float32; no effect on a CPU
     cfg.train.amp = False
+    # runs on several processes (torchrun; pmm_torchreid/distributed.py):
+    # BatchNorm statistics over every rank's share (SyncBatchNorm; GPUs only)
+    cfg.train.sync_bn = False
+    # seconds a rank waits for the others in a collective (the gradients, a
+    # step's loss check) before it stops with an error naming itself
+    cfg.train.dist_timeout = 1800
+    # seconds the other ranks wait while rank 0 alone evaluates (or draws the
+    # training pictures) before they stop with an error
+    cfg.test.dist_eval_timeout = 7200
 
     cfg.data.cutout_size = 64  # side of the Cutout square (transform 'cutout')
     cfg.data.cutout_prob = 0.5  # probability of Cutout per image

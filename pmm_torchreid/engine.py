@@ -13,6 +13,7 @@ import torch
 import torchreid
 
 from .checkpoint import atomic_write, unwrap
+from .distributed import stop_if_any_failed
 from .guidance import MIX_MODES, BlockChoice, build_mixer
 from .losses import (batch_hard_triplet, mixed_cross_entropy,
                      smoothed_cross_entropy)
@@ -53,7 +54,9 @@ class PMMEngine(torchreid.engine.Engine):
             identity sampler (every batch needs >= 2 identities).
         model (nn.Module): a :class:`pmm_torchreid.models.PMM` or
             :class:`~pmm_torchreid.models.BDB` (optionally in
-            ``nn.DataParallel``).
+            ``nn.DataParallel`` or ``DistributedDataParallel``; with several
+            processes every rank mixes within its own batch, see
+            :mod:`pmm_torchreid.distributed`).
         optimizer (Optimizer): optimizer.
         scheduler (LRScheduler, optional): stepped once per epoch. Default is
             None.
@@ -126,6 +129,10 @@ class PMMEngine(torchreid.engine.Engine):
         engine = RecordedPMMEngine(datamanager, model, optimizer, top_k=3)
         engine.run(save_dir='log/pmm', max_epoch=400, eval_freq=50)
     """
+
+    #: the step checks its loss on every rank before the backward pass (the
+    #: run records need not check again after it)
+    checks_loss_on_every_rank = True
 
     def __init__(
         self,
@@ -259,19 +266,20 @@ class PMMEngine(torchreid.engine.Engine):
         total = 0.0
         summary = OrderedDict()
         stages = zip(outputs['logits'], outputs['embeddings'])
-        # stage s >= 2 was fed by a mix: its partners and label shares
-        mixes = dict(enumerate(zip(outputs.get('negatives', []),
+        # stage s >= 2 was fed by a mix: its partners' labels and their
+        # shares, per sample (from the model, so that under nn.DataParallel
+        # every replica's partners come from its own share of the batch)
+        mixes = dict(enumerate(zip(outputs.get('partner_labels', []),
                                    outputs.get('partner_weights', [])), 2))
         for s, (logits, emb) in enumerate(stages, 1):
             # triplet: always the anchor's own label
             loss_t = batch_hard_triplet(
                 emb, pids, self.triplet_margin, self.soft_margin
             )
-            negatives, weight = mixes.get(s, (None, None))
-            if negatives is not None and bool((weight > 0).any()):
+            partner_labels, weight = mixes.get(s, (None, None))
+            if partner_labels is not None and bool((weight > 0).any()):
                 loss_x = mixed_cross_entropy(
-                    logits, pids, pids.index_select(0, negatives), weight,
-                    self.label_smooth)
+                    logits, pids, partner_labels, weight, self.label_smooth)
             else:
                 loss_x = smoothed_cross_entropy(logits, pids,
                                                 self.label_smooth)
@@ -315,7 +323,15 @@ class PMMEngine(torchreid.engine.Engine):
                             enabled=self.amp_dtype is not None):
             outputs = self.model(imgs, pids,
                                  mixer=self.mixer if self.mixing() else None)
-            loss, summary = self.stage_losses(outputs, pids)
+            try:
+                loss, summary = self.stage_losses(outputs, pids)
+                failure = None
+            except FloatingPointError as error:
+                failure = error
+            # before the backward pass: with several processes every rank
+            # learns that one failed, and all stop here (none waits forever
+            # for the gradients of a rank that stopped)
+            stop_if_any_failed(failure)
         self.optimizer.zero_grad()
         if self.scaler is not None:  # float16: scaled against underflow
             self.scaler.scale(loss).backward()

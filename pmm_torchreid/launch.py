@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import os.path as osp
 import sys
 import time
@@ -26,9 +27,9 @@ import torch
 import torch.nn as nn
 import torchreid
 
-from . import checks, config as C
+from . import checks, config as C, distributed
 from .checkpoint import atomic_write, load_pretrained_weights, \
-    resume_from_checkpoint
+    resume_from_checkpoint, unwrap
 from .data import build_datamanager
 from .engine import RecordedPMMEngine
 from .models import MODEL_FACTORY
@@ -112,11 +113,17 @@ def build_model(cfg, num_classes: int) -> nn.Module:
     )
 
 
-def build_engine(cfg, datamanager, model, optimizer, scheduler):
+def build_engine(cfg, datamanager, model, optimizer, scheduler,
+                 seed: Optional[int] = None):
+    """The engine for ``loss.name`` (with the run records); ``seed`` is the
+    PMM partner generator's seed (default ``train.seed``; each rank of a
+    distributed run has its own)."""
     if cfg.loss.name == 'pmm':
+        kwargs = C.engine_kwargs(cfg)
+        if seed is not None:
+            kwargs['seed'] = int(seed)
         return RecordedPMMEngine(
-            datamanager, model, optimizer, scheduler=scheduler,
-            **C.engine_kwargs(cfg)
+            datamanager, model, optimizer, scheduler=scheduler, **kwargs
         )
     if cfg.loss.name == 'softmax':
         engine_cls = with_run_records(torchreid.engine.ImageSoftmaxEngine)
@@ -137,15 +144,51 @@ def main(argv=None, started: Optional[float] = None):
     """Parses ``argv`` (default: ``sys.argv[1:]``) like torchreid's
     ``scripts/main.py`` and trains and/or evaluates; returns the engine.
     ``started`` is the process's start time, for the wall time in
-    ``results.json`` (default: when this module was imported)."""
+    ``results.json`` (default: when this module was imported).
+
+    Started by ``torchrun`` with several processes, it trains with
+    DistributedDataParallel (:mod:`pmm_torchreid.distributed`): rank 0 writes
+    the log and every file, the others print nothing.  Under torchrun a
+    failure's message is also handed to torchrun, whose summary then names
+    it as the root cause."""
+    if os.environ.get('TORCHELASTIC_ERROR_FILE'):  # set by torchrun
+        from torch.distributed.elastic.multiprocessing.errors import record
+        return record(_main)(argv, started)
+    return _main(argv, started)
+
+
+def _main(argv, started):
     args = build_parser().parse_args(argv)
     cfg = setup_config(args)
+    launched = distributed.launch_info()  # torchrun with several processes
+    if launched:
+        distributed.check_config(cfg, launched.world_size)
     checks.check_paths(cfg)  # datasets and weight files exist, before any work
-    torchreid.utils.set_random_seed(cfg.train.seed)
+    if launched:
+        distributed.init(cfg, launched)
+    built = {}  # the engine, once there is one (where a failed run stopped)
+    try:
+        engine = _run(cfg, started, built)
+    except Exception as error:
+        if distributed.is_active() and distributed.is_comm_error(error):
+            raise distributed.lost_contact_error(
+                error, built.get('engine')) from error
+        raise
+    distributed.finish()
+    return engine
 
-    log_name = 'test.log' if cfg.test.evaluate else 'train.log'
-    log_name += time.strftime('-%Y-%m-%d-%H-%M-%S')
-    sys.stdout = torchreid.utils.Logger(osp.join(cfg.data.save_dir, log_name))
+
+def _run(cfg, started, built):
+    # each rank of a distributed run draws its own numbers (train.seed + rank)
+    torchreid.utils.set_random_seed(distributed.rank_seed(cfg.train.seed))
+
+    if distributed.is_main():
+        log_name = 'test.log' if cfg.test.evaluate else 'train.log'
+        log_name += time.strftime('-%Y-%m-%d-%H-%M-%S')
+        sys.stdout = torchreid.utils.Logger(
+            osp.join(cfg.data.save_dir, log_name))
+    else:  # rank 0 logs; errors still reach every rank's stderr
+        sys.stdout = open(os.devnull, 'w')
 
     print('Show configuration\n{}\n'.format(cfg))
     print('Collecting env info ...')
@@ -155,6 +198,8 @@ def main(argv=None, started: Optional[float] = None):
         torch.backends.cudnn.benchmark = True
 
     datamanager = build_datamanager(**C.imagedata_kwargs(cfg))
+    if distributed.is_active() and not cfg.test.evaluate:
+        distributed.use_distributed_train_loader(datamanager, cfg)
     if not cfg.test.evaluate and len(datamanager.train_loader) == 0:
         raise ValueError(
             'the training data give no batch: {} identities with {} images '
@@ -176,26 +221,40 @@ def main(argv=None, started: Optional[float] = None):
     if cfg.model.load_weights:
         load_pretrained_weights(model, cfg.model.load_weights)
 
-    if cfg.use_gpu:
-        model = nn.DataParallel(model).cuda()
+    if distributed.is_active():
+        if cfg.use_gpu:
+            model = model.cuda()  # this rank's GPU (set by distributed.init)
+            if cfg.loss.name == 'pmm' and C.engine_kwargs(cfg)['channels_last']:
+                model = model.to(memory_format=torch.channels_last)
+        model = distributed.wrap_model(model, cfg)
+    else:
+        if cfg.train.sync_bn:
+            print('** train.sync_bn has no effect in a single process')
+        if cfg.use_gpu:
+            model = nn.DataParallel(model).cuda()
 
-    optimizer = torchreid.optim.build_optimizer(model, **C.optimizer_kwargs(cfg))
+    # the network itself: torchreid finds staged_lr's layers on it
+    optimizer = torchreid.optim.build_optimizer(unwrap(model),
+                                                **C.optimizer_kwargs(cfg))
     scheduler = build_lr_scheduler(optimizer, **C.lr_scheduler_kwargs(cfg))
 
     print('Building {}-engine for {}-reid'.format(cfg.loss.name, cfg.data.type))
-    engine = build_engine(cfg, datamanager, model, optimizer, scheduler)
+    engine = build_engine(cfg, datamanager, model, optimizer, scheduler,
+                          seed=distributed.rank_seed(cfg.train.seed))
 
     start_epoch = cfg.train.start_epoch
     if cfg.model.resume:  # last: it restores the random-number states
         start_epoch = resume_from_checkpoint(
             cfg.model.resume, model, optimizer=optimizer, scheduler=scheduler,
-            engine=engine
+            engine=engine,
+            map_location='cpu' if distributed.is_active() else None
         )
     run_kwargs = C.engine_run_kwargs(cfg)
     run_kwargs['start_epoch'] = start_epoch
     run_started = time.time()
+    built['engine'] = engine
     engine.run(**run_kwargs)
-    if not cfg.test.evaluate:
+    if not cfg.test.evaluate and distributed.is_main():
         write_results(cfg, engine, time.time() - run_started,
                       started or STARTED)
     return engine
@@ -220,7 +279,8 @@ def write_results(cfg, engine, run_seconds: float,
         'max_epoch': int(cfg.train.max_epoch),
         'height': int(cfg.data.height),
         'width': int(cfg.data.width),
-        'batch_size': int(cfg.train.batch_size),
+        'batch_size': int(cfg.train.batch_size),  # global (all ranks)
+        'world_size': distributed.world_size(),
         # what the results are measured on: the test split, or identities
         # held out of the training set (data.val_ids)
         'evaluated_on': 'validation' if cfg.data.val_ids else 'test',

@@ -161,10 +161,18 @@ class PMM(_Trunk):
         - train mode: ``model(x, labels, mixer=None)`` -> dict with
           ``'logits'`` and ``'embeddings'`` (one tensor per stage) and, when a
           mixer is given, for each mixed stage ``'masks'`` (N x 1 x H x W),
-          ``'negatives'`` (N, or None) and ``'partner_weights'`` (N, the
-          partner label's share of the target; see
-          :class:`pmm_torchreid.guidance.Mixed`).  ``labels`` is a tensor so that
-          ``nn.DataParallel`` hands every replica its share.
+          ``'partner_labels'`` (N, the label of the sample whose features
+          were pasted in; None when nothing was pasted) and
+          ``'partner_weights'`` (N, the partner label's share of the target;
+          see :class:`pmm_torchreid.guidance.Mixed`).  ``labels`` is a tensor
+          so that ``nn.DataParallel`` hands every replica its share.
+
+    Everything a mixed stage's loss needs is computed inside the call, as
+    per-sample tensors.  A rule's partner *indices* point into the batch that
+    the call saw -- one replica's share under ``nn.DataParallel``, which
+    gathers outputs unchanged -- so they are turned into partner *labels*
+    here, with the labels of that same share; gathered along dim 0, the
+    outputs of several replicas stay right.
 
     Examples::
 
@@ -223,7 +231,8 @@ class PMM(_Trunk):
         logits, emb = self.global_head(fmap)
         out = {'logits': [logits], 'embeddings': [emb]}
         if mixer is not None:
-            out['masks'], out['negatives'], out['partner_weights'] = [], [], []
+            out['masks'], out['partner_labels'] = [], []
+            out['partner_weights'] = []
         if not self.part_heads:
             return out
         part = self.part_trunk(fmap)
@@ -234,7 +243,9 @@ class PMM(_Trunk):
                 mixed = mixer(part, cam_map, cam_logits, labels)
                 stage_in = mixed.features
                 out['masks'].append(mixed.mask)
-                out['negatives'].append(mixed.negatives)
+                out['partner_labels'].append(
+                    None if mixed.negatives is None else
+                    labels.index_select(0, mixed.negatives.to(labels.device)))
                 out['partner_weights'].append(mixed.partner_weight)
             logits, emb = head(stage_in)
             out['logits'].append(logits)

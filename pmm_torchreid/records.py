@@ -21,7 +21,14 @@ triplet engines alike) and adds:
   of times faster than its Python path) instead of torchreid's own; features
   and distances stay torchreid's;
 - **a stop on a non-finite loss**, naming the epoch, the iteration and the
-  last good checkpoint.
+  last good checkpoint;
+- **several processes** (torchrun, :mod:`pmm_torchreid.distributed`): the
+  sampler's epoch is set every epoch; only rank 0 writes (TensorBoard,
+  checkpoints, ``curves.csv``, pictures) and evaluates, with the plain network
+  while the other ranks wait; checkpoints hold every rank's random-number
+  states; a non-finite loss on any rank stops all of them; the epoch means in
+  ``curves.csv`` are over all ranks, and the BatchNorm statistics are rank
+  0's on every rank after each epoch.
 """
 from __future__ import annotations
 
@@ -37,8 +44,9 @@ from typing import Dict, Iterator
 
 import torchreid
 
+from . import distributed
 from .checkpoint import (atomic_write, capture_rng_state, restore_rng_state,
-                         save_checkpoint)
+                         save_checkpoint, unwrap)
 
 __all__ = ['RunRecordsMixin', 'with_run_records', 'fast_ranking']
 
@@ -77,6 +85,13 @@ def fast_ranking() -> Iterator[None]:
         yield
     finally:
         module.metrics = original
+
+
+class _NullWriter(object):
+    """Stands in for TensorBoard's writer on the ranks that write nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 class RunRecordsMixin(object):
@@ -123,7 +138,10 @@ class RunRecordsMixin(object):
                 raise TypeError('{} has vis_freq > 0 but draws no pictures '
                                 '(no setup_pictures/write_pictures)'.format(
                                     type(self).__name__))
-            self.setup_pictures()
+            if distributed.is_main():
+                self.setup_pictures()
+        if not distributed.is_main():  # rank 0 writes TensorBoard's files
+            self.writer = _NullWriter()
         try:
             return super(RunRecordsMixin, self).run(*args, **kwargs)
         finally:
@@ -135,13 +153,22 @@ class RunRecordsMixin(object):
         lr = self.get_current_lr()
         start = time.time()
         self._epoch_sums = {}
+        for sampler in (getattr(self.train_loader, 'batch_sampler', None),
+                        getattr(self.train_loader, 'sampler', None)):
+            if hasattr(sampler, 'set_epoch'):  # distributed samplers
+                sampler.set_epoch(self.epoch)
         try:
             result = super(RunRecordsMixin, self).train(*args, **kwargs)
         finally:
             sums, self._epoch_sums = self._epoch_sums, None
             self.train_seconds += time.time() - start
         n = sums.pop('_n', 0)
-        if n and hasattr(self, 'save_dir'):
+        if distributed.is_active():
+            # the same state on every rank, and the epoch means over all
+            distributed.broadcast_buffers(unwrap(self.model))
+            sums = OrderedDict(zip(sums, distributed.average(
+                list(sums.values()))))
+        if n and hasattr(self, 'save_dir') and distributed.is_main():
             row = OrderedDict((key, value / n) for key, value in sums.items())
             row.update(kind='train', epoch=self.epoch + 1,
                        step=(self.epoch + 1) * self.num_batches, lr=float(lr),
@@ -150,23 +177,57 @@ class RunRecordsMixin(object):
         if self.vis_freq > 0 and (
                 (self.epoch + 1) % self.vis_freq == 0
                 or self.epoch + 1 == getattr(self, 'max_epoch', -1)):
-            self.write_pictures()
+            if distributed.is_main():
+                self.write_pictures()
+            distributed.wait_for_main('the training pictures')
         return result
 
     def forward_backward(self, data):
         try:
             summary = super(RunRecordsMixin, self).forward_backward(data)
+            loss = summary.get('loss') if isinstance(summary, dict) else None
+            failure = None
+            if loss is not None and not math.isfinite(float(loss)):
+                failure = FloatingPointError(
+                    'loss is not finite ({})'.format(loss))
+            if getattr(self, 'checks_loss_on_every_rank', False):
+                if failure is not None:
+                    raise failure
+            else:  # every rank stops when one sees a non-finite loss
+                distributed.stop_if_any_failed(failure)
         except FloatingPointError as error:
             raise self.non_finite_error(str(error)) from None
-        loss = summary.get('loss') if isinstance(summary, dict) else None
-        if loss is not None and not math.isfinite(float(loss)):
-            raise self.non_finite_error('loss is not finite ({})'.format(loss))
         if self._epoch_sums is not None and isinstance(summary, dict):
             for key, value in summary.items():
                 self._epoch_sums[key] = self._epoch_sums.get(key, 0.0) + \
                     float(value)
             self._epoch_sums['_n'] = self._epoch_sums.get('_n', 0) + 1
         return summary
+
+    def test(self, *args, **kwargs):
+        """torchreid's evaluation of every target; with several processes,
+        rank 0 alone evaluates (the others wait for it and get 0.0 as
+        rank-1), so the numbers are those of a single process."""
+        if not distributed.is_active():
+            return super(RunRecordsMixin, self).test(*args, **kwargs)
+        rank1 = 0.0
+        if distributed.is_main():
+            rank1 = super(RunRecordsMixin, self).test(*args, **kwargs)
+        distributed.wait_for_main('the evaluation on rank 0')
+        return rank1
+
+    def extract_features(self, input):
+        if distributed.is_active():  # the plain network: rank 0 runs alone
+            return unwrap(self.model)(input)
+        return super(RunRecordsMixin, self).extract_features(input)
+
+    def two_stepped_transfer_learning(self, epoch, fixbase_epoch, open_layers,
+                                      model=None):
+        # torchreid looks the open layers up on the network itself, which it
+        # finds inside nn.DataParallel but not inside DistributedDataParallel
+        return super(RunRecordsMixin, self).two_stepped_transfer_learning(
+            epoch, fixbase_epoch, open_layers,
+            unwrap(self.model) if model is None else model)
 
     def _evaluate(self, *args, **kwargs):
         with fast_ranking():
@@ -194,20 +255,28 @@ class RunRecordsMixin(object):
     # checkpoints
     # ------------------------------------------------------------------
     def save_model(self, epoch, rank1, save_dir, is_best=False):
+        """Writes ``<save_dir>/<name>/model.pth.tar-<epoch + 1>`` (the
+        network's own keys, without a ``module.`` prefix).  With several
+        processes every rank calls it (the random-number states of all are
+        gathered) and rank 0 writes."""
+        extra = self.extra_checkpoint_state()
         for name in self.get_model_names():
+            fpath = osp.join(
+                save_dir, name, 'model.pth.tar-{}'.format(int(epoch) + 1)
+            )
+            if not distributed.is_main():  # rank 0 writes it
+                self.last_checkpoint = fpath
+                continue
             scheduler = self._scheds[name]
             state = {
-                'state_dict': self._models[name].state_dict(),
+                'state_dict': unwrap(self._models[name]).state_dict(),
                 'epoch': int(epoch) + 1,
                 'rank1': float(rank1),
                 'optimizer': self._optims[name].state_dict(),
                 'scheduler': scheduler.state_dict()
                 if scheduler is not None else None,
             }
-            state.update(self.extra_checkpoint_state())
-            fpath = osp.join(
-                save_dir, name, 'model.pth.tar-{}'.format(int(epoch) + 1)
-            )
+            state.update(extra)
             save_checkpoint(state, fpath)
             self.last_checkpoint = fpath
             print('Checkpoint saved to "{}"'.format(fpath))
@@ -218,16 +287,25 @@ class RunRecordsMixin(object):
 
     def extra_checkpoint_state(self) -> Dict:
         """More checkpoint entries (plain values or tensors): the random-number
-        states, plus the engine's own (its ``extra_checkpoint_state``)."""
+        states, plus the engine's own (its ``extra_checkpoint_state``).
+
+        With several processes every rank must call it: the entries are rank
+        0's, and ``'rank_states'`` holds every rank's (in rank order, gathered
+        here) with ``'world_size'``."""
         state = {'rng_state': capture_rng_state()}
         own = getattr(super(RunRecordsMixin, self), 'extra_checkpoint_state',
                       None)
         if own is not None:
             state.update(own())
+        if distributed.is_active():
+            ranks = distributed.gather_objects(state)
+            state = dict(ranks[0], rank_states=ranks, world_size=len(ranks))
         return state
 
     def restore_checkpoint_state(self, checkpoint: Dict) -> None:
-        """Restores what :meth:`extra_checkpoint_state` saved (if present)."""
+        """Restores what :meth:`extra_checkpoint_state` saved (if present):
+        with several processes, each rank its own states."""
+        checkpoint = self._own_rank_states(checkpoint)
         if checkpoint.get('rng_state') is not None:
             restore_rng_state(checkpoint['rng_state'])
             print('Restored the random-number states')
@@ -238,6 +316,29 @@ class RunRecordsMixin(object):
                       None)
         if own is not None:
             own(checkpoint)
+
+    @staticmethod
+    def _own_rank_states(checkpoint: Dict) -> Dict:
+        """The checkpoint with this rank's random-number states in place of
+        rank 0's, when it was saved by as many processes as run now."""
+        ranks = checkpoint.get('rank_states')
+        world, rank = distributed.world_size(), distributed.rank()
+        if ranks is not None and len(ranks) == world:
+            if world > 1:
+                print('Restoring the random-number states of each of the {} '
+                      'ranks'.format(world))
+            return dict(checkpoint, **ranks[rank])
+        saved = len(ranks) if ranks is not None else 1
+        if saved == world:
+            return checkpoint
+        print('** The checkpoint was saved by {} process(es) and is resumed '
+              'by {}: rank 0 gets the saved random-number states of rank 0, '
+              'other ranks keep fresh ones, so the resumed run will not repeat '
+              'an uninterrupted one exactly'.format(saved, world))
+        if rank == 0:
+            return checkpoint
+        return {key: value for key, value in checkpoint.items()
+                if key not in ('rng_state', 'pmm_generator', 'grad_scaler')}
 
     def non_finite_error(self, what: str) -> FloatingPointError:
         """The error that stops a run whose loss is not finite."""

@@ -291,7 +291,7 @@ def stage_views(
             mix_cams=mix_cams,
             mix_masks=[block_mask(c, block, k) for c in mix_cams],
             mix_inputs=[m[:n].detach() for m in out['masks']],
-            mix_pasted=[neg is not None for neg in out['negatives']])
+            mix_pasted=[lab is not None for lab in out['partner_labels']])
         return views
     finally:
         net.train(was_training)

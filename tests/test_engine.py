@@ -67,16 +67,17 @@ def test_non_finite_loss_names_stage_and_iteration(recorded):
     assert ('last good checkpoint is none' in str(info.value)) == recorded
 
 
-def test_negatives_are_reproducible_from_the_seed():
+def test_partners_are_reproducible_from_the_seed():
     draws = []
     for _ in range(2):
         engine = _engine(seed=7)
         out = engine.model(_data()['img'], _data()['pid'], mixer=engine.mixer)
-        draws.append(torch.stack(out['negatives']))
+        draws.append(torch.stack(out['partner_labels']))
     assert torch.equal(draws[0], draws[1])
+    assert bool((draws[0] != _data()['pid']).all())  # another identity
     other = _engine(seed=8)
     out = other.model(_data()['img'], _data()['pid'], mixer=other.mixer)
-    assert not torch.equal(draws[0], torch.stack(out['negatives']))
+    assert not torch.equal(draws[0], torch.stack(out['partner_labels']))
 
 
 def test_mix_none_trains_without_guidance():
@@ -281,12 +282,14 @@ def test_mixed_stages_take_mixed_targets_and_triplet_the_anchor_label(mix):
     _, summary = engine.stage_losses(out, pids)
     for s in (2, 3):
         logits, emb = out['logits'][s - 1], out['embeddings'][s - 1]
-        neg, weight = out['negatives'][s - 2], out['partner_weights'][s - 2]
+        partner, weight = (out['partner_labels'][s - 2],
+                           out['partner_weights'][s - 2])
         own = smoothed_cross_entropy(logits, pids, 0.1).item()
         if mix in ('cutmix', 'a_cutmix'):
             # 2 blocks of 2 x 1 on the 4 x 2 map: half of the label
             assert torch.allclose(weight, torch.full((8, ), 0.5))
-            want = mixed_cross_entropy(logits, pids, pids[neg], weight,
+            assert bool((partner != pids).all())
+            want = mixed_cross_entropy(logits, pids, partner, weight,
                                        0.1).item()
             assert abs(want - own) > 1e-4  # the mix changes the loss
         else:

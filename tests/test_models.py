@@ -37,7 +37,7 @@ def test_shapes_in_train_and_eval(backbone, channels):
     assert [t.shape for t in out['logits']] == [(6, 7)] * 3
     assert [t.shape for t in out['embeddings']] == [(6, 512)] * 3
     assert [t.shape for t in out['masks']] == [(6, 1, 4, 2)] * 2
-    assert [t.shape for t in out['negatives']] == [(6, )] * 2
+    assert [t.shape for t in out['partner_labels']] == [(6, )] * 2
     model.eval()
     feats = model(images)
     assert isinstance(feats, torch.Tensor) and feats.shape == (6, 1536)
@@ -73,10 +73,17 @@ def test_mixed_stage_sees_partner_blocks():
         lambda m, inp: seen.append(inp[0].detach()))
     fmap = model.backbone(images)
     part = model.part_trunk(fmap).detach()
-    out = model(images, labels, mixer=HardMix((2, 1), 2))
-    mask, neg = out['masks'][0], out['negatives'][0]
+    rule = HardMix((2, 1), 2, generator=torch.Generator().manual_seed(3))
+    drawn = []  # the partner indices the rule drew, stage by stage
+    draw = rule.partners
+    rule.partners = lambda lab: drawn.append(draw(lab)) or drawn[-1]
+    out = model(images, labels, mixer=rule)
+    mask, neg = out['masks'][0], drawn[0]
     expected = torch.where(mask.bool(), part, part[neg])
     torch.testing.assert_close(seen[-1], expected)
+    # the model hands on the partners' labels, not their batch indices
+    assert torch.equal(out['partner_labels'][0], labels[neg])
+    assert torch.equal(out['partner_labels'][1], labels[drawn[1]])
     assert bool((labels[neg] != labels).all())
     assert int((mask == 0).sum()) == 6 * 2 * 2  # 2 blocks of 2x1 per sample
 
