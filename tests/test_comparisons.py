@@ -372,3 +372,34 @@ def test_ablation_settings_train_them_without_a_mix():
         'model.name', 'fmn_osnet_x0_25', 'loss.name', 'pmm', 'pmm.mix', 'none']
     with pytest.raises(ValueError, match='takes no mix'):
         ablation.Setting('fmn_resnet18:hard_mix')
+
+
+@pytest.mark.parametrize('model', ['fmn', 'magnifiernet'])
+@pytest.mark.parametrize('dataset', ['market1501', 'dukemtmcreid', 'cuhk03'])
+def test_dataset_configs_are_pmms_recipe_with_the_comparison_network(
+        model, dataset):
+    from pmm_torchreid import launch
+
+    def load(name):
+        return launch.setup_config(launch.build_parser().parse_args(
+            ['--config-file', os.path.join(ROOT, 'configs', name)]))
+    cfg = load('{}_{}.yaml'.format(model, dataset))
+    pmm = load('pmm_{}.yaml'.format(dataset))
+    assert cfg.model.name == model and cfg.model.pretrained is True
+    assert MODEL_FACTORY[model].backbone == 'resnet50'
+    assert cfg.loss.name == 'pmm' and cfg.pmm.mix == 'none'
+    assert cfg.data.save_dir == 'log/{}_{}'.format(model, dataset)
+    for key in ('data.sources', 'data.targets', 'data.height', 'data.width',
+                'data.transforms', 'data.cutout_size', 'train.batch_size',
+                'sampler.num_instances', 'train.optim', 'train.lr',
+                'train.weight_decay', 'train.max_epoch', 'train.stepsize',
+                'train.warmup_epochs', 'train.warmup_interval',
+                'train.warmup_offset', 'test.dist_metric', 'test.eval_freq',
+                'cuhk03.labeled_images', 'cuhk03.classic_split',
+                'pmm.soft_margin', 'pmm.weight_triplet', 'pmm.weight_ce',
+                'pmm.label_smooth'):
+        section, name = key.split('.')
+        assert cfg[section][name] == pmm[section][name], key
+    if model == 'magnifiernet':
+        assert cfg.magnifiernet.masks_root == ''  # bands unless given
+        assert cfg.magnifiernet.occluded_regions == 1
