@@ -99,6 +99,9 @@ class ComparisonEngine(PMMEngine):
                  cfg.magnifiernet.occluded_regions,
                  '1 to {} of the {} regions'.format(NUM_REGIONS - 1,
                                                      NUM_REGIONS))
+        if not 0 < cfg.magnifiernet.occlusion_share <= 1:
+            fail('magnifiernet.occlusion_share',
+                 cfg.magnifiernet.occlusion_share, 'a share of a cell in (0, 1]')
         for key in ('weight_sd', 'weight_parsing'):
             if cfg.magnifiernet[key] < 0:
                 fail('magnifiernet.' + key, cfg.magnifiernet[key], '>= 0')

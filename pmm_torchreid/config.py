@@ -183,6 +183,8 @@ def add_comparison_config(cfg: CN) -> CN:
     cfg.magnifiernet.embedding_dim = 512  # size of each branch's embedding
     cfg.magnifiernet.region_dim = 256  # size of each region's feature (fusion input)
     cfg.magnifiernet.occluded_regions = 1  # regions occluded per batch (1 to 3 of 4)
+    # a feature cell is occluded when the chosen regions cover this share of it
+    cfg.magnifiernet.occlusion_share = 0.25
     cfg.magnifiernet.weight_sd = 1.0  # weight of the Semantic Diversity loss
     cfg.magnifiernet.weight_parsing = 1.0  # weight of the parsing head's loss
     # label PNGs of a human parser in a folder that mirrors data.root ('':
@@ -368,7 +370,7 @@ def model_kwargs(cfg: CN, num_classes: int) -> dict:
         kwargs.update(_same_names(cfg.fmn, 'embedding_dim'))
     elif is_magnifiernet_model(cfg.model.name):
         kwargs.update(_same_names(cfg.magnifiernet, 'embedding_dim region_dim '
-                                  'occluded_regions'))
+                                  'occluded_regions occlusion_share'))
     return kwargs
 
 

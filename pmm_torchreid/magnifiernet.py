@@ -18,15 +18,17 @@ README, "Comparison systems"):
 - **semantic regularization branch** (SRB): ``P = Bottleneck(F)`` (BDB's part
   trunk); in training, ``occluded_regions`` of the 4 regions (head, upper
   body, lower body, shoes; :mod:`pmm_torchreid.parsing`) are drawn per batch
-  and their cells of ``P`` are zeroed for every sample (the region of a cell
-  is the majority region of its pixels in the image's mask); -> max pooling
-  -> Linear + BN + ReLU -> 512-d -> classifier (BDB's part head).  At test
-  time nothing is occluded;
+  and, for every sample, the cells of ``P`` that its mask's chosen regions
+  cover by at least ``occlusion_share`` (a quarter) are zeroed; -> max
+  pooling -> Linear + BN + ReLU -> 512-d -> classifier (BDB's part head).  At
+  test time nothing is occluded;
 - **parsing head**: ``F`` -> 1x1 conv + BN + ReLU -> 1x1 conv -> 5 classes
-  (background + 4 regions) per cell, trained with a cross-entropy on the
-  masks; its softmax gives the region weights the fusion branch pools with,
-  so the network needs no parser at test time (the masks are a training
-  input only);
+  (background + 4 regions) per cell, trained with a cross-entropy against
+  each cell's area shares of the regions in the mask (soft targets, so that
+  regions smaller than a cell, such as the head or the shoes at 128 x 64,
+  are learnt too); its softmax gives the region weights the fusion branch
+  pools with, so the network needs no parser at test time (the masks are a
+  training input only);
 - **semantic fusion branch** (SFB): per region ``r``, the region-weighted
   average of ``F`` (weights: the parsing head's probabilities, detached) ->
   its own Linear + BN + ReLU -> ``region_dim`` (256); the 4 region features,
@@ -56,7 +58,7 @@ from .models import PartHead, _init_kaiming, _Trunk
 from .parsing import NUM_REGIONS, REGION_NAMES
 
 __all__ = ['MagnifierNet', 'GatedFusion', 'semantic_diversity_loss',
-           'downsample_regions', 'occlusion_keep']
+           'region_shares', 'downsample_regions', 'occlusion_keep']
 
 
 def semantic_diversity_loss(features: torch.Tensor,
@@ -85,20 +87,30 @@ def semantic_diversity_loss(features: torch.Tensor,
     return off.pow(2).sum(dim=(1, 2)).div(r * (r - 1)).mean()
 
 
+def region_shares(regions: torch.Tensor, size, num_regions: int =
+                  NUM_REGIONS) -> torch.Tensor:
+    """Image-size region maps N x H x W (ids 0..R) -> N x (R + 1) x h x w:
+    the share of each cell's pixels that each region covers (adaptive
+    average pooling, so a cell covers the pixels it is computed from)."""
+    regions = regions.long()
+    onehot = torch.stack([regions == r for r in range(num_regions + 1)], 1)
+    return F.adaptive_avg_pool2d(onehot.float(), tuple(size))
+
+
 def downsample_regions(regions: torch.Tensor, size, num_regions: int =
                        NUM_REGIONS) -> torch.Tensor:
     """Image-size region maps N x H x W (ids 0..R) -> N x h x w: each cell
     takes the region that covers most of its pixels (ties: the lower id)."""
-    regions = regions.long()
-    onehot = torch.stack([regions == r for r in range(num_regions + 1)], 1)
-    share = F.adaptive_avg_pool2d(onehot.float(), tuple(size))
-    return share.argmax(dim=1)
+    return region_shares(regions, size, num_regions).argmax(dim=1)
 
 
-def occlusion_keep(cells: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """N x 1 x h x w: 0 on the cells whose region is in ``chosen``, else 1."""
-    hit = (cells.unsqueeze(-1) == chosen.view(1, 1, 1, -1)).any(dim=-1)
-    return (~hit).unsqueeze(1)
+def occlusion_keep(shares: torch.Tensor, chosen: torch.Tensor,
+                   min_share: float = 0.25) -> torch.Tensor:
+    """N x 1 x h x w bool: False on the cells whose pixels the ``chosen``
+    region ids cover by at least ``min_share`` (``shares``: N x (R + 1) x h
+    x w, :func:`region_shares`), True elsewhere."""
+    covered = shares.index_select(1, chosen.long()).sum(dim=1, keepdim=True)
+    return covered < min_share - 1e-6
 
 
 class GatedFusion(nn.Module):
@@ -143,6 +155,8 @@ class MagnifierNet(_Trunk):
         region_dim (int): size of each region feature. Default is 256.
         occluded_regions (int): regions occluded per batch in the semantic
             regularization branch (1 to 3 of the 4). Default is 1.
+        occlusion_share (float): a cell is occluded when the chosen regions
+            cover at least this share of its pixels. Default is 0.25.
         parsing_hidden (int): channels of the parsing head. Default is 256.
         loss (str): accepted for torchreid's factory signature; unused.
 
@@ -165,16 +179,21 @@ class MagnifierNet(_Trunk):
     def __init__(self, num_classes: int, backbone: str = 'resnet50',
                  pretrained: bool = True, embedding_dim: int = 512,
                  region_dim: int = 256, occluded_regions: int = 1,
-                 parsing_hidden: int = 256, loss: str = 'pmm', **kwargs):
+                 occlusion_share: float = 0.25, parsing_hidden: int = 256,
+                 loss: str = 'pmm', **kwargs):
         if not 1 <= occluded_regions < NUM_REGIONS:
             raise ValueError(
                 'occluded_regions must be 1 to {} (of the {} regions {}), got '
                 '{}'.format(NUM_REGIONS - 1, NUM_REGIONS, REGION_NAMES,
                             occluded_regions))
+        if not 0 < occlusion_share <= 1:
+            raise ValueError('occlusion_share must lie in (0, 1], got '
+                             '{}'.format(occlusion_share))
         super().__init__(num_classes, backbone, pretrained, embedding_dim)
         channels = self.feature_channels
         self.num_regions = NUM_REGIONS
         self.occluded_regions = int(occluded_regions)
+        self.occlusion_share = float(occlusion_share)
         self.srb_head = PartHead(channels, embedding_dim, num_classes)
         hidden = min(parsing_hidden, channels)
         self.parsing_head = nn.Sequential(
@@ -249,18 +268,18 @@ class MagnifierNet(_Trunk):
                 'model(images, labels, regions=R) with R the N x H x W region '
                 'maps (pmm_torchreid.parsing; the engine attaches them to the '
                 'training batches)')
-        cells = downsample_regions(regions.to(x.device), fmap.shape[-2:],
-                                   self.num_regions)
+        shares = region_shares(regions.to(x.device), fmap.shape[-2:],
+                               self.num_regions)
         chosen = self.choose_regions(x.device)
         self.last_occluded = chosen.tolist()
-        keep = occlusion_keep(cells, chosen)
+        keep = occlusion_keep(shares, chosen, self.occlusion_share)
         s_logits, s_emb = self.srb_head(part * keep.to(part.dtype))
         occluded = torch.zeros(x.shape[0], self.num_regions, dtype=torch.bool,
                                device=x.device)
         occluded[:, chosen - 1] = True
         aux = OrderedDict()
         aux['sd'] = semantic_diversity_loss(feats.float())
-        aux['parsing'] = F.cross_entropy(parse_logits.float(), cells)
+        aux['parsing'] = F.cross_entropy(parse_logits.float(), shares)
         return {'logits': [g_logits, s_logits, f_logits],
                 'embeddings': [g_emb, s_emb, f_emb], 'aux_losses': aux,
                 'occluded': occluded, 'keep': keep, 'region_features': feats}

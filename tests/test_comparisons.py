@@ -99,9 +99,11 @@ def test_build_model_uses_the_config_sizes():
                        'model.pretrained', 'False', 'pmm.mix', 'none',
                        'magnifiernet.embedding_dim', '64',
                        'magnifiernet.region_dim', '16',
-                       'magnifiernet.occluded_regions', '2'])
+                       'magnifiernet.occluded_regions', '2',
+                       'magnifiernet.occlusion_share', '0.5'])
     model = launch.build_model(cfg, 5)
     assert isinstance(model, MagnifierNet) and model.occluded_regions == 2
+    assert model.occlusion_share == 0.5
     assert model.eval()(_batch()[0]).shape == (6, 192)
     C.merge_list(cfg, ['model.name', 'fmn_osnet_x0_25',
                        'fmn.embedding_dim', '32'])
@@ -218,6 +220,51 @@ def test_occlusion_follows_each_samples_own_mask():
     zero = (seen[-1] == 0).all(dim=1).all(dim=-1)  # N x 4 cell rows
     assert bool(zero[:3, region - 1].all()) and bool(zero[3:, 4 - region].all())
     assert int(zero.sum()) == 6
+
+
+def test_a_cell_is_occluded_when_the_region_covers_a_quarter_of_it():
+    model = MagnifierNet(3, backbone='resnet18', pretrained=False).train()
+    images, labels = _batch()
+    regions = torch.full((6, 64, 32), 2, dtype=torch.uint8)  # upper body
+    # cell (0, 0) is 16 x 16 pixels: 4 rows of head (25 %) -> occluded with
+    # the head; cell (0, 1): 3 rows (19 %) -> kept; cell (3, 0): all shoes
+    regions[:, :4, :16] = 1
+    regions[:, :3, 16:] = 1
+    regions[:, 48:, :16] = 4
+    seen, parts = [], []
+    model.srb_head.register_forward_pre_hook(
+        lambda m, inp: seen.append(inp[0].detach()))
+    model.part_trunk.register_forward_hook(
+        lambda m, i, out: parts.append(out.detach()))
+    model.choose_regions = lambda device=None: torch.tensor([1], device=device)
+    out = model(images, labels, regions=regions)
+    zero = (seen[-1] == 0).all(dim=1)  # N x 4 x 2
+    expected = torch.zeros(4, 2, dtype=torch.bool)
+    expected[0, 0] = True
+    assert bool((zero == expected).all())
+    assert out['keep'][:, 0].eq(~expected).all()
+    model.choose_regions = lambda device=None: torch.tensor([4, 2],
+                                                            device=device)
+    model(images, labels, regions=regions)
+    zero = (seen[-1] == 0).all(dim=1)
+    # upper body covers 75 % of cell (0, 0) and 81 % of (0, 1): all occluded
+    assert bool(zero.all())
+    with pytest.raises(ValueError, match='occlusion_share'):
+        MagnifierNet(3, backbone='resnet18', pretrained=False,
+                     occlusion_share=0)
+
+
+def test_parsing_head_learns_shares_smaller_than_a_cell():
+    """The parsing loss takes each cell's region shares as its target, so a
+    region that covers no cell by majority (a small head) still counts."""
+    from pmm_torchreid.magnifiernet import region_shares
+    regions = torch.zeros(1, 32, 16, dtype=torch.uint8)
+    regions[0, :4, 4:12] = 1  # 32 of 256 pixels of cell (0, 0)
+    shares = region_shares(regions, (2, 1))
+    assert shares.shape == (1, 5, 2, 1)
+    assert float(shares[0, 1, 0, 0]) == pytest.approx(32 / 256)
+    assert downsample_regions(regions, (2, 1)).tolist() == [[[0], [0]]]
+    torch.testing.assert_close(shares.sum(dim=1), torch.ones(1, 2, 1))
 
 
 def test_occlusion_draws_come_from_torchs_generator():
@@ -337,6 +384,8 @@ def _setup(*opts):
       'magnifiernet.occluded_regions', '4'], 'magnifiernet.occluded_regions'),
     (['-m', 'magnifiernet_resnet18', 'pmm.mix', 'none',
       'magnifiernet.mask_labels', 'pascal'], 'magnifiernet.mask_labels'),
+    (['-m', 'magnifiernet_resnet18', 'pmm.mix', 'none',
+      'magnifiernet.occlusion_share', '1.5'], 'magnifiernet.occlusion_share'),
     (['-m', 'fmn_resnet18', 'pmm.mix', 'none', 'loss.name', 'triplet'],
      'loss.name'),
     (['-m', 'fmn_resnet18', 'pmm.mix', 'none', 'train.batch_size', '6',
