@@ -8,8 +8,9 @@ stage Grad-CAMs).
   values (jet: 0 blue, 1 red; not rescaled per image), and the image times
   ``M`` (what the masked branch keeps).
 - **MagnifierNet**: the parsing head's regions (the weights its fusion branch
-  pools with), as one colour map (argmax) and one heat map per region, next
-  to the regions the data gives for the image (the synthetic dataset's exact
+  pools with), as one colour map (argmax) and one heat map per region
+  (scaled to its own peak, which the title gives), next to the regions the
+  data gives for the image (the synthetic dataset's exact
   masks, a parser's masks under ``magnifiernet.masks_root``, or the band
   fallback), with the share of feature cells where the two agree.
 
@@ -133,8 +134,13 @@ class MaskPictures(object):
                    _colour_regions(pred).astype(np.float32) * 0.6)
             tiles.append(('regions (net)', img.astype(np.uint8)))
             for r, name in enumerate(REGION_NAMES, 1):
-                heat = overlay(image01[i:i + 1], up[i:i + 1, r].clamp(0, 1))[0]
-                tiles.append((name.replace('_', ' '), _to_uint8(heat)))
+                # each region's probability scaled to its own peak (the
+                # title gives the peak): where it is, even when it is small
+                prob = up[i:i + 1, r].clamp(0, 1)
+                peak = float(prob.max())
+                heat = overlay(image01[i:i + 1], prob / max(peak, 1e-12))[0]
+                tiles.append(('{} {:.2f}'.format(name.replace('_', ' '), peak),
+                              _to_uint8(heat)))
                 stats['share_' + name] = float((cells[i] == r).float().mean())
             out.append((tiles, stats))
         return out
