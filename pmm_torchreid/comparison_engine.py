@@ -8,21 +8,27 @@ It is :class:`~pmm_torchreid.engine.PMMEngine` without a mixing rule (``pmm.mix
 ``pmm.weight_triplet`` and ``pmm.weight_ce``), and the model's extra losses
 (MagnifierNet: the Semantic Diversity loss and the parsing loss) are added with
 their weights; everything is summed and back-propagated once.  For a model that
-needs semantic regions (MagnifierNet), the engine first makes the data
+needs semantic regions (MagnifierNet), a training run first makes the data
 manager's training batches carry them
-(:func:`pmm_torchreid.parsing.attach_region_masks`).
+(:func:`pmm_torchreid.parsing.attach_region_masks`); an evaluation-only run
+needs no masks.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Dict, Optional
 
 import torch
+import torchreid
 
 from .checkpoint import unwrap
 from .engine import PMMEngine
 from .records import with_run_records
 
 __all__ = ['ComparisonEngine', 'RecordedComparisonEngine', 'engine_class']
+
+#: the arguments of torchreid's ``Engine.run`` (to read ``test_only``)
+_RUN_SIGNATURE = inspect.signature(torchreid.engine.Engine.run)
 
 
 class ComparisonEngine(PMMEngine):
@@ -59,17 +65,33 @@ class ComparisonEngine(PMMEngine):
                              "'none'".format(type(unwrap(model)).__name__,
                                              kwargs['mix']))
         kwargs['mix'] = 'none'
-        self.needs_regions = bool(getattr(unwrap(model), 'needs_regions',
-                                          False))
-        if self.needs_regions:
-            from .parsing import attach_region_masks
-            attach_region_masks(datamanager, masks_root, data_root,
-                                mask_labels)
         super(ComparisonEngine, self).__init__(
             datamanager, model, optimizer, scheduler=scheduler,
             use_gpu=use_gpu, **kwargs)
+        self.needs_regions = bool(getattr(unwrap(model), 'needs_regions',
+                                          False))
+        self.masks = (masks_root, data_root, mask_labels)
         self.aux_weights = {'sd': float(weight_sd),
                             'parsing': float(weight_parsing)}
+
+    def attach_regions(self) -> None:
+        """Makes the training batches carry the region masks (a model that
+        needs them only; idempotent): :func:`pmm_torchreid.parsing.
+        attach_region_masks` on the data manager, whose new training loader
+        the engine then trains on."""
+        if not self.needs_regions:
+            return
+        from .parsing import attach_region_masks
+        attach_region_masks(self.datamanager, *self.masks)
+        self.train_loader = self.datamanager.train_loader
+
+    def run(self, *args, **kwargs):
+        """torchreid's ``run``; a training run first attaches the region
+        masks (an evaluation-only run needs none)."""
+        bound = _RUN_SIGNATURE.bind(self, *args, **kwargs)
+        if not bound.arguments.get('test_only', False):
+            self.attach_regions()
+        return super(ComparisonEngine, self).run(*args, **kwargs)
 
     @staticmethod
     def check_cfg(cfg) -> None:
@@ -127,8 +149,8 @@ class ComparisonEngine(PMMEngine):
             imgs = imgs.contiguous(memory_format=torch.channels_last)
         if self.needs_regions and regions is None:
             raise ValueError('the training batch has no region masks '
-                             "(batch['regions']); build the engine from the "
-                             'data manager it trains on')
+                             "(batch['regions']); call engine.attach_regions() "
+                             '(engine.run does) before training')
         with torch.autocast(self.device_type, dtype=self.amp_dtype,
                             enabled=self.amp_dtype is not None):
             kwargs = {'regions': regions} if regions is not None else {}

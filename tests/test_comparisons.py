@@ -452,3 +452,32 @@ def test_dataset_configs_are_pmms_recipe_with_the_comparison_network(
     if model == 'magnifiernet':
         assert cfg.magnifiernet.masks_root == ''  # bands unless given
         assert cfg.magnifiernet.occluded_regions == 1
+
+
+def test_only_a_training_run_attaches_the_masks(monkeypatch):
+    """An evaluation-only run of MagnifierNet needs no masks; a training run
+    swaps in the loader that carries them before the first epoch."""
+    from pmm_torchreid import parsing
+    calls = []
+    monkeypatch.setattr(torchreid.engine.Engine, 'run',
+                        lambda self, *a, **k: calls.append(('run', k)))
+
+    class Manager(object):
+        train_loader = 'plain loader'
+
+    def attach(datamanager, *masks):
+        calls.append(('attach', masks))
+        datamanager.train_loader = 'loader with masks'
+    monkeypatch.setattr(parsing, 'attach_region_masks', attach)
+    engine = ComparisonEngine.__new__(ComparisonEngine)
+    engine.needs_regions, engine.masks = True, ('m', 'r', 'atr')
+    engine.datamanager, engine.train_loader = Manager(), 'plain loader'
+    engine.run(save_dir='x', test_only=True)
+    assert calls == [('run', {'save_dir': 'x', 'test_only': True})]
+    engine.run('x', 1)
+    assert calls[1:] == [('attach', ('m', 'r', 'atr')), ('run', {})]
+    assert engine.train_loader == 'loader with masks'
+    engine.needs_regions = False  # FMN: nothing to attach
+    del calls[:]
+    engine.run()
+    assert calls == [('run', {})]

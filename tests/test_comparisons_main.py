@@ -139,6 +139,21 @@ def test_visualize_draws_the_masks(trained, synthetic_root, tmp_path):
     assert panel.size[0] > tiles * 128  # input, mask(s) ... at >= 128 px each
 
 
+def test_evaluation_only_with_visrank_needs_no_masks(trained, synthetic_root,
+                                                    tmp_path):
+    model, save_dir, _ = trained
+    if not model.startswith('magnifiernet'):
+        pytest.skip('the masks are a MagnifierNet matter')
+    out = run('main.py', synthetic_root, '-m', model, 'data.save_dir',
+              str(tmp_path), 'test.evaluate', 'True', 'test.visrank', 'True',
+              'magnifiernet.masks_root', str(tmp_path / 'no-such-folder'),
+              'model.load_weights', os.path.join(save_dir, 'model',
+                                                 'model.pth.tar-1'), *TINY)
+    assert 'mAP:' in out and 'BANDS' not in out and 'no mask' not in out
+    ranked = os.listdir(str(tmp_path / 'visrank_pmm_synthetic'))
+    assert len(ranked) == 400
+
+
 def test_visualize_refuses_bdb_with_a_message(synthetic_root, tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, 'scripts',
                                         'visualize_gradcam.py'),
