@@ -177,11 +177,12 @@ def check_config(cfg: CN) -> None:
     plugin_model = uses_pmm_engine(cfg.model.name)
     if plugin_model != (cfg.loss.name == 'pmm'):
         fail('loss.name', cfg.loss.name,
-             "'pmm' exactly when model.name is a PMM or BDB model (model.name"
+             "'pmm' exactly when model.name is a PMM or BDB model or a "
+             "comparison system, FMN or MagnifierNet (model.name"
              " = {!r})".format(cfg.model.name))
     if plugin_model:
-        from .engine import PMMEngine
-        PMMEngine.check_cfg(cfg)
+        from .comparison_engine import engine_class
+        engine_class(cfg.model.name).check_cfg(cfg)
 
 
 def _layout_text(name: str, root: str) -> str:

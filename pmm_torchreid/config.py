@@ -18,10 +18,12 @@ import yaml
 from yacs.config import CfgNode as CN
 
 __all__ = [
-    'get_default_config', 'add_pmm_config', 'is_pmm_model', 'is_bdb_model',
-    'uses_pmm_engine', 'resolved_top_k', 'merge_file', 'merge_list',
+    'get_default_config', 'add_pmm_config', 'add_comparison_config',
+    'is_pmm_model', 'is_bdb_model', 'is_fmn_model', 'is_magnifiernet_model',
+    'is_comparison_model', 'takes_no_mix', 'uses_pmm_engine', 'resolved_top_k', 'merge_file', 'merge_list',
     'imagedata_kwargs', 'model_kwargs', 'optimizer_kwargs',
-    'lr_scheduler_kwargs', 'engine_kwargs', 'engine_run_kwargs'
+    'lr_scheduler_kwargs', 'engine_kwargs', 'comparison_engine_kwargs',
+    'engine_run_kwargs'
 ]
 
 
@@ -178,9 +180,32 @@ def add_pmm_config(cfg: CN) -> CN:
     return cfg
 
 
+def add_comparison_config(cfg: CN) -> CN:
+    """Adds the keys of the comparison systems FMN and MagnifierNet (in
+    place) and returns the config.  They train in PMM's engine family
+    (``loss.name 'pmm'``, ``pmm.mix 'none'``) and share its loss keys
+    (``pmm.weight_triplet``, ``pmm.weight_ce``, ``pmm.label_smooth``,
+    ``pmm.soft_margin``, ``pmm.triplet_margin``)."""
+    cfg.fmn = CN()
+    cfg.fmn.embedding_dim = 512  # size of each branch's embedding (global, masked)
+    cfg.magnifiernet = CN()
+    cfg.magnifiernet.embedding_dim = 512  # size of each branch's embedding
+    cfg.magnifiernet.region_dim = 256  # size of each region's feature (fusion input)
+    cfg.magnifiernet.occluded_regions = 1  # regions occluded per batch (1 to 3 of 4)
+    # a feature cell is occluded when the chosen regions cover this share of it
+    cfg.magnifiernet.occlusion_share = 0.25
+    cfg.magnifiernet.weight_sd = 1.0  # weight of the Semantic Diversity loss
+    cfg.magnifiernet.weight_parsing = 1.0  # weight of the parsing head's loss
+    # label PNGs of a human parser in a folder that mirrors data.root ('':
+    # none; pmm_synthetic has its own exact masks, others fall back to bands)
+    cfg.magnifiernet.masks_root = ''
+    cfg.magnifiernet.mask_labels = 'lip'  # their label set: 'lip', 'cihp' or 'atr'
+    return cfg
+
+
 def get_default_config() -> CN:
     """A fresh default config (never a shared module-level object)."""
-    return add_pmm_config(_torchreid_defaults())
+    return add_comparison_config(add_pmm_config(_torchreid_defaults()))
 
 
 def is_pmm_model(name: str) -> bool:
@@ -191,10 +216,33 @@ def is_bdb_model(name: str) -> bool:
     return name == 'bdb' or name.startswith('bdb_')
 
 
+def is_fmn_model(name: str) -> bool:
+    return name == 'fmn' or name.startswith('fmn_')
+
+
+def is_magnifiernet_model(name: str) -> bool:
+    return name == 'magnifiernet' or name.startswith('magnifiernet_')
+
+
+def is_comparison_model(name: str) -> bool:
+    """The comparison systems FMN and MagnifierNet
+    (:class:`~pmm_torchreid.comparison_engine.ComparisonEngine`)."""
+    return is_fmn_model(name) or is_magnifiernet_model(name)
+
+
+def takes_no_mix(name: str) -> bool:
+    """The plugin's models that train with ``pmm.mix 'none'`` only (BDB drops
+    its own block; FMN and MagnifierNet have their own mechanisms)."""
+    return is_bdb_model(name) or is_comparison_model(name)
+
+
 def uses_pmm_engine(name: str) -> bool:
-    """The plugin's models (PMM and its baseline BDB) train with
-    ``loss.name 'pmm'`` (:class:`~pmm_torchreid.engine.PMMEngine`)."""
-    return is_pmm_model(name) or is_bdb_model(name)
+    """The plugin's models (PMM, its baseline BDB and the comparison systems
+    FMN and MagnifierNet) train with ``loss.name 'pmm'``
+    (:class:`~pmm_torchreid.engine.PMMEngine` and its subclass
+    :class:`~pmm_torchreid.comparison_engine.ComparisonEngine`)."""
+    return is_pmm_model(name) or is_bdb_model(name) or \
+        is_comparison_model(name)
 
 
 # --------------------------------------------------------------------------
@@ -327,6 +375,11 @@ def model_kwargs(cfg: CN, num_classes: int) -> dict:
               'loss': cfg.loss.name, 'pretrained': cfg.model.pretrained}
     if is_pmm_model(cfg.model.name):
         kwargs.update(_same_names(cfg.pmm, 'embedding_dim num_stages'))
+    elif is_fmn_model(cfg.model.name):
+        kwargs.update(_same_names(cfg.fmn, 'embedding_dim'))
+    elif is_magnifiernet_model(cfg.model.name):
+        kwargs.update(_same_names(cfg.magnifiernet, 'embedding_dim region_dim '
+                                  'occluded_regions occlusion_share'))
     return kwargs
 
 
@@ -359,6 +412,16 @@ def engine_kwargs(cfg: CN) -> dict:
                   # channels-last convolutions pay off for ResNets on GPUs
                   channels_last=bool(cfg.use_gpu) and model_backbone(
                       cfg.model.name).startswith('resnet'))
+    return kwargs
+
+
+def comparison_engine_kwargs(cfg: CN) -> dict:
+    """Arguments of :class:`pmm_torchreid.comparison_engine.ComparisonEngine`:
+    :func:`engine_kwargs` plus MagnifierNet's loss weights and masks."""
+    kwargs = engine_kwargs(cfg)
+    kwargs.update(_same_names(cfg.magnifiernet, 'weight_sd weight_parsing '
+                              'masks_root mask_labels'))
+    kwargs['data_root'] = cfg.data.root
     return kwargs
 
 

@@ -103,7 +103,7 @@ def build_model(cfg, num_classes: int) -> nn.Module:
     if C.uses_pmm_engine(name):
         if name not in MODEL_FACTORY:
             raise KeyError(
-                'model.name = {!r} is not a PMM or BDB model; expected one of '
+                'model.name = {!r} is not a plugin model; expected one of '
                 '{}'.format(name, sorted(MODEL_FACTORY))
             )
         return MODEL_FACTORY[name](**kwargs)
@@ -118,6 +118,12 @@ def build_engine(cfg, datamanager, model, optimizer, scheduler,
     """The engine for ``loss.name`` (with the run records); ``seed`` is the
     PMM partner generator's seed (default ``train.seed``; each rank of a
     distributed run has its own)."""
+    if cfg.loss.name == 'pmm' and C.is_comparison_model(cfg.model.name):
+        from .comparison_engine import RecordedComparisonEngine
+        return RecordedComparisonEngine(
+            datamanager, model, optimizer, scheduler=scheduler,
+            **C.comparison_engine_kwargs(cfg)
+        )
     if cfg.loss.name == 'pmm':
         kwargs = C.engine_kwargs(cfg)
         if seed is not None:

@@ -366,10 +366,17 @@ def _factory(network: type, backbone: str, name: str) -> Callable[..., nn.Module
     return build
 
 
+# the comparison systems build on the heads above (import order: this module
+# is always imported first, by the package)
+from .fmn import FMN  # noqa: E402
+from .magnifiernet import MagnifierNet  # noqa: E402
+
 #: The plugin's networks by name prefix; each comes on every backbone of
 #: :data:`~pmm_torchreid.backbones.BACKBONES` as ``<prefix>_<backbone>``, and
 #: as plain ``<prefix>`` on :data:`DEFAULT_BACKBONE` (the papers' ResNet-50).
-NETWORKS = {'pmm': PMM, 'bdb': BDB}
+#: FMN and MagnifierNet are comparison systems (:mod:`pmm_torchreid.fmn`,
+#: :mod:`pmm_torchreid.magnifiernet`).
+NETWORKS = {'pmm': PMM, 'bdb': BDB, 'fmn': FMN, 'magnifiernet': MagnifierNet}
 DEFAULT_BACKBONE = 'resnet50'
 
 
@@ -391,7 +398,7 @@ def model_backbone(name: str) -> str:
     """The backbone of a plugin model name (``'pmm'`` -> ``'resnet50'``)."""
     if name not in MODEL_FACTORY:
         raise KeyError(
-            'model.name = {!r} is not a PMM or BDB model; expected one of '
+            'model.name = {!r} is not a plugin model; expected one of '
             '{}'.format(name, sorted(MODEL_FACTORY))
         )
     return MODEL_FACTORY[name].backbone

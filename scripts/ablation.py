@@ -14,7 +14,8 @@ one).  After every run the script rewrites, atomically:
   the PMM paper's Table 3).
 
 A setting is ``MODEL[:MIX][,KEY=VALUE...]``: ``pmm_osnet_x0_25:hard_mix``,
-``bdb_osnet_x0_25`` (BDB trains with ``pmm.mix none``), ``osnet_x0_25``
+``bdb_osnet_x0_25`` (BDB trains with ``pmm.mix none``, and so do the
+comparison systems ``fmn_*`` and ``magnifiernet_*``), ``osnet_x0_25``
 (a torchreid model: torchreid's triplet engine, ``loss.name triplet``), or
 ``pmm_resnet18:hard_mix,model.pretrained=False``.
 
@@ -77,9 +78,10 @@ class Setting(object):
                 raise ValueError('setting {!r}: {!r} is not KEY=VALUE'.format(
                     spec, extra))
             self.overrides += [key, value]
-        if C.is_bdb_model(model) and self.mix not in (None, 'none'):
-            raise ValueError('setting {!r}: a BDB model takes no mix (it '
-                             'drops its own block)'.format(spec))
+        if C.takes_no_mix(model) and self.mix not in (None, 'none'):
+            raise ValueError('setting {!r}: a BDB, FMN or MagnifierNet model '
+                             'takes no mix (it has its own mechanism)'.format(
+                                 spec))
         if not C.uses_pmm_engine(model) and self.mix is not None:
             raise ValueError('setting {!r}: {!r} is a torchreid model, trained '
                              'by torchreid\'s triplet engine; it takes no '
@@ -92,7 +94,7 @@ class Setting(object):
     def options(self):
         """KEY VALUE pairs for scripts/main.py."""
         opts = ['model.name', self.model]
-        if C.is_bdb_model(self.model):
+        if C.takes_no_mix(self.model):
             opts += ['loss.name', 'pmm', 'pmm.mix', 'none']
         elif C.uses_pmm_engine(self.model):
             opts += ['loss.name', 'pmm']

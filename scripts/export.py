@@ -7,7 +7,7 @@ loads the weights of ``model.load_weights`` (required; every tensor the
 descriptor depends on must be in the file), and exports the eval-mode network:
 input ``images`` (float32, N x 3 x H x W, any N >= 1) -> output ``features``
 (float32, N x D, the descriptor torchreid's evaluation uses; D = 1536 for the
-PMM and BDB models).
+PMM, BDB and MagnifierNet models, 1024 for FMN).
 
 Before the file is written, onnxruntime runs the exported bytes on real query
 images of the first target (read and transformed as torchreid's evaluation

@@ -11,6 +11,12 @@ training; plus a contact sheet of all of them, and ``overlap.json``.
 Query identities are not classes of the classifier, so each Grad-CAM is taken
 at the class that the summed logits of all stages predict.
 
+For the comparison systems the pictures are what the network itself weights:
+FMN's feature mask (``fmn*``) and MagnifierNet's predicted semantic regions
+next to the data's (``magnifiernet*``), see
+:mod:`pmm_torchreid.mask_pictures`; ``--overlap-num`` does not apply.  BDB and
+torchreid's models are refused with a message.
+
 Examples::
 
     python scripts/visualize_gradcam.py --config-file configs/pmm_demo.yaml \\
@@ -79,10 +85,12 @@ def main(argv=None):
     if args.sheet < 1:
         raise ValueError('--sheet {}: expected >= 1'.format(args.sheet))
     cfg = launch.setup_config(args)
-    if not C.is_pmm_model(cfg.model.name):
+    comparison = C.is_comparison_model(cfg.model.name)
+    if not (C.is_pmm_model(cfg.model.name) or comparison):
         raise ValueError(
             'model.name = {!r}: Grad-CAM stage pictures need a PMM model '
-            '(pmm, pmm_resnet50, pmm_resnet18, pmm_osnet_x0_25)'.format(
+            '(pmm, pmm_resnet50, pmm_resnet18, pmm_osnet_x0_25); for FMN and '
+            'MagnifierNet models this script draws their masks instead'.format(
                 cfg.model.name))
     checks.check_paths(cfg)  # the dataset and the weights file exist
     torch.manual_seed(cfg.train.seed)
@@ -101,20 +109,10 @@ def main(argv=None):
         raise ValueError('--dataset {!r}: expected one of data.targets {}'.format(
             name, list(datamanager.test_dataset)))
     query = list(datamanager.test_dataset[name]['query'])
-    if args.indices:
-        bad = [i for i in args.indices if not 0 <= i < len(query)]
-        if bad:
-            raise ValueError('--indices {}: the query set of {} has {} images '
-                             '(0 to {})'.format(bad, name, len(query),
-                                                len(query) - 1))
-        chosen = list(args.indices)
-    else:
-        if args.num > len(query):
-            raise ValueError('--num {}: the query set of {} has {} images'.format(
-                args.num, name, len(query)))
-        gen = torch.Generator().manual_seed(args.seed)
-        chosen = sorted(torch.randperm(len(query), generator=gen)[:args.num]
-                        .tolist())
+    if comparison:
+        return mask_pictures(args, cfg, model, datamanager, query, name,
+                             device)
+    chosen = choose(args, query, name)
     items = [query[i] for i in chosen]
     pool_pids = [int(it[1]) for it in query]
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -159,6 +157,54 @@ def main(argv=None):
     with atomic_write(osp.join(out_dir, 'overlap.json'), 'w') as f:
         json.dump(json_safe(report), f, indent=1, allow_nan=False)
     print('Saved "{}"'.format(osp.join(out_dir, 'overlap.json')))
+    return report
+
+
+def choose(args, query, name):
+    """The query indices to picture (``--indices``, or ``--num`` drawn with
+    ``--seed``)."""
+    if args.indices:
+        bad = [i for i in args.indices if not 0 <= i < len(query)]
+        if bad:
+            raise ValueError('--indices {}: the query set of {} has {} images '
+                             '(0 to {})'.format(bad, name, len(query),
+                                                len(query) - 1))
+        return list(args.indices)
+    if args.num > len(query):
+        raise ValueError('--num {}: the query set of {} has {} images'.format(
+            args.num, name, len(query)))
+    gen = torch.Generator().manual_seed(args.seed)
+    return sorted(torch.randperm(len(query), generator=gen)[:args.num].tolist())
+
+
+def mask_pictures(args, cfg, model, datamanager, query, name, device):
+    """FMN's mask or MagnifierNet's regions for the chosen queries."""
+    from pmm_torchreid.mask_pictures import MaskPictures
+    from pmm_torchreid.parsing import RegionSource
+    chosen = choose(args, query, name)
+    items = [query[i] for i in chosen]
+    source = RegionSource(cfg.magnifiernet.masks_root, cfg.data.root,
+                          cfg.magnifiernet.mask_labels)
+    pictures = MaskPictures(model, datamanager.transform_te, device, source)
+    out_dir = args.output or osp.join(cfg.data.save_dir, 'masks')
+    weights = cfg.model.load_weights or 'untrained'
+    what = 'FMN feature mask (jet: 0 blue .. 1 red)' \
+        if pictures.kind == 'fmn' else \
+        'MagnifierNet regions: head orange, upper red, lower blue, shoes purple'
+    res = pictures.write(items, out_dir, columns=args.sheet,
+                         title='{} on {} query: {}'.format(
+                             osp.basename(weights), name, what),
+                         prefixes=['q{:04d}'.format(i) for i in chosen])
+    print('Wrote {} panels and the contact sheet "{}"'.format(
+        len(res['panels']), res['sheet']))
+    print('Mean over the pictured queries: {}'.format(', '.join(
+        '{} {:.3f}'.format(k, v) for k, v in res['mean'].items())))
+    report = {'weights': weights, 'dataset': name, 'model': cfg.model.name,
+              'pictured': chosen, 'mean': res['mean'],
+              'per_image': res['per_image']}
+    with atomic_write(osp.join(out_dir, 'masks.json'), 'w') as f:
+        json.dump(json_safe(report), f, indent=1, allow_nan=False)
+    print('Saved "{}"'.format(osp.join(out_dir, 'masks.json')))
     return report
 
 

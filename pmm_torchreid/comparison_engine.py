@@ -1,0 +1,202 @@
+"""``ComparisonEngine``: the training step of the comparison systems FMN
+(:mod:`pmm_torchreid.fmn`) and MagnifierNet (:mod:`pmm_torchreid.magnifiernet`),
+in PMM's engine family.
+
+It is :class:`~pmm_torchreid.engine.PMMEngine` without a mixing rule (``pmm.mix
+'none'``, as for BDB): every branch the model returns gets PMM's per-stage loss
+(batch-hard triplet + label-smoothed cross-entropy, weighted by
+``pmm.weight_triplet`` and ``pmm.weight_ce``), and the model's extra losses
+(MagnifierNet: the Semantic Diversity loss and the parsing loss) are added with
+their weights; everything is summed and back-propagated once.  For a model that
+needs semantic regions (MagnifierNet), a training run first makes the data
+manager's training batches carry them
+(:func:`pmm_torchreid.parsing.attach_region_masks`); an evaluation-only run
+needs no masks.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Dict, Optional
+
+import torch
+import torchreid
+
+from .checkpoint import unwrap
+from .engine import PMMEngine
+from .records import with_run_records
+
+__all__ = ['ComparisonEngine', 'RecordedComparisonEngine', 'engine_class']
+
+#: the arguments of torchreid's ``Engine.run`` (to read ``test_only``)
+_RUN_SIGNATURE = inspect.signature(torchreid.engine.Engine.run)
+
+
+class ComparisonEngine(PMMEngine):
+    """Trains FMN or MagnifierNet (see the module docstring).
+
+    Args:
+        datamanager, model, optimizer, scheduler, use_gpu: as for
+            :class:`~pmm_torchreid.engine.PMMEngine`.
+        weight_sd (float, optional): weight of MagnifierNet's Semantic
+            Diversity loss. Default is 1.
+        weight_parsing (float, optional): weight of MagnifierNet's parsing
+            loss. Default is 1.
+        masks_root (str, optional): folder of label PNGs mirroring
+            ``data_root`` (:mod:`pmm_torchreid.parsing`). Default is ''.
+        data_root (str, optional): the images' root. Default is ''.
+        mask_labels (str, optional): their label set (``'lip'``, ``'cihp'``,
+            ``'atr'``). Default is ``'lip'``.
+        **kwargs: the other arguments of
+            :class:`~pmm_torchreid.engine.PMMEngine` (``mix`` must be
+            ``'none'``; ``vis_freq`` 0).
+
+    The per-step summary holds ``loss_t<s>``, ``loss_x<s>`` and ``acc<s>``
+    per branch (FMN: 1 global, 2 masked; MagnifierNet: 1 global, 2 semantic
+    regularization, 3 semantic fusion), ``loss_<name>`` per extra loss
+    (``loss_sd``, ``loss_parsing``) and ``loss``.
+    """
+
+    def __init__(self, datamanager, model, optimizer, scheduler=None,
+                 use_gpu: bool = True, weight_sd: float = 1.0,
+                 weight_parsing: float = 1.0, masks_root: str = '',
+                 data_root: str = '', mask_labels: str = 'lip', **kwargs):
+        if kwargs.get('mix', 'none') != 'none':
+            raise ValueError('{} takes no mixing rule (mix {!r}); use '
+                             "'none'".format(type(unwrap(model)).__name__,
+                                             kwargs['mix']))
+        kwargs['mix'] = 'none'
+        super(ComparisonEngine, self).__init__(
+            datamanager, model, optimizer, scheduler=scheduler,
+            use_gpu=use_gpu, **kwargs)
+        self.needs_regions = bool(getattr(unwrap(model), 'needs_regions',
+                                          False))
+        self.masks = (masks_root, data_root, mask_labels)
+        self.aux_weights = {'sd': float(weight_sd),
+                            'parsing': float(weight_parsing)}
+
+    def attach_regions(self) -> None:
+        """Makes the training batches carry the region masks (a model that
+        needs them only; idempotent): :func:`pmm_torchreid.parsing.
+        attach_region_masks` on the data manager, whose new training loader
+        the engine then trains on."""
+        if not self.needs_regions:
+            return
+        from .parsing import attach_region_masks
+        attach_region_masks(self.datamanager, *self.masks)
+        self.train_loader = self.datamanager.train_loader
+
+    def run(self, *args, **kwargs):
+        """torchreid's ``run``; a training run first attaches the region
+        masks (an evaluation-only run needs none)."""
+        bound = _RUN_SIGNATURE.bind(self, *args, **kwargs)
+        if not bound.arguments.get('test_only', False):
+            self.attach_regions()
+        return super(ComparisonEngine, self).run(*args, **kwargs)
+
+    @staticmethod
+    def check_cfg(cfg) -> None:
+        """PMMEngine's checks (identity batches, loss values), plus: no
+        mixing rule, no Grad-CAM pictures, sane ``magnifiernet.*``.
+
+        Raises:
+            ValueError: naming the key, the value and what was expected.
+        """
+        from .checks import fail
+        name = cfg.model.name
+        if cfg.pmm.mix != 'none':
+            fail('pmm.mix', cfg.pmm.mix, "'none' for {!r} (a comparison "
+                 'system trains without PMM\'s mixing)'.format(name))
+        if cfg.pmm.vis_freq:
+            fail('pmm.vis_freq', cfg.pmm.vis_freq, '0 for {!r} (the training '
+                 'Grad-CAM pictures are drawn for PMM models; see '
+                 'scripts/visualize_gradcam.py for the masks)'.format(name))
+        for key in ('embedding_dim', 'region_dim'):
+            if cfg.magnifiernet[key] < 1:
+                fail('magnifiernet.' + key, cfg.magnifiernet[key], '>= 1')
+        if cfg.fmn.embedding_dim < 1:
+            fail('fmn.embedding_dim', cfg.fmn.embedding_dim, '>= 1')
+        from .parsing import LABEL_SETS, NUM_REGIONS
+        if not 1 <= cfg.magnifiernet.occluded_regions < NUM_REGIONS:
+            fail('magnifiernet.occluded_regions',
+                 cfg.magnifiernet.occluded_regions,
+                 '1 to {} of the {} regions'.format(NUM_REGIONS - 1,
+                                                     NUM_REGIONS))
+        if not 0 < cfg.magnifiernet.occlusion_share <= 1:
+            fail('magnifiernet.occlusion_share',
+                 cfg.magnifiernet.occlusion_share, 'a share of a cell in (0, 1]')
+        for key in ('weight_sd', 'weight_parsing'):
+            if cfg.magnifiernet[key] < 0:
+                fail('magnifiernet.' + key, cfg.magnifiernet[key], '>= 0')
+        if cfg.magnifiernet.mask_labels not in LABEL_SETS:
+            fail('magnifiernet.mask_labels', cfg.magnifiernet.mask_labels,
+                 'one of {}'.format(sorted(LABEL_SETS)))
+        if cfg.data.k_tfm != 1 and name.startswith('magnifiernet'):
+            fail('data.k_tfm', cfg.data.k_tfm, '1 for MagnifierNet (the '
+                 'region masks follow one augmentation per image)')
+        PMMEngine.check_cfg(cfg)
+
+    def forward_backward(self, data):
+        """One step: the model's branches and extra losses, summed; one
+        backward pass, one optimiser step."""
+        imgs, pids = self.parse_data_for_train(data)
+        regions = data.get('regions') if self.needs_regions else None
+        if self.use_gpu:
+            imgs = imgs.cuda(non_blocking=True)
+            pids = pids.cuda(non_blocking=True)
+            if regions is not None:
+                regions = regions.cuda(non_blocking=True)
+        if self.channels_last:
+            imgs = imgs.contiguous(memory_format=torch.channels_last)
+        if self.needs_regions and regions is None:
+            raise ValueError('the training batch has no region masks '
+                             "(batch['regions']); call engine.attach_regions() "
+                             '(engine.run does) before training')
+        with torch.autocast(self.device_type, dtype=self.amp_dtype,
+                            enabled=self.amp_dtype is not None):
+            kwargs = {'regions': regions} if regions is not None else {}
+            outputs = self.model(imgs, pids, **kwargs)
+            loss, summary = self.stage_losses(outputs, pids)
+            loss = loss + self.extra_losses(outputs, summary)
+        self.optimizer.zero_grad()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        summary['loss'] = loss.item()
+        return summary
+
+    def extra_losses(self, outputs: Dict, summary: Dict):
+        """The weighted sum of the model's ``'aux_losses'`` (each averaged
+        over ``nn.DataParallel`` replicas); records each in ``summary``."""
+        total = 0.0
+        for name, value in outputs.get('aux_losses', {}).items():
+            value = value.float().mean()
+            if not bool(torch.isfinite(value)):
+                raise FloatingPointError(
+                    '{} loss is not finite ({}) at epoch {}, iteration '
+                    '{}'.format(name, value.item(),
+                                getattr(self, 'epoch', 0) + 1,
+                                getattr(self, 'batch_idx', 0) + 1))
+            total = total + self.aux_weights.get(name, 1.0) * value
+            summary['loss_' + name] = value.item()
+        return total
+
+
+#: :class:`ComparisonEngine` with the run records (what ``scripts/main.py``
+#: trains FMN and MagnifierNet with).
+RecordedComparisonEngine = with_run_records(ComparisonEngine)
+
+
+def engine_class(model_name: str, recorded: bool = False) -> Optional[type]:
+    """The plugin engine class that trains ``model_name``:
+    :class:`ComparisonEngine` for the comparison systems,
+    :class:`~pmm_torchreid.engine.PMMEngine` for PMM and BDB (their
+    ``Recorded`` versions with ``recorded``)."""
+    from .config import is_comparison_model
+    if is_comparison_model(model_name):
+        return RecordedComparisonEngine if recorded else ComparisonEngine
+    from .engine import RecordedPMMEngine
+    return RecordedPMMEngine if recorded else PMMEngine
