@@ -157,14 +157,7 @@ class ComparisonEngine(PMMEngine):
             outputs = self.model(imgs, pids, **kwargs)
             loss, summary = self.stage_losses(outputs, pids)
             loss = loss + self.extra_losses(outputs, summary)
-        self.optimizer.zero_grad()
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
+        self.optimizer_step(loss)
         summary['loss'] = loss.item()
         return summary
 

@@ -332,16 +332,21 @@ class PMMEngine(torchreid.engine.Engine):
             # learns that one failed, and all stop here (none waits forever
             # for the gradients of a rank that stopped)
             stop_if_any_failed(failure)
+        self.optimizer_step(loss)
+        summary['loss'] = loss.item()
+        return summary
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        """One backward pass and one optimiser step (through the gradient
+        scaler with float16 mixed precision, against underflow)."""
         self.optimizer.zero_grad()
-        if self.scaler is not None:  # float16: scaled against underflow
+        if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
             self.optimizer.step()
-        summary['loss'] = loss.item()
-        return summary
 
     def train(self, *args, **kwargs):
         if self.mixer is not None and self.mix_start_epoch and \

@@ -147,11 +147,8 @@ class MagnifierNet(_Trunk):
     """MagnifierNet (Lan et al., 2020).
 
     Args:
-        num_classes (int): number of training identities.
-        backbone (str): ``'resnet50'`` (the paper), ``'resnet18'`` or
-            ``'osnet_x0_25'``. Default is ``'resnet50'``.
-        pretrained (bool): ImageNet weights for the backbone. Default is True.
-        embedding_dim (int): size of each branch's embedding. Default is 512.
+        num_classes, backbone, pretrained, embedding_dim: as for
+            :class:`~pmm_torchreid.fmn.FMN` (ResNet-50 is the paper's).
         region_dim (int): size of each region feature. Default is 256.
         occluded_regions (int): regions occluded per batch in the semantic
             regularization branch (1 to 3 of the 4). Default is 1.

@@ -262,16 +262,22 @@ def generate(dest: str, config: Dict[str, int]) -> None:
         json.dump(dict(config, format='pmm_synthetic', version=FORMAT_VERSION), f)
 
 
+def _marker(folder: str):
+    """The completion marker a generator wrote into ``folder`` (None if it is
+    missing or unreadable)."""
+    try:
+        with open(osp.join(folder, MARKER)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def _check(folder: str, config: Dict[str, int]) -> bool:
     """True if ``folder`` holds our complete dataset; False if absent; raises otherwise."""
     if not osp.exists(folder):
         return False
-    try:
-        with open(osp.join(folder, MARKER)) as f:
-            marker = json.load(f)
-    except (OSError, ValueError):
-        marker = None
-    if marker != dict(config, format='pmm_synthetic', version=FORMAT_VERSION):
+    if _marker(folder) != dict(config, format='pmm_synthetic',
+                               version=FORMAT_VERSION):
         raise RuntimeError(
             '"{}" exists but is not a complete synthetic dataset of format version {} '
             'with these sizes (missing or different {}); it may be a half-written '
@@ -292,24 +298,35 @@ def prepare(root: str, name: str, config: Dict[str, int]) -> str:
     folder = osp.join(root, name)
     if _check(folder, config):
         return folder
+    n = (config['num_train_ids'] + config['num_test_ids']) * config['num_cams'] \
+        * config['imgs_per_cam']
+    return _make_once(
+        folder, lambda: _check(folder, config),
+        lambda dest: generate(dest, config),
+        'Generating the synthetic dataset under "{}" (one-off, ~{:.0f} s)'.format(
+            folder, max(1, n * 0.006)))
+
+
+def _make_once(folder: str, ready, make, message: str) -> str:
+    """Makes ``folder`` once, safely: under a file lock, into a temporary
+    folder renamed into place (``make(dest)`` writes it); ``ready()`` says
+    whether a complete one is there (another process may have made it)."""
+    root, name = osp.split(folder)
     with open(osp.join(root, '.{}.lock'.format(name)), 'a') as lock:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
             for stale in glob.glob(osp.join(root, '.{}.tmp-*'.format(name))):
                 shutil.rmtree(stale, ignore_errors=True)  # only the lock holder writes
-        if _check(folder, config):  # another process made it while we waited
+        if ready():  # another process made it while we waited
             return folder
-        n = (config['num_train_ids'] + config['num_test_ids']) * config['num_cams'] \
-            * config['imgs_per_cam']
-        print('Generating the synthetic dataset under "{}" (one-off, ~{:.0f} s)'.format(
-            folder, max(1, n * 0.006)), flush=True)
+        print(message, flush=True)
         tmp = tempfile.mkdtemp(prefix='.{}.tmp-{}-'.format(name, os.getpid()), dir=root)
         try:
             start = time.time()
-            generate(osp.join(tmp, name), config)
+            make(osp.join(tmp, name))
             os.rename(osp.join(tmp, name), folder)
         except OSError:
-            if not _check(folder, config):  # only a rival's finished dataset is fine
+            if not ready():  # only a rival's finished folder is fine
                 raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -378,12 +395,7 @@ def generate_parts(dest: str, config: Dict[str, int], dataset_dir: str = '',
 def _parts_ready(folder: str, config: Dict[str, int]) -> bool:
     if not osp.exists(folder):
         return False
-    try:
-        with open(osp.join(folder, MARKER)) as f:
-            marker = json.load(f)
-    except (OSError, ValueError):
-        marker = None
-    if marker != _parts_marker(config):
+    if _marker(folder) != _parts_marker(config):
         raise RuntimeError(
             '"{}" exists but does not hold complete part masks of version {} for '
             'this dataset (missing or different {}); delete that folder and they '
@@ -406,28 +418,11 @@ def prepare_parts(dataset_dir: str) -> str:
     folder = parts_folder(dataset_dir)
     if _parts_ready(folder, config):
         return folder
-    root, name = osp.split(folder)
-    with open(osp.join(root, '.{}.lock'.format(name)), 'a') as lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            for stale in glob.glob(osp.join(root, '.{}.tmp-*'.format(name))):
-                shutil.rmtree(stale, ignore_errors=True)
-        if _parts_ready(folder, config):
-            return folder
-        print('Drawing the part masks of "{}" into "{}" (one-off)'.format(
-            dataset_dir, folder), flush=True)
-        tmp = tempfile.mkdtemp(prefix='.{}.tmp-{}-'.format(name, os.getpid()), dir=root)
-        try:
-            start = time.time()
-            generate_parts(osp.join(tmp, name), config, dataset_dir)
-            os.rename(osp.join(tmp, name), folder)
-        except OSError:
-            if not _parts_ready(folder, config):
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        print('Done in {:.1f} s'.format(time.time() - start), flush=True)
-    return folder
+    return _make_once(
+        folder, lambda: _parts_ready(folder, config),
+        lambda dest: generate_parts(dest, config, dataset_dir),
+        'Drawing the part masks of "{}" into "{}" (one-off)'.format(
+            dataset_dir, folder))
 
 
 def is_synthetic_dataset(dataset_dir: str) -> bool:

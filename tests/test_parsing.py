@@ -235,7 +235,7 @@ def tiny_registered(tiny):
 def test_training_batches_carry_masks_that_follow_the_flips(tiny_registered):
     dm = attach_region_masks(_datamanager(tiny_registered))
     assert attach_region_masks(dm) is dm  # idempotent
-    tr, te = dm.transform_tr, dm.transform_te
+    te = dm.transform_te
     source = RegionSource()
     flipped = set()
     for batch in dm.train_loader:
