@@ -63,10 +63,15 @@ SIZES = {
     # CUHK03 (new protocol) sizes, evaluated with the CUHK03 metric
     'cuhk03': dict(num_q=1400, num_g=5332, num_ids=700, num_cams=2,
                    num_distractors=0, cams_per_id=(2, 2), noise=0.8),
+    # seconds-sized checks of the same shapes (the test suite runs them)
+    'small': dict(num_q=300, num_g=3000, num_ids=150, num_cams=6,
+                  num_distractors=900, cams_per_id=(2, 6), noise=0.8),
+    'small-cuhk03': dict(num_q=40, num_g=300, num_ids=40, num_cams=2,
+                         num_distractors=0, cams_per_id=(2, 2), noise=0.8),
 }
 #: Sizes evaluated with ``use_metric_cuhk03=True`` (np.random seeded with
 #: ``--seed`` before each evaluation, so all draws are the same).
-CUHK03_METRIC = {'cuhk03'}
+CUHK03_METRIC = {'cuhk03', 'small-cuhk03'}
 
 
 def _split(total, parts, minimum, rng):

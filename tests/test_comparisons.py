@@ -2,6 +2,8 @@
 evaluation, FMN's mask, MagnifierNet's occlusion and Semantic Diversity loss,
 registration, the engine's summed losses and the config checks."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -406,21 +408,33 @@ def test_config_accepts_the_comparison_models():
     assert engine_class('bdb', recorded=True).__name__ == 'RecordedPMMEngine'
 
 
-def test_ablation_settings_train_them_without_a_mix():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        'ablation', os.path.join(ROOT, 'scripts', 'ablation.py'))
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
-    setting = ablation.Setting('magnifiernet_osnet_x0_25,magnifiernet.'
-                               'occluded_regions=2')
-    assert setting.options() == [
+def _ablation_dry_run(tmp_path, *settings):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'scripts', 'ablation.py'),
+         '--config-file', os.path.join(ROOT, 'configs', 'ablation_cuhk01.yaml'),
+         '--out', str(tmp_path / 'out'), '--seeds', '1', '--dry-run',
+         '--settings'] + list(settings),
+        capture_output=True, text=True, timeout=300)
+
+
+def test_ablation_settings_train_them_without_a_mix(tmp_path):
+    proc = _ablation_dry_run(
+        tmp_path, 'magnifiernet_osnet_x0_25,magnifiernet.occluded_regions=2',
+        'fmn_osnet_x0_25:none')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    commands = [line.split('main.py', 1)[1].split()
+                for line in proc.stdout.splitlines() if 'main.py' in line]
+    assert len(commands) == 2
+    assert commands[0][2:12] == [
         'model.name', 'magnifiernet_osnet_x0_25', 'loss.name', 'pmm',
-        'pmm.mix', 'none', 'magnifiernet.occluded_regions', '2']
-    assert ablation.Setting('fmn_osnet_x0_25:none').options()[:6] == [
+        'pmm.mix', 'none', 'magnifiernet.occluded_regions', '2',
+        'train.seed', '1']
+    assert commands[1][2:8] == [
         'model.name', 'fmn_osnet_x0_25', 'loss.name', 'pmm', 'pmm.mix', 'none']
-    with pytest.raises(ValueError, match='takes no mix'):
-        ablation.Setting('fmn_resnet18:hard_mix')
+    assert not (tmp_path / 'out').exists()  # a dry run writes nothing
+    proc = _ablation_dry_run(tmp_path, 'fmn_resnet18:hard_mix')
+    assert proc.returncode != 0
+    assert 'takes no mix' in proc.stderr
 
 
 @pytest.mark.parametrize('model', ['fmn', 'magnifiernet'])

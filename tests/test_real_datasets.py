@@ -267,7 +267,8 @@ def test_cuhk03_config_loads_detected_images_and_new_protocol(tmp_path):
         '--config-file', CUHK03_CONFIG, '--root', str(tmp_path),
         'data.workers', '0', 'use_gpu', 'False',
         # small and quick; the block grid must tile the 4x2 map
-        'data.height', '64', 'data.width', '32', 'pmm.block_size', '[2, 1]',
+        'data.height', '64', 'data.width', '32', 'data.cutout_size', '16',
+        'pmm.block_size', '[2, 1]',
         'pmm.top_k', '2', 'train.batch_size', '8', 'sampler.num_instances', '2'
     ]))
     assert cfg.cuhk03.labeled_images is False
@@ -322,7 +323,8 @@ def test_cuhk03_config_trains_and_evaluates_with_main(tmp_path):
     log = run_main([
         '--config-file', CUHK03_CONFIG, '--root', str(tmp_path),
         'model.name', 'pmm_osnet_x0_25', 'model.pretrained', 'False',
-        'data.height', '64', 'data.width', '32', 'pmm.block_size', '[2, 1]',
+        'data.height', '64', 'data.width', '32', 'data.cutout_size', '16',
+        'pmm.block_size', '[2, 1]',
         'pmm.top_k', '2', 'train.max_epoch', '1', 'train.batch_size', '8',
         'sampler.num_instances', '2', 'data.workers', '0',
         'train.warmup_epochs', '0', 'train.lr_scheduler', 'single_step',
