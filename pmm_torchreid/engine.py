@@ -72,7 +72,8 @@ class PMMEngine(torchreid.engine.Engine):
             ``'hard_mix'``.
         block_size (sequence of int, optional): block height and width on the
             feature map. Default is (3, 2).
-        top_k (int, optional): blocks replaced per sample. Default is 8.
+        top_k (int, optional): blocks replaced per sample. Default is 3 (the
+            released code's value).
         mix_ratio (float, optional): the share of the map's blocks to
             replace, instead of ``top_k`` (rounded to whole blocks of the map
             the model gives; see :func:`pmm_torchreid.guidance.blocks_for_ratio`).
@@ -143,7 +144,7 @@ class PMMEngine(torchreid.engine.Engine):
         use_gpu: bool = True,
         mix: str = 'hard_mix',
         block_size: Sequence[int] = (3, 2),
-        top_k: int = 8,
+        top_k: int = 3,
         mix_ratio=None,
         mix_start_epoch: int = 0,
         seed: int = 1,

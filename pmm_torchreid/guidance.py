@@ -153,7 +153,7 @@ class BlockChoice(NamedTuple):
         3
     """
     block: Tuple[int, int] = (3, 2)
-    k: int = 8
+    k: int = 3
     ratio: Optional[float] = None
 
     def count(self, height: int, width: int) -> int:
@@ -364,7 +364,7 @@ class MixRule(object):
     Args:
         block (sequence of int): block height and width on the feature map.
             Default is (3, 2), the paper's blocks on a 24 x 8 map.
-        k (int): blocks per sample. Default is 8 (CUHK03).
+        k (int): blocks per sample. Default is 3 (the released code's value).
         generator (torch.Generator, optional): draws partners and blocks.
         ratio (float, optional): the share of the map's blocks to replace
             instead of ``k`` (:func:`blocks_for_ratio` of the grid the map
@@ -376,7 +376,7 @@ class MixRule(object):
     def __init__(
         self,
         block: Sequence[int] = (3, 2),
-        k: int = 8,
+        k: int = 3,
         generator: Optional[torch.Generator] = None,
         ratio: Optional[float] = None
     ):
@@ -540,7 +540,7 @@ MIX_MODES = tuple(MIX_RULES) + ('none', )
 def build_mixer(
     mode: str,
     block: Sequence[int] = (3, 2),
-    k: int = 8,
+    k: int = 3,
     generator: Optional[torch.Generator] = None,
     ratio: Optional[float] = None
 ) -> Optional[MixRule]:

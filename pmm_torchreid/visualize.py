@@ -647,7 +647,7 @@ class StagePictures(object):
             drawn. Default is None: A-Hard-Mix on ``block``/``k``.
     """
 
-    def __init__(self, model, transform, block=(3, 2), k=8, device=None,
+    def __init__(self, model, transform, block=(3, 2), k=3, device=None,
                  use_labels=False, rule=None):
         self.model = model
         self.rule = rule
