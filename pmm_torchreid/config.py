@@ -17,6 +17,8 @@ import torch
 import yaml
 from yacs.config import CfgNode as CN
 
+from .guidance import DEFAULT_TOP_K
+
 __all__ = [
     'get_default_config', 'add_pmm_config', 'add_comparison_config',
     'is_pmm_model', 'is_bdb_model', 'is_fmn_model', 'is_magnifiernet_model',
@@ -133,9 +135,7 @@ def add_pmm_config(cfg: CN) -> CN:
     # variant: 'cutout', 'cutmix', 'a_cutmix', 'batch_drop'
     cfg.pmm.mix = 'hard_mix'
     cfg.pmm.block_size = [3, 2]  # block height, width on the feature map
-    # blocks replaced per sample: the released code's 3 of 32 (the paper's
-    # text: 3 Market, 6 Duke, 8 CUHK03; larger shares lost in our study)
-    cfg.pmm.top_k = 3
+    cfg.pmm.top_k = DEFAULT_TOP_K  # blocks replaced per sample (guidance.py)
     # share of the map's blocks to replace, rounded to whole blocks; > 0
     # overrides top_k, so one value fits every input size and block grid
     cfg.pmm.mix_ratio = 0.0

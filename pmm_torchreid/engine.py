@@ -14,7 +14,8 @@ import torchreid
 
 from .checkpoint import atomic_write, unwrap
 from .distributed import stop_if_any_failed
-from .guidance import MIX_MODES, BlockChoice, build_mixer
+from .guidance import (DEFAULT_TOP_K, MIX_MODES, BlockChoice,
+                       build_mixer)
 from .losses import (batch_hard_triplet, mixed_cross_entropy,
                      smoothed_cross_entropy)
 from .records import with_run_records
@@ -72,8 +73,8 @@ class PMMEngine(torchreid.engine.Engine):
             ``'hard_mix'``.
         block_size (sequence of int, optional): block height and width on the
             feature map. Default is (3, 2).
-        top_k (int, optional): blocks replaced per sample. Default is 3 (the
-            released code's value).
+        top_k (int, optional): blocks replaced per sample. Default is
+            :data:`~pmm_torchreid.guidance.DEFAULT_TOP_K` (3).
         mix_ratio (float, optional): the share of the map's blocks to
             replace, instead of ``top_k`` (rounded to whole blocks of the map
             the model gives; see :func:`pmm_torchreid.guidance.blocks_for_ratio`).
@@ -144,7 +145,7 @@ class PMMEngine(torchreid.engine.Engine):
         use_gpu: bool = True,
         mix: str = 'hard_mix',
         block_size: Sequence[int] = (3, 2),
-        top_k: int = 3,
+        top_k: int = DEFAULT_TOP_K,
         mix_ratio=None,
         mix_start_epoch: int = 0,
         seed: int = 1,

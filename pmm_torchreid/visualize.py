@@ -33,7 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import atomic_write, unwrap
-from .guidance import HardMix, MixRule, block_mask, grad_cam, with_partners
+from .guidance import (DEFAULT_TOP_K, HardMix, MixRule, block_mask, grad_cam,
+                       with_partners)
 
 __all__ = [
     'stage_views', 'test_time_views', 'StagePictures', 'render_panel',
@@ -647,8 +648,8 @@ class StagePictures(object):
             drawn. Default is None: A-Hard-Mix on ``block``/``k``.
     """
 
-    def __init__(self, model, transform, block=(3, 2), k=3, device=None,
-                 use_labels=False, rule=None):
+    def __init__(self, model, transform, block=(3, 2), k=DEFAULT_TOP_K,
+                 device=None, use_labels=False, rule=None):
         self.model = model
         self.rule = rule
         self.transform = transform
