@@ -22,6 +22,7 @@ import torch
 import torchreid
 
 from .checkpoint import unwrap
+from .distributed import stop_if_any_failed
 from .engine import PMMEngine
 from .records import with_run_records
 
@@ -155,8 +156,15 @@ class ComparisonEngine(PMMEngine):
                             enabled=self.amp_dtype is not None):
             kwargs = {'regions': regions} if regions is not None else {}
             outputs = self.model(imgs, pids, **kwargs)
-            loss, summary = self.stage_losses(outputs, pids)
-            loss = loss + self.extra_losses(outputs, summary)
+            try:
+                loss, summary = self.stage_losses(outputs, pids)
+                loss = loss + self.extra_losses(outputs, summary)
+                failure = None
+            except FloatingPointError as error:
+                failure = error
+            # as in PMMEngine: every rank learns of a failure before the
+            # backward pass, so none waits for a stopped rank's gradients
+            stop_if_any_failed(failure)
         self.optimizer_step(loss)
         summary['loss'] = loss.item()
         return summary

@@ -368,6 +368,33 @@ def test_engine_stops_on_a_non_finite_extra_loss():
                             {})
 
 
+def test_a_non_finite_step_goes_through_the_every_rank_check(monkeypatch):
+    """A failing step reaches stop_if_any_failed before the backward pass, as
+    in PMMEngine, so under DDP every rank stops at that step."""
+    import pmm_torchreid.comparison_engine as CE
+    engine = _engine(FMN(3, backbone='resnet18', pretrained=False))
+    seen = []
+
+    def record(failure):
+        seen.append(failure)
+        if failure is not None:
+            raise failure
+    monkeypatch.setattr(CE, 'stop_if_any_failed', record)
+    monkeypatch.setattr(engine, 'optimizer_step', lambda loss: seen.append(
+        'backward'))
+    images, labels = _batch()
+    engine.forward_backward({'img': images, 'pid': labels})
+    assert seen == [None, 'backward']
+    seen.clear()
+    monkeypatch.setattr(engine, 'extra_losses', lambda outputs, summary:
+                        engine.__class__.extra_losses(
+                            engine, {'aux_losses': {'sd': torch.tensor(
+                                float('nan'))}}, summary))
+    with pytest.raises(FloatingPointError, match='sd loss is not finite'):
+        engine.forward_backward({'img': images, 'pid': labels})
+    assert len(seen) == 1 and isinstance(seen[0], FloatingPointError)
+
+
 # --------------------------------------------------------------------------
 # config checks and the ablation runner's settings
 # --------------------------------------------------------------------------
