@@ -90,8 +90,11 @@ def save_checkpoint(state: dict, fpath: str) -> str:
     return fpath
 
 
-def load_checkpoint(fpath: str, map_location: Optional[str] = None) -> dict:
-    """Loads a checkpoint with ``torch.load(weights_only=True)``.
+def load_checkpoint(fpath: str, map_location: Optional[str] = 'cpu') -> dict:
+    """Loads a checkpoint with ``torch.load(weights_only=True)``, to the CPU
+    by default: ``load_state_dict`` copies to the parameters' devices, and
+    no process (e.g. a rank of a distributed run) allocates on the GPU that
+    saved the file.
 
     Raises:
         FileNotFoundError: naming the path.
@@ -103,8 +106,6 @@ def load_checkpoint(fpath: str, map_location: Optional[str] = None) -> dict:
     fpath = os.path.abspath(os.path.expanduser(fpath))
     if not os.path.isfile(fpath):
         raise FileNotFoundError('no checkpoint file at "{}"'.format(fpath))
-    if map_location is None:
-        map_location = None if torch.cuda.is_available() else 'cpu'
     try:
         return torch.load(fpath, map_location=map_location, weights_only=True)
     except Exception as error:
@@ -164,7 +165,7 @@ def _strip_module(state_dict: dict) -> dict:
 
 def resume_from_checkpoint(
     fpath: str, model: nn.Module, optimizer=None, scheduler=None, engine=None,
-    map_location: Optional[str] = None
+    map_location: Optional[str] = 'cpu'
 ) -> int:
     """Restores model, optimizer and scheduler; returns the epoch to start from.
 
@@ -172,8 +173,7 @@ def resume_from_checkpoint(
     engine), the random-number states saved with the checkpoint are restored
     too, so that the resumed run continues exactly as the uninterrupted one
     (call it last, right before ``engine.run``).  ``map_location`` is
-    :func:`load_checkpoint`'s (the ranks of a distributed run load to the CPU,
-    not all onto the GPU that saved the file).
+    :func:`load_checkpoint`'s.
     """
     print('Loading checkpoint from "{}"'.format(fpath))
     checkpoint = load_checkpoint(fpath, map_location=map_location)

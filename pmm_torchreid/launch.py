@@ -252,9 +252,7 @@ def _run(cfg, started, built):
     if cfg.model.resume:  # last: it restores the random-number states
         start_epoch = resume_from_checkpoint(
             cfg.model.resume, model, optimizer=optimizer, scheduler=scheduler,
-            engine=engine,
-            map_location='cpu' if distributed.is_active() else None
-        )
+            engine=engine)
     run_kwargs = C.engine_run_kwargs(cfg)
     run_kwargs['start_epoch'] = start_epoch
     run_started = time.time()
