@@ -47,6 +47,9 @@ class ComparisonEngine(PMMEngine):
         data_root (str, optional): the images' root. Default is ''.
         mask_labels (str, optional): their label set (``'lip'``, ``'cihp'``,
             ``'atr'``). Default is ``'lip'``.
+        band_regions (bool, optional): the fixed bands for every image,
+            whatever masks exist (config ``magnifiernet.regions 'bands'``).
+            Default is False.
         **kwargs: the other arguments of
             :class:`~pmm_torchreid.engine.PMMEngine` (``mix`` must be
             ``'none'``; ``vis_freq`` 0).
@@ -60,7 +63,8 @@ class ComparisonEngine(PMMEngine):
     def __init__(self, datamanager, model, optimizer, scheduler=None,
                  use_gpu: bool = True, weight_sd: float = 1.0,
                  weight_parsing: float = 1.0, masks_root: str = '',
-                 data_root: str = '', mask_labels: str = 'lip', **kwargs):
+                 data_root: str = '', mask_labels: str = 'lip',
+                 band_regions: bool = False, **kwargs):
         if kwargs.get('mix', 'none') != 'none':
             raise ValueError('{} takes no mixing rule (mix {!r}); use '
                              "'none'".format(type(unwrap(model)).__name__,
@@ -71,7 +75,7 @@ class ComparisonEngine(PMMEngine):
             use_gpu=use_gpu, **kwargs)
         self.needs_regions = bool(getattr(unwrap(model), 'needs_regions',
                                           False))
-        self.masks = (masks_root, data_root, mask_labels)
+        self.masks = (masks_root, data_root, mask_labels, band_regions)
         self.aux_weights = {'sd': float(weight_sd),
                             'parsing': float(weight_parsing)}
 
@@ -131,6 +135,14 @@ class ComparisonEngine(PMMEngine):
         if cfg.magnifiernet.mask_labels not in LABEL_SETS:
             fail('magnifiernet.mask_labels', cfg.magnifiernet.mask_labels,
                  'one of {}'.format(sorted(LABEL_SETS)))
+        if cfg.magnifiernet.regions not in ('auto', 'bands'):
+            fail('magnifiernet.regions', cfg.magnifiernet.regions,
+                 "'auto' (synthetic masks, then masks_root, then bands) or "
+                 "'bands' (the fixed bands for every image)")
+        if cfg.magnifiernet.regions == 'bands' and cfg.magnifiernet.masks_root:
+            fail('magnifiernet.masks_root', cfg.magnifiernet.masks_root,
+                 "'' with magnifiernet.regions 'bands' (the bands ignore "
+                 'masks)')
         if cfg.data.k_tfm != 1 and name.startswith('magnifiernet'):
             fail('data.k_tfm', cfg.data.k_tfm, '1 for MagnifierNet (the '
                  'region masks follow one augmentation per image)')

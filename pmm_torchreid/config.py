@@ -202,6 +202,9 @@ def add_comparison_config(cfg: CN) -> CN:
     # none; pmm_synthetic has its own exact masks, others fall back to bands)
     cfg.magnifiernet.masks_root = ''
     cfg.magnifiernet.mask_labels = 'lip'  # their label set: 'lip', 'cihp' or 'atr'
+    # 'auto': the order above; 'bands': the fixed bands for every image, even
+    # where exact masks exist (an ablation of the semantic masks)
+    cfg.magnifiernet.regions = 'auto'
     return cfg
 
 
@@ -423,6 +426,7 @@ def comparison_engine_kwargs(cfg: CN) -> dict:
     kwargs = engine_kwargs(cfg)
     kwargs.update(_same_names(cfg.magnifiernet, 'weight_sd weight_parsing '
                               'masks_root mask_labels'))
+    kwargs['band_regions'] = cfg.magnifiernet.regions == 'bands'
     kwargs['data_root'] = cfg.data.root
     return kwargs
 

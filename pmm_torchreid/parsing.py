@@ -22,6 +22,10 @@ background or anything that is not one of them.
 3. otherwise: fixed horizontal bands of the image (:data:`BANDS`), with a
    warning that says so.
 
+``bands=True`` (config ``magnifiernet.regions 'bands'``) skips 1 and 2: every
+image gets the bands, e.g. to measure what the exact masks of the synthetic
+dataset add over positions alone.
+
 **Geometry.**  :class:`PairedTransform` walks the training transform (a
 torchvision ``Compose``) and applies every geometric step (resize, flip,
 torchreid's random crop) to the mask with the same random draw (nearest
@@ -119,10 +123,19 @@ class RegionSource(object):
             for none.
         data_root (str): the images' root (``data.root``).
         labels (str): label set of the PNGs under ``masks_root``.
+        bands (bool): the fixed bands for every image, whatever masks exist
+            (then ``masks_root`` must be '').
     """
 
     def __init__(self, masks_root: str = '', data_root: str = '',
-                 labels: str = 'lip'):
+                 labels: str = 'lip', bands: bool = False):
+        if bands and masks_root:
+            raise ValueError(
+                'the regions are the fixed bands (magnifiernet.regions '
+                "'bands'), so magnifiernet.masks_root \"{}\" would be ignored; "
+                "set one of them: masks_root '' or regions 'auto'".format(
+                    masks_root))
+        self.bands = bool(bands)
         self.masks_root = osp.abspath(osp.expanduser(masks_root)) \
             if masks_root else ''
         self.data_root = osp.abspath(osp.expanduser(data_root or '.'))
@@ -133,6 +146,8 @@ class RegionSource(object):
 
     def locate(self, img_path: str) -> Tuple[Optional[str], str]:
         """``(mask path or None, label set)`` for an image; None: bands."""
+        if self.bands:
+            return None, ''
         img_path = osp.abspath(img_path)
         split_dir = osp.dirname(img_path)
         dataset_dir = osp.dirname(split_dir)
@@ -316,7 +331,7 @@ class RegionMaskedDataset(torch.utils.data.Dataset):
 
 
 def attach_region_masks(datamanager, masks_root: str = '', data_root: str = '',
-                        labels: str = 'lip'):
+                        labels: str = 'lip', bands: bool = False):
     """Makes the training batches of a torchreid data manager carry region
     maps (``batch['regions']``), in place; returns the data manager.
 
@@ -324,7 +339,8 @@ def attach_region_masks(datamanager, masks_root: str = '', data_root: str = '',
     with the same sampler, batch size and workers.  Before that, the masks
     of every training image are located: a missing file under
     ``masks_root`` is an error (listing the first ones); images that have no
-    mask source fall back to :data:`BANDS`, with a warning.  Idempotent.
+    mask source fall back to :data:`BANDS`, with a warning.  ``bands``:
+    :class:`RegionSource`'s (every image gets the bands).  Idempotent.
 
     Raises:
         FileNotFoundError: masks missing under ``masks_root``.
@@ -332,9 +348,9 @@ def attach_region_masks(datamanager, masks_root: str = '', data_root: str = '',
     loader = datamanager.train_loader
     if isinstance(loader.dataset, RegionMaskedDataset):
         return datamanager
-    source = RegionSource(masks_root, data_root, labels)
+    source = RegionSource(masks_root, data_root, labels, bands)
     paths = [item[0] for item in loader.dataset.data]
-    absent, bands = source.missing(paths)
+    absent, on_bands = source.missing(paths)
     if absent:
         raise FileNotFoundError(
             '{} of {} training images have no mask under magnifiernet.'
@@ -343,7 +359,11 @@ def attach_region_masks(datamanager, masks_root: str = '', data_root: str = '',
                         '\n  '.join(absent[:10]),
                         '\n  ... and {} more'.format(len(absent) - 10)
                         if len(absent) > 10 else ''))
-    if bands:
+    if source.bands:
+        print('MagnifierNet: the regions of all {} training images are the '
+              "fixed horizontal bands (magnifiernet.regions 'bands')".format(
+                  len(paths)))
+    elif on_bands:
         message = (
             'MagnifierNet: {} of {} training images have no semantic masks '
             '(magnifiernet.masks_root is empty and they are not the synthetic '
@@ -351,7 +371,7 @@ def attach_region_masks(datamanager, masks_root: str = '', data_root: str = '',
             '(head 0-15 %, upper body 15-50 %, lower body 50-90 %, shoes '
             '90-100 % of the height), not body parts. Give a human parser\'s '
             'label PNGs in magnifiernet.masks_root for real regions'.format(
-                bands, len(paths)))
+                on_bands, len(paths)))
         warnings.warn(message)
         print('** ' + message)
     dataset = RegionMaskedDataset(loader.dataset, source)

@@ -184,7 +184,8 @@ def mask_pictures(args, cfg, model, datamanager, query, name, device):
     chosen = choose(args, query, name)
     items = [query[i] for i in chosen]
     source = RegionSource(cfg.magnifiernet.masks_root, cfg.data.root,
-                          cfg.magnifiernet.mask_labels)
+                          cfg.magnifiernet.mask_labels,
+                          cfg.magnifiernet.regions == 'bands')
     pictures = MaskPictures(model, datamanager.transform_te, device, source)
     out_dir = args.output or osp.join(cfg.data.save_dir, 'masks')
     weights = cfg.model.load_weights or 'untrained'

@@ -415,6 +415,11 @@ def _setup(*opts):
       'magnifiernet.mask_labels', 'pascal'], 'magnifiernet.mask_labels'),
     (['-m', 'magnifiernet_resnet18', 'pmm.mix', 'none',
       'magnifiernet.occlusion_share', '1.5'], 'magnifiernet.occlusion_share'),
+    (['-m', 'magnifiernet_resnet18', 'pmm.mix', 'none',
+      'magnifiernet.regions', 'parser'], 'magnifiernet.regions'),
+    (['-m', 'magnifiernet_resnet18', 'pmm.mix', 'none',
+      'magnifiernet.regions', 'bands', 'magnifiernet.masks_root', 'masks'],
+     "magnifiernet.masks_root = 'masks': expected '' with magnifiernet.regions"),
     (['-m', 'fmn_resnet18', 'pmm.mix', 'none', 'loss.name', 'triplet'],
      'loss.name'),
     (['-m', 'fmn_resnet18', 'pmm.mix', 'none', 'train.batch_size', '6',
@@ -431,6 +436,10 @@ def test_config_accepts_the_comparison_models():
         kwargs = C.comparison_engine_kwargs(cfg)
         assert kwargs['mix'] == 'none' and kwargs['data_root'] == 'reid-data'
         assert kwargs['weight_sd'] == 1.0 and kwargs['mask_labels'] == 'lip'
+        assert kwargs['band_regions'] is False
+    cfg = _setup('-m', 'magnifiernet_resnet18', 'pmm.mix', 'none',
+                 'magnifiernet.regions', 'bands')
+    assert C.comparison_engine_kwargs(cfg)['band_regions'] is True
     assert engine_class('pmm_resnet18') is PMMEngine
     assert engine_class('bdb', recorded=True).__name__ == 'RecordedPMMEngine'
 

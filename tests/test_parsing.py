@@ -321,3 +321,28 @@ def test_masks_root_mirrors_data_root(tiny, tmp_path):
     assert int(regions[0].min()) == int(regions[0].max()) == 4  # shoes only
     assert set(regions[1].unique().tolist()) == {1, 3}
     assert bool((regions[1][:10] == 1).all())  # 20 of 128 rows -> 10 of 64
+
+
+def test_forced_bands_replace_even_the_synthetic_masks(tiny, capsys):
+    img = tiny.train[0][0]
+    exact = np.asarray(RegionSource().regions(img, (64, 128)))
+    forced = RegionSource(bands=True)
+    assert forced.locate(img) == (None, '')
+    banded = np.asarray(forced.regions(img, (64, 128)))
+    assert (banded == np.asarray(band_regions(64, 128))).all()
+    assert not (banded == exact).all()  # the exact masks are not bands
+    manager = _Manager([(p, pid, camid) for p, pid, camid, *_ in tiny.train])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # chosen, so no warning
+        attach_region_masks(manager, bands=True)
+    assert "magnifiernet.regions 'bands'" in capsys.readouterr().out
+    regions = next(iter(manager.train_loader))['regions']
+    expected = torch.from_numpy(np.array(band_regions(64, 128).resize(
+        (32, 64), Image.NEAREST)))
+    assert all(torch.equal(r, expected) for r in regions)
+
+
+def test_forced_bands_with_a_masks_folder_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="masks_root .* would be ignored"):
+        RegionSource(str(tmp_path), bands=True)
