@@ -197,8 +197,10 @@ def _run(cfg, started, built):
         sys.stdout = open(os.devnull, 'w')
 
     print('Show configuration\n{}\n'.format(cfg))
-    print('Collecting env info ...')
-    print('** System info **\n{}\n'.format(torchreid.utils.collect_env_info()))
+    if distributed.is_main():  # what only rank 0's log shows
+        print('Collecting env info ...')
+        print('** System info **\n{}\n'.format(
+            torchreid.utils.collect_env_info()))
 
     if cfg.use_gpu:
         torch.backends.cudnn.benchmark = True
@@ -219,10 +221,12 @@ def _run(cfg, started, built):
 
     print('Building model: {}'.format(cfg.model.name))
     model = build_model(cfg, datamanager.num_train_pids)
-    num_params, flops = torchreid.utils.compute_model_complexity(
-        model, (1, 3, cfg.data.height, cfg.data.width)
-    )
-    print('Model complexity: params={:,} flops={:,}'.format(num_params, flops))
+    if distributed.is_main():  # an eval-mode forward pass; no state changes
+        num_params, flops = torchreid.utils.compute_model_complexity(
+            model, (1, 3, cfg.data.height, cfg.data.width)
+        )
+        print('Model complexity: params={:,} flops={:,}'.format(num_params,
+                                                              flops))
 
     if cfg.model.load_weights:
         load_pretrained_weights(model, cfg.model.load_weights)
