@@ -25,7 +25,7 @@ __all__ = [
     'is_comparison_model', 'takes_no_mix', 'uses_pmm_engine', 'resolved_top_k', 'merge_file', 'merge_list',
     'imagedata_kwargs', 'model_kwargs', 'optimizer_kwargs',
     'lr_scheduler_kwargs', 'engine_kwargs', 'comparison_engine_kwargs',
-    'engine_run_kwargs'
+    'engine_run_kwargs', 'dump_differences'
 ]
 
 
@@ -259,6 +259,37 @@ def _all_keys(cfg: CN, prefix: str = '') -> List[str]:
         full = prefix + key
         keys += _all_keys(value, full + '.') if isinstance(value, CN) else [full]
     return keys
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, prefix + key + '.'))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def dump_differences(old: str, new: str) -> List[str]:
+    """The keys whose values differ between two config dumps (``cfg.dump()``
+    YAML), sorted.  A key only ``new`` has counts as the same when its value
+    there is the current default: a key added to the plugin later, whose
+    default keeps the old behaviour, does not make an older recipe another
+    one.  A key only ``old`` has (one removed since) always differs."""
+    old_flat = _flat(yaml.safe_load(old) or {})
+    new_flat = _flat(yaml.safe_load(new) or {})
+    defaults = _flat(yaml.safe_load(get_default_config().dump()))
+    missing = object()
+    differ = []
+    for key in set(old_flat) | set(new_flat):
+        before = old_flat.get(key, missing)
+        after = new_flat.get(key, missing)
+        if before is missing and after == defaults.get(key, missing):
+            continue
+        if before != after:
+            differ.append(key)
+    return sorted(differ)
 
 
 class ConfigKeyError(KeyError):

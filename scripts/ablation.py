@@ -318,7 +318,9 @@ def check_recipe(out, recipe):
     if osp.isfile(path):
         with open(path) as f:
             old = json.load(f)
-        if old != recipe:
+        # keys added to the plugin since, at their defaults, do not count
+        if old.get('opts') != recipe.get('opts') or C.dump_differences(
+                old.get('config', ''), recipe.get('config', '')):
             lines = lambda r: r.get('config', '').splitlines() + [
                 'overrides: {}'.format(' '.join(r.get('opts', [])))]
             diff = [line for line in difflib.unified_diff(

@@ -336,3 +336,18 @@ def test_cutout_inside_must_fit_the_input():
     setup_config('--config-file', base, 'data.transforms',
                  "['random_flip', 'cutout']", 'data.cutout_size', '65',
                  'data.cutout_inside', 'False')
+
+
+def test_recipe_differences_ignore_keys_added_since_at_their_defaults():
+    cfg = C.get_default_config()
+    now = cfg.dump()
+    # an older dump without a key that the plugin added since
+    older = now.replace("  regions: auto\n", '')
+    assert older != now and C.dump_differences(older, now) == []
+    cfg.magnifiernet.regions = 'bands'  # the added key, not at its default
+    assert C.dump_differences(older, cfg.dump()) == ['magnifiernet.regions']
+    cfg.magnifiernet.regions = 'auto'
+    cfg.train.lr = 0.01  # a changed value
+    assert C.dump_differences(now, cfg.dump()) == ['train.lr']
+    # a key the plugin no longer has always differs
+    assert C.dump_differences(now, older) == ['magnifiernet.regions']
