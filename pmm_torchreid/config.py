@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os.path as osp
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 import yaml
@@ -22,7 +22,8 @@ from .guidance import DEFAULT_TOP_K
 __all__ = [
     'get_default_config', 'add_pmm_config', 'add_comparison_config',
     'is_pmm_model', 'is_bdb_model', 'is_fmn_model', 'is_magnifiernet_model',
-    'is_comparison_model', 'takes_no_mix', 'uses_pmm_engine', 'resolved_top_k', 'merge_file', 'merge_list',
+    'is_comparison_model', 'takes_no_mix', 'uses_pmm_engine', 'resolved_top_k',
+    'mixed_blocks', 'merge_file', 'merge_list',
     'imagedata_kwargs', 'model_kwargs', 'optimizer_kwargs',
     'lr_scheduler_kwargs', 'engine_kwargs', 'comparison_engine_kwargs',
     'engine_run_kwargs', 'dump_differences'
@@ -378,6 +379,23 @@ def resolved_top_k(cfg: CN) -> int:
                 cfg.data.height, cfg.data.width, backbone, height, width, error
             )
         ) from None
+
+
+def mixed_blocks(cfg: CN) -> Tuple[int, int]:
+    """The blocks a PMM run replaces per sample (:func:`resolved_top_k`) and
+    the blocks of the whole grid, so that their ratio is the mixed share.
+
+    Raises:
+        ValueError: as :func:`resolved_top_k`.
+    """
+    from .backbones import feature_map_size
+    from .guidance import check_block_grid
+    from .models import model_backbone
+    k = resolved_top_k(cfg)
+    height, width = feature_map_size(model_backbone(cfg.model.name),
+                                     cfg.data.height, cfg.data.width)
+    rows, cols = check_block_grid(height, width, tuple(cfg.pmm.block_size))
+    return k, rows * cols
 
 
 def _same_names(section: CN, names: str) -> dict:

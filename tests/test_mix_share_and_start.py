@@ -4,6 +4,7 @@ import os.path as osp
 import subprocess
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -77,6 +78,45 @@ def test_a_ratio_overrides_top_k_and_is_checked_in_the_config():
         C.merge_list(bad, ['pmm.block_size', '[1, 1]', 'pmm.mix_ratio', ratio])
         with pytest.raises(ValueError, match=message):
             checks.check_config(bad)
+
+
+@pytest.mark.parametrize('ratio, warns', [
+    ('0.375', True),      # 12 of 32: collapsed on CUHK01 validation
+    ('0.28', True),       # 9 of 32
+    ('0.25', False),      # 8 of 32: the limit itself is quiet
+    ('0.125', False),     # the CUHK01 recipe's share
+])
+def test_a_share_above_a_quarter_of_the_map_draws_a_warning(ratio, warns):
+    cfg = C.get_default_config()
+    C.merge_file(cfg, osp.join(ROOT, 'configs', 'pmm_demo.yaml'))
+    C.merge_list(cfg, ['pmm.block_size', '[1, 1]', 'pmm.mix_ratio', ratio])
+    assert C.mixed_blocks(cfg)[1] == 32  # the 8x4 map of a 128x64 input
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        checks.check_config(cfg)
+    found = [str(w.message) for w in caught
+             if 'of the part map in every sample' in str(w.message)]
+    if warns:
+        k = C.resolved_top_k(cfg)
+        assert len(found) == 1
+        assert 'replaces {} of 32 blocks ({:.1%})'.format(k, k / 32) in found[0]
+    else:
+        assert found == []
+
+
+def test_no_share_warning_without_mixing_or_for_the_shipped_real_data_configs():
+    for name in ('pmm_cuhk01.yaml', 'pmm_cuhk03.yaml', 'ablation_cuhk01.yaml'):
+        cfg = C.get_default_config()
+        C.merge_file(cfg, osp.join(ROOT, 'configs', name))
+        k, blocks = C.mixed_blocks(cfg)
+        assert 0 < k <= 0.125 * blocks, name
+    cfg = C.get_default_config()
+    C.merge_file(cfg, osp.join(ROOT, 'configs', 'pmm_demo.yaml'))
+    C.merge_list(cfg, ['pmm.block_size', '[1, 1]', 'pmm.mix_ratio', '0.5',
+                       'pmm.mix', 'none'])
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        checks.check_config(cfg)
 
 
 def test_build_mixer_passes_the_ratio_on():
