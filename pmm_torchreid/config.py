@@ -360,15 +360,27 @@ def resolved_top_k(cfg: CN) -> int:
         ValueError: the blocks do not tile the map, or the share rounds to no
             block or to every block.
     """
+    return mixed_blocks(cfg)[0]
+
+
+def mixed_blocks(cfg: CN) -> Tuple[int, int]:
+    """``(k, blocks)``: the blocks a PMM run replaces per sample
+    (:func:`resolved_top_k`) and the blocks of the whole grid, so that
+    ``k / blocks`` is the mixed share.
+
+    Raises:
+        ValueError: as :func:`resolved_top_k`.
+    """
     from .backbones import feature_map_size
-    from .guidance import BlockChoice
+    from .guidance import BlockChoice, check_block_grid
     from .models import model_backbone
     backbone = model_backbone(cfg.model.name)
     height, width = feature_map_size(backbone, cfg.data.height, cfg.data.width)
     ratio = cfg.pmm.mix_ratio
+    block = tuple(cfg.pmm.block_size)
     try:
-        return BlockChoice(tuple(cfg.pmm.block_size), int(cfg.pmm.top_k),
-                           ratio or None).count(height, width)
+        k = BlockChoice(block, int(cfg.pmm.top_k), ratio or None).count(
+            height, width)
     except ValueError as error:
         raise ValueError(
             'config pmm.block_size = {} / {}: at input {}x{} '
@@ -379,22 +391,7 @@ def resolved_top_k(cfg: CN) -> int:
                 cfg.data.height, cfg.data.width, backbone, height, width, error
             )
         ) from None
-
-
-def mixed_blocks(cfg: CN) -> Tuple[int, int]:
-    """The blocks a PMM run replaces per sample (:func:`resolved_top_k`) and
-    the blocks of the whole grid, so that their ratio is the mixed share.
-
-    Raises:
-        ValueError: as :func:`resolved_top_k`.
-    """
-    from .backbones import feature_map_size
-    from .guidance import check_block_grid
-    from .models import model_backbone
-    k = resolved_top_k(cfg)
-    height, width = feature_map_size(model_backbone(cfg.model.name),
-                                     cfg.data.height, cfg.data.width)
-    rows, cols = check_block_grid(height, width, tuple(cfg.pmm.block_size))
+    rows, cols = check_block_grid(height, width, block)
     return k, rows * cols
 
 

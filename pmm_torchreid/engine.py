@@ -211,7 +211,8 @@ class PMMEngine(torchreid.engine.Engine):
 
         Warns:
             UserWarning: a mixing rule replaces more than
-                ``MAX_QUIET_SHARE`` of the map's blocks.
+                ``MAX_QUIET_SHARE`` of the map's blocks (and there is a later
+                stage to feed).
         """
         from .checks import fail
         from .config import is_bdb_model, mixed_blocks
@@ -265,14 +266,15 @@ class PMMEngine(torchreid.engine.Engine):
             return
         # the block grid on the map the backbone gives at the configured size
         k, blocks = mixed_blocks(cfg)
-        if k > MAX_QUIET_SHARE * blocks:
+        if cfg.pmm.num_stages > 1 and k > MAX_QUIET_SHARE * blocks:
             warnings.warn(
                 'pmm.top_k / pmm.mix_ratio: this run replaces {} of {} blocks '
-                '({:.1%}) of the part map in every sample. On CUHK01 validation '
-                'a 37.5 % share kept stages II and III from learning (2 % '
-                'training accuracy after 10 epochs) and 25 % was behind 12.5 %; '
-                'about 9-12.5 % is recommended (docs/RESULTS.md, '
-                '"Validation")'.format(k, blocks, k / blocks), UserWarning)
+                '({:.1f} %) of the part map in every sample. On CUHK01 '
+                'validation a 37.5 % share kept stages II and III from learning '
+                '(2 % training accuracy after 10 epochs) and 25 % was behind '
+                '12.5 % on every split; about 9-12.5 % is recommended '
+                '(docs/RESULTS.md, "Validation")'.format(
+                    k, blocks, 100.0 * k / blocks), UserWarning)
 
     def stage_losses(self, outputs: Dict, pids: torch.Tensor):
         """Step 7: the sum over stages of batch-hard triplet (the anchor's own

@@ -80,43 +80,63 @@ def test_a_ratio_overrides_top_k_and_is_checked_in_the_config():
             checks.check_config(bad)
 
 
-@pytest.mark.parametrize('ratio, warns', [
-    ('0.375', True),      # 12 of 32: collapsed on CUHK01 validation
-    ('0.28', True),       # 9 of 32
-    ('0.25', False),      # 8 of 32: the limit itself is quiet
-    ('0.125', False),     # the CUHK01 recipe's share
-])
-def test_a_share_above_a_quarter_of_the_map_draws_a_warning(ratio, warns):
-    cfg = C.get_default_config()
-    C.merge_file(cfg, osp.join(ROOT, 'configs', 'pmm_demo.yaml'))
-    C.merge_list(cfg, ['pmm.block_size', '[1, 1]', 'pmm.mix_ratio', ratio])
-    assert C.mixed_blocks(cfg)[1] == 32  # the 8x4 map of a 128x64 input
+def _share_warnings(cfg):
+    """The share warnings that ``check_config`` gives for ``cfg``."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         checks.check_config(cfg)
-    found = [str(w.message) for w in caught
-             if 'of the part map in every sample' in str(w.message)]
-    if warns:
-        k = C.resolved_top_k(cfg)
-        assert len(found) == 1
-        assert 'replaces {} of 32 blocks ({:.1%})'.format(k, k / 32) in found[0]
-    else:
-        assert found == []
+    return [str(w.message) for w in caught
+            if 'of the part map in every sample' in str(w.message)]
 
 
-def test_no_share_warning_without_mixing_or_for_the_shipped_real_data_configs():
-    for name in ('pmm_cuhk01.yaml', 'pmm_cuhk03.yaml', 'ablation_cuhk01.yaml'):
-        cfg = C.get_default_config()
-        C.merge_file(cfg, osp.join(ROOT, 'configs', name))
-        k, blocks = C.mixed_blocks(cfg)
-        assert 0 < k <= 0.125 * blocks, name
+def _demo_cfg(*opts):
     cfg = C.get_default_config()
     C.merge_file(cfg, osp.join(ROOT, 'configs', 'pmm_demo.yaml'))
-    C.merge_list(cfg, ['pmm.block_size', '[1, 1]', 'pmm.mix_ratio', '0.5',
-                       'pmm.mix', 'none'])
-    with warnings.catch_warnings():
-        warnings.simplefilter('error')
-        checks.check_config(cfg)
+    C.merge_list(cfg, list(opts))
+    return cfg
+
+
+@pytest.mark.parametrize('opts, k', [
+    (('pmm.mix_ratio', '0.375'), 12),   # collapsed on CUHK01 validation
+    (('pmm.mix_ratio', '0.28'), 9),
+    (('pmm.top_k', '9'), 9),            # the same share given as blocks
+    (('pmm.mix_ratio', '0.25'), None),  # the limit itself is quiet
+    (('pmm.top_k', '8'), None),
+    (('pmm.mix_ratio', '0.125'), None),  # the CUHK01 recipe's share
+])
+def test_a_share_above_a_quarter_of_the_map_draws_a_warning(opts, k):
+    cfg = _demo_cfg('pmm.block_size', '[1, 1]', *opts)
+    assert C.mixed_blocks(cfg)[1] == 32  # the 8x4 map of a 128x64 input
+    found = _share_warnings(cfg)
+    if k is None:
+        assert found == []
+    else:
+        assert C.mixed_blocks(cfg)[0] == k
+        assert len(found) == 1
+        assert 'replaces {} of 32 blocks ({:.1f} %)'.format(
+            k, 100.0 * k / 32) in found[0]
+
+
+@pytest.mark.parametrize('opts', [
+    ('pmm.mix', 'none'),              # nothing is mixed
+    ('pmm.num_stages', '1'),          # no later stage to feed
+    ('test.evaluate', 'True'),        # no training
+])
+def test_no_share_warning_where_nothing_is_mixed(opts):
+    cfg = _demo_cfg('pmm.block_size', '[1, 1]', 'pmm.mix_ratio', '0.5', *opts)
+    assert _share_warnings(cfg) == []
+
+
+@pytest.mark.parametrize('name', ['pmm_demo.yaml', 'pmm_cuhk01.yaml',
+                                  'pmm_cuhk03.yaml', 'pmm_market1501.yaml',
+                                  'pmm_dukemtmcreid.yaml',
+                                  'ablation_cuhk01.yaml'])
+def test_the_shipped_pmm_configs_draw_no_share_warning(name):
+    cfg = C.get_default_config()
+    C.merge_file(cfg, osp.join(ROOT, 'configs', name))
+    k, blocks = C.mixed_blocks(cfg)
+    assert 0 < k <= 0.25 * blocks
+    assert _share_warnings(cfg) == []
 
 
 def test_build_mixer_passes_the_ratio_on():
