@@ -27,14 +27,17 @@ import torch
 import torch.nn as nn
 import torchreid
 
-from . import checks, config as C, distributed
-from .checkpoint import atomic_write, load_pretrained_weights, \
-    resume_from_checkpoint, unwrap
-from .data import build_datamanager
-from .engine import RecordedPMMEngine
-from .models import MODEL_FACTORY
-from .optim import build_lr_scheduler
-from .records import with_run_records
+from pmm_torchreid import config as C
+from pmm_torchreid.config import checks
+from pmm_torchreid.data.datamanager import build_datamanager
+from pmm_torchreid.engine.comparison import RecordedComparisonEngine
+from pmm_torchreid.engine.optim import build_lr_scheduler
+from pmm_torchreid.engine.pmm import RecordedPMMEngine
+from pmm_torchreid.engine.records import with_run_records
+from pmm_torchreid.models.factory import MODEL_FACTORY
+from pmm_torchreid.utils import distributed
+from pmm_torchreid.utils.checkpoint import load_pretrained_weights, resume_from_checkpoint, unwrap
+from pmm_torchreid.utils.io import atomic_write
 
 __all__ = ['build_parser', 'setup_config', 'build_model', 'build_engine',
            'main', 'write_results', 'read_results']
@@ -119,7 +122,6 @@ def build_engine(cfg, datamanager, model, optimizer, scheduler,
     PMM partner generator's seed (default ``train.seed``; each rank of a
     distributed run has its own)."""
     if cfg.loss.name == 'pmm' and C.is_comparison_model(cfg.model.name):
-        from .comparison_engine import RecordedComparisonEngine
         return RecordedComparisonEngine(
             datamanager, model, optimizer, scheduler=scheduler,
             **C.comparison_engine_kwargs(cfg)
@@ -153,11 +155,12 @@ def main(argv=None, started: Optional[float] = None):
     ``results.json`` (default: when this module was imported).
 
     Started by ``torchrun`` with several processes, it trains with
-    DistributedDataParallel (:mod:`pmm_torchreid.distributed`): rank 0 writes
+    DistributedDataParallel (:mod:`pmm_torchreid.utils.distributed`): rank 0 writes
     the log and every file, the others print nothing.  Under torchrun a
     failure's message is also handed to torchrun, whose summary then names
     it as the root cause."""
     if os.environ.get('TORCHELASTIC_ERROR_FILE'):  # set by torchrun
+        # lazy: torch.distributed.elastic is needed only under torchrun
         from torch.distributed.elastic.multiprocessing.errors import record
         return record(_main)(argv, started)
     return _main(argv, started)
@@ -168,7 +171,7 @@ def _main(argv, started):
     cfg = setup_config(args)
     launched = distributed.launch_info()  # torchrun with several processes
     if launched:
-        distributed.check_config(cfg, launched.world_size)
+        distributed.check_world_config(cfg, launched.world_size)
     checks.check_paths(cfg)  # datasets and weight files exist, before any work
     if launched:
         distributed.init(cfg, launched)

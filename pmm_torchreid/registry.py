@@ -11,6 +11,11 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Mapping
 
+from pmm_torchreid.data.images import install_safe_image_reader
+from pmm_torchreid.data.synthetic import DATASETS
+from pmm_torchreid.models.factory import MODEL_FACTORY
+from pmm_torchreid.utils.torchreid_internals import dataset_table, model_table
+
 __all__ = ['register', 'register_into']
 
 
@@ -40,34 +45,16 @@ def register_into(
         table.setdefault(name, entry)
 
 
-def _table(module, attr: str) -> Dict[str, Callable]:
-    table = vars(module).get(attr)
-    if not isinstance(table, dict):
-        raise RuntimeError(
-            'this torchreid ({}) has no {} table; pmm_torchreid supports '
-            'deep-person-reid 1.4 and the PyPI torchreid 0.2.x'.format(
-                module.__name__, attr
-            )
-        )
-    return table
-
-
 def register() -> None:
     """Registers the PMM models and the synthetic dataset with torchreid, and
     makes its image datasets raise on a bad image instead of retrying forever
-    (:func:`pmm_torchreid.data.install_safe_image_reader`).
+    (:func:`pmm_torchreid.data.images.install_safe_image_reader`).
 
     Examples::
 
         >>> import torchreid, pmm_torchreid   # importing registers already
         >>> model = torchreid.models.build_model('pmm', num_classes=751)
     """
-    import torchreid
-    from .models import MODEL_FACTORY
-    from .data import install_safe_image_reader
-    from .synthetic import DATASETS
-    register_into(_table(torchreid.models, '__model_factory'), MODEL_FACTORY,
-                  'model')
-    register_into(_table(torchreid.data.datasets, '__image_datasets'),
-                  DATASETS, 'image dataset')
+    register_into(model_table(), MODEL_FACTORY, 'model')
+    register_into(dataset_table(), DATASETS, 'image dataset')
     install_safe_image_reader()

@@ -17,8 +17,9 @@ warnings.filterwarnings('ignore', message='Cython evaluation')
 @pytest.fixture(scope='session')
 def synthetic_root(tmp_path_factory):
     """A data root holding the generated ``pmm_synthetic`` dataset (once per run)."""
-    import pmm_torchreid  # noqa: F401  (registers the dataset)
     import torchreid
+
+    import pmm_torchreid  # noqa: F401  (registers the dataset)
     root = tmp_path_factory.mktemp('reid-data')
     torchreid.data.ImageDataManager(
         root=str(root), sources='pmm_synthetic', height=32, width=16,

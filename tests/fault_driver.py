@@ -36,7 +36,8 @@ def main():
     sys.path.insert(0, root)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import torch
-    import pmm_torchreid.checkpoint as checkpoint
+
+    import pmm_torchreid.utils.checkpoint as checkpoint
     from pmm_torchreid.engine import PMMEngine
     kind, _, arg = fault.partition(':')
     rank = int(os.environ.get('RANK', '0'))
@@ -99,7 +100,7 @@ def main():
 
         PMMEngine.forward_backward = forward_backward
     elif kind == 'record':
-        from pmm_torchreid.records import RunRecordsMixin
+        from pmm_torchreid.engine.records import RunRecordsMixin
         real_step, real_run = PMMEngine.forward_backward, RunRecordsMixin.run
         steps = []
 

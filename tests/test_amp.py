@@ -7,8 +7,8 @@ import torch
 
 from pmm_torchreid import config as C
 from pmm_torchreid.engine import PMMEngine, RecordedPMMEngine, amp_settings
-from pmm_torchreid.guidance import HardMix, grad_cam
 from pmm_torchreid.models import PMM
+from pmm_torchreid.models.guidance import HardMix, grad_cam
 
 from conftest import ROOT
 

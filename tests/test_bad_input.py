@@ -15,13 +15,12 @@ import torchreid
 from PIL import Image
 
 import pmm_torchreid  # noqa: F401  (installs the reader)
-from pmm_torchreid import checks
-from pmm_torchreid.data import (BadImageError, drop_bad_images,
-                                find_bad_images, read_image)
-from pmm_torchreid.backbones import build_backbone, feature_map_size
+from pmm_torchreid import launch
+from pmm_torchreid.config import checks
+from pmm_torchreid.data import BadImageError, drop_bad_images, find_bad_images, read_image
+from pmm_torchreid.models.backbones import build_backbone, feature_map_size
 
 from conftest import ROOT
-from pmm_torchreid import launch
 
 MAIN = launch
 FAST = [

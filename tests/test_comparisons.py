@@ -11,13 +11,16 @@ import torchreid
 
 import pmm_torchreid
 from pmm_torchreid import config as C
-from pmm_torchreid.backbones import BACKBONES
-from pmm_torchreid.comparison_engine import ComparisonEngine, engine_class
 from pmm_torchreid.engine import PMMEngine
-from pmm_torchreid.fmn import FMN, split_backbone
-from pmm_torchreid.magnifiernet import (MagnifierNet, downsample_regions,
-                                        semantic_diversity_loss)
+from pmm_torchreid.engine.comparison import ComparisonEngine, engine_class
 from pmm_torchreid.models import MODEL_FACTORY
+from pmm_torchreid.models.backbones import BACKBONES
+from pmm_torchreid.models.fmn import FMN, split_backbone
+from pmm_torchreid.models.magnifiernet import (
+    MagnifierNet,
+    downsample_regions,
+    semantic_diversity_loss,
+)
 
 from conftest import ROOT
 
@@ -259,7 +262,7 @@ def test_a_cell_is_occluded_when_the_region_covers_a_quarter_of_it():
 def test_parsing_head_learns_shares_smaller_than_a_cell():
     """The parsing loss takes each cell's region shares as its target, so a
     region that covers no cell by majority (a small head) still counts."""
-    from pmm_torchreid.magnifiernet import region_shares
+    from pmm_torchreid.models.magnifiernet import region_shares
     regions = torch.zeros(1, 32, 16, dtype=torch.uint8)
     regions[0, :4, 4:12] = 1  # 32 of 256 pixels of cell (0, 0)
     shares = region_shares(regions, (2, 1))
@@ -370,8 +373,9 @@ def test_engine_stops_on_a_non_finite_extra_loss():
 
 def test_a_non_finite_step_goes_through_the_every_rank_check(monkeypatch):
     """A failing step reaches stop_if_any_failed before the backward pass, as
-    in PMMEngine, so under DDP every rank stops at that step."""
-    import pmm_torchreid.comparison_engine as CE
+    in PMMEngine (whose one training step it runs), so under DDP every rank
+    stops at that step."""
+    import pmm_torchreid.engine.pmm as step_module
     engine = _engine(FMN(3, backbone='resnet18', pretrained=False))
     seen = []
 
@@ -379,7 +383,7 @@ def test_a_non_finite_step_goes_through_the_every_rank_check(monkeypatch):
         seen.append(failure)
         if failure is not None:
             raise failure
-    monkeypatch.setattr(CE, 'stop_if_any_failed', record)
+    monkeypatch.setattr(step_module, 'stop_if_any_failed', record)
     monkeypatch.setattr(engine, 'optimizer_step', lambda loss: seen.append(
         'backward'))
     images, labels = _batch()
@@ -507,7 +511,7 @@ def test_dataset_configs_are_pmms_recipe_with_the_comparison_network(
 def test_only_a_training_run_attaches_the_masks(monkeypatch):
     """An evaluation-only run of MagnifierNet needs no masks; a training run
     swaps in the loader that carries them before the first epoch."""
-    from pmm_torchreid import parsing
+    import pmm_torchreid.engine.comparison as CE
     calls = []
     monkeypatch.setattr(torchreid.engine.Engine, 'run',
                         lambda self, *a, **k: calls.append(('run', k)))
@@ -518,7 +522,7 @@ def test_only_a_training_run_attaches_the_masks(monkeypatch):
     def attach(datamanager, *masks):
         calls.append(('attach', masks))
         datamanager.train_loader = 'loader with masks'
-    monkeypatch.setattr(parsing, 'attach_region_masks', attach)
+    monkeypatch.setattr(CE, 'attach_region_masks', attach)
     engine = ComparisonEngine.__new__(ComparisonEngine)
     engine.needs_regions, engine.masks = True, ('m', 'r', 'atr')
     engine.datamanager, engine.train_loader = Manager(), 'plain loader'

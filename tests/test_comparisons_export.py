@@ -15,9 +15,10 @@ onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')
 
-from conftest import ROOT  # noqa: E402
 from pmm_torchreid import launch  # noqa: E402
-from pmm_torchreid.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from pmm_torchreid.utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+
+from conftest import ROOT  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, 'scripts', 'export.py')
 CONFIG = os.path.join(ROOT, 'configs', 'pmm_demo.yaml')
@@ -91,7 +92,9 @@ def test_onnxruntime_equals_pytorch(exported, synthetic_root):
     session = ort.InferenceSession(path, options,
                                    providers=['CPUExecutionProvider'])
     import glob
+
     import torchreid
+
     from pmm_torchreid.data import read_image
     transform = torchreid.data.transforms.build_transforms(64, 32)[1]
     paths = sorted(glob.glob(os.path.join(synthetic_root, 'pmm_synthetic',

@@ -19,13 +19,12 @@ import yaml
 
 import pmm_torchreid  # noqa: F401  (registers the models and pmm_synthetic)
 from pmm_torchreid import config as C
+from pmm_torchreid import launch
 from pmm_torchreid.data import Cutout, build_datamanager
 from pmm_torchreid.engine import PMMEngine
-from pmm_torchreid.guidance import check_block_grid
+from pmm_torchreid.engine.optim import build_lr_scheduler
 from pmm_torchreid.models import BDB
-from pmm_torchreid.optim import build_lr_scheduler
-
-from pmm_torchreid import launch
+from pmm_torchreid.models.guidance import check_block_grid
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = sorted(glob.glob(osp.join(REPO, 'configs', '*.yaml')))
@@ -294,7 +293,8 @@ def test_bdb_config_is_the_pmm_recipe_with_bdbs_batch(dataset):
     assert bdb.train.batch_size == 128  # BDB's own paper
     for key in ('data.height', 'data.width', 'data.transforms', 'train.lr',
                 'train.max_epoch', 'train.stepsize', 'train.warmup_epochs',
-                'train.warmup_interval', 'train.warmup_offset', 'train.optim', 'data.sources', 'data.targets'):
+                'train.warmup_interval', 'train.warmup_offset', 'train.optim',
+                'data.sources', 'data.targets'):
         assert _get(bdb, key) == _get(pmm, key), key
     if dataset == 'cuhk03':
         assert not bdb.cuhk03.labeled_images

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from pmm_torchreid.engine import PMMEngine
-from pmm_torchreid.guidance import build_mixer
-from pmm_torchreid.losses import mixed_cross_entropy
+from pmm_torchreid.engine.losses import mixed_cross_entropy
 from pmm_torchreid.models import PMM
+from pmm_torchreid.models.guidance import build_mixer
 
 
 def dp_gather(outputs):
@@ -98,7 +98,7 @@ def test_gathered_hard_mix_keeps_the_own_labels():
     for s in (2, 3):
         assert torch.equal(out['partner_weights'][s - 2], torch.zeros(8))
         own = engine.label_smooth
-        from pmm_torchreid.losses import smoothed_cross_entropy
+        from pmm_torchreid.engine.losses import smoothed_cross_entropy
         want = smoothed_cross_entropy(out['logits'][s - 1], pids, own).item()
         assert summary['loss_x{}'.format(s)] == pytest.approx(want, rel=1e-6)
 

@@ -18,11 +18,11 @@ import time
 
 import pytest
 import torch
+from test_interrupted_runs import DRIVER, assert_same_checkpoints
 
-from pmm_torchreid.checkpoint import load_checkpoint
+from pmm_torchreid.utils.checkpoint import load_checkpoint
 
 from conftest import ROOT
-from test_interrupted_runs import DRIVER, assert_same_checkpoints
 
 SMALL = [
     'data.height', '32', 'data.width', '16', 'pmm.block_size', '[1, 1]',

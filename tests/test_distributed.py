@@ -5,9 +5,9 @@ runs (tests/test_ddp_runs.py)."""
 import pytest
 import torch
 
-from pmm_torchreid import distributed
 from pmm_torchreid.config import get_default_config
-from pmm_torchreid.distributed import DistributedIdentitySampler, launch_info
+from pmm_torchreid.utils import distributed
+from pmm_torchreid.utils.distributed import DistributedIdentitySampler, launch_info
 
 
 # --------------------------------------------------------------------------
@@ -50,20 +50,20 @@ def test_new_keys_have_safe_defaults():
 
 
 def test_config_check_of_a_distributed_run():
-    distributed.check_config(_cfg(), 2)  # 2 ranks x 2 identities x 4
+    distributed.check_world_config(_cfg(), 2)  # 2 ranks x 2 identities x 4
     with pytest.raises(ValueError, match=r'train.batch_size = 16: expected a '
                        r'multiple of the 3 processes'):
-        distributed.check_config(_cfg(), 3)
+        distributed.check_world_config(_cfg(), 3)
     with pytest.raises(ValueError, match=r'\(16, 4\).*each of the 4 processes '
                        r'\(4 images\).*at least 2 of them'):
-        distributed.check_config(_cfg(), 4)
+        distributed.check_world_config(_cfg(), 4)
     cfg = _cfg()
     cfg.sampler.train_sampler = 'RandomDomainSampler'
     with pytest.raises(ValueError, match='sampler.train_sampler'):
-        distributed.check_config(cfg, 2)
+        distributed.check_world_config(cfg, 2)
     with pytest.raises(ValueError, match='train.sync_bn = True: expected '
                        'False on the CPU'):
-        distributed.check_config(_cfg(sync_bn=True), 2)
+        distributed.check_world_config(_cfg(sync_bn=True), 2)
 
 
 def test_sync_bn_replaces_every_batchnorm_and_keeps_the_keys():
@@ -81,7 +81,7 @@ def test_sync_bn_replaces_every_batchnorm_and_keeps_the_keys():
 
 
 def test_timeouts_are_checked():
-    from pmm_torchreid.checks import check_config
+    from pmm_torchreid.config.checks import check_config
     cfg = get_default_config()
     cfg.test.dist_eval_timeout = 0
     with pytest.raises(ValueError, match='test.dist_eval_timeout = 0'):

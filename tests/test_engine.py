@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from pmm_torchreid.checkpoint import load_checkpoint, save_checkpoint
 from pmm_torchreid.data import Cutout
 from pmm_torchreid.engine import PMMEngine, RecordedPMMEngine
-from pmm_torchreid.losses import batch_hard_triplet, smoothed_cross_entropy
+from pmm_torchreid.engine.losses import batch_hard_triplet, smoothed_cross_entropy
+from pmm_torchreid.engine.optim import WarmupMultiStepLR
 from pmm_torchreid.models import PMM
-from pmm_torchreid.optim import WarmupMultiStepLR
+from pmm_torchreid.utils.checkpoint import load_checkpoint, save_checkpoint
 
 
 def _engine(mix='hard_mix', seed=1, recorded=False, **kwargs):
@@ -274,7 +274,7 @@ def test_cutout_keeps_the_whole_square_inside_as_the_reference_does():
 @pytest.mark.parametrize('mix', ['cutmix', 'a_cutmix', 'hard_mix', 'cutout',
                                  'batch_drop'])
 def test_mixed_stages_take_mixed_targets_and_triplet_the_anchor_label(mix):
-    from pmm_torchreid.losses import mixed_cross_entropy
+    from pmm_torchreid.engine.losses import mixed_cross_entropy
     engine = _engine(mix=mix)
     data = _data()
     pids = data['pid']

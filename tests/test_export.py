@@ -18,10 +18,11 @@ onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')  # torch's default (dynamo) exporter needs it
 
-from conftest import ROOT  # noqa: E402
 from pmm_torchreid import launch  # noqa: E402
-from pmm_torchreid.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from pmm_torchreid.data import read_image  # noqa: E402
+from pmm_torchreid.utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+
+from conftest import ROOT  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, 'scripts', 'export.py')
 CONFIG = os.path.join(ROOT, 'configs', 'pmm_demo.yaml')

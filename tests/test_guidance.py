@@ -3,10 +3,15 @@ hard_mix, against hand-made inputs and the reference code's way."""
 import pytest
 import torch
 
-from pmm_torchreid.guidance import (
-    HardMix, block_mask, build_mixer, grad_cam, hard_mix, sample_negatives
-)
 from pmm_torchreid.models import PMM
+from pmm_torchreid.models.guidance import (
+    HardMix,
+    block_mask,
+    build_mixer,
+    grad_cam,
+    hard_mix,
+    sample_negatives,
+)
 
 
 def _reference_grad_cam(model, images, labels):

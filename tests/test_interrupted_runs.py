@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from pmm_torchreid.checkpoint import load_checkpoint
+from pmm_torchreid.utils.checkpoint import load_checkpoint
 
 from conftest import ROOT
 

@@ -21,8 +21,8 @@ with warnings.catch_warnings():  # torchreid: "Cython evaluation ..."
     warnings.simplefilter('ignore')
     from torchreid.reid.metrics import rank as tr_rank
 
-    from pmm_torchreid import metrics
     from pmm_torchreid.metrics import evaluate_rank, evaluate_rank_details
+    from pmm_torchreid.metrics import rank as metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROPERTY = settings(max_examples=150, deadline=None, derandomize=True)

@@ -8,16 +8,16 @@ import warnings
 
 import pytest
 import torch
+from test_interrupted_runs import ENV, assert_same_checkpoints, main_args
 
-from pmm_torchreid import checks, config as C
-from pmm_torchreid.checkpoint import load_checkpoint
+from pmm_torchreid import config as C
+from pmm_torchreid.config import checks
 from pmm_torchreid.engine import PMMEngine
-from pmm_torchreid.guidance import (HardMix, blocks_for_ratio, build_mixer,
-                                    check_block_grid)
 from pmm_torchreid.models import PMM
+from pmm_torchreid.models.guidance import HardMix, blocks_for_ratio, build_mixer, check_block_grid
+from pmm_torchreid.utils.checkpoint import load_checkpoint
 
 from conftest import ROOT
-from test_interrupted_runs import ENV, assert_same_checkpoints, main_args
 
 
 # --------------------------------------------------------------------------

@@ -4,12 +4,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pmm_torchreid.guidance import (
-    ACutMix, BatchDrop, Cutout, CutMix, HardMix, MIX_MODES, build_mixer,
-    random_block_mask, replaced_fraction
-)
-from pmm_torchreid.losses import (
-    mixed_cross_entropy, mixed_targets, smoothed_cross_entropy
+from pmm_torchreid.engine.losses import mixed_cross_entropy, mixed_targets, smoothed_cross_entropy
+from pmm_torchreid.models.guidance import (
+    MIX_MODES,
+    ACutMix,
+    BatchDrop,
+    CutMix,
+    CutoutMix,
+    HardMix,
+    build_mixer,
+    random_block_mask,
+    replaced_fraction,
 )
 
 # 4 samples, 2 identities; a 4 x 2 map cut into 2 x 1 blocks: 4 blocks
@@ -64,7 +69,7 @@ def _run(rule, k=1):
 def test_every_variant_is_a_pmm_mix_mode():
     assert set(MIX_MODES) == {'hard_mix', 'cutout', 'cutmix', 'a_cutmix',
                               'batch_drop', 'none'}
-    for mode, cls in [('hard_mix', HardMix), ('cutout', Cutout),
+    for mode, cls in [('hard_mix', HardMix), ('cutout', CutoutMix),
                       ('cutmix', CutMix), ('a_cutmix', ACutMix),
                       ('batch_drop', BatchDrop)]:
         rule = build_mixer(mode, (2, 1), 3)
@@ -74,7 +79,7 @@ def test_every_variant_is_a_pmm_mix_mode():
 
 
 def test_cutout_zeroes_the_most_salient_block_and_keeps_the_label():
-    out, pasted = _run(Cutout)
+    out, pasted = _run(CutoutMix)
     expected = pasted(HOT, None)
     assert torch.equal(out.features, expected)
     assert torch.equal(out.mask, (expected[:, :1] != 0).float())

@@ -12,9 +12,9 @@ from torchvision.models.resnet import Bottleneck
 
 import pmm_torchreid
 from pmm_torchreid.engine import PMMEngine
-from pmm_torchreid.guidance import HardMix
-from pmm_torchreid.backbones import build_backbone
 from pmm_torchreid.models import MODEL_FACTORY, PMM
+from pmm_torchreid.models.backbones import build_backbone
+from pmm_torchreid.models.guidance import HardMix
 from pmm_torchreid.registry import register_into
 
 from conftest import SHARED

@@ -42,10 +42,11 @@ def test_the_wheel_holds_every_module_and_loose_requirements(wheel):
         names = zf.namelist()
         meta = zf.read(next(n for n in names
                             if n.endswith('dist-info/METADATA'))).decode()
-    modules = sorted(osp.basename(p) for p in glob.glob(osp.join(PACKAGE,
-                                                                 '*.py')))
-    assert sorted(osp.basename(n) for n in names
-                  if n.startswith('pmm_torchreid/')) == modules
+    # every module of every subpackage, at its place
+    modules = sorted(osp.relpath(p, ROOT).replace(osp.sep, '/')
+                     for p in glob.glob(osp.join(PACKAGE, '**', '*.py'),
+                                        recursive=True))
+    assert sorted(n for n in names if n.startswith('pmm_torchreid/')) == modules
     assert 'Version: {}'.format(pmm_torchreid.__version__) in meta
     requires = re.findall(r'^Requires-Dist: (.*)$', meta, re.M)
     core = [r for r in requires if 'extra ==' not in r]

@@ -13,12 +13,17 @@ import torchvision.transforms as T
 from PIL import Image
 
 import pmm_torchreid  # noqa: F401  (registers pmm_synthetic)
-from pmm_torchreid import parsing, synthetic
-from pmm_torchreid.data import Cutout
-from pmm_torchreid.parsing import (BANDS, PairedTransform, RegionSource,
-                                   attach_region_masks, band_regions,
-                                   load_regions, region_table)
-from pmm_torchreid.synthetic import SyntheticPersons
+from pmm_torchreid.data import Cutout, parsing, synthetic
+from pmm_torchreid.data.parsing import (
+    BANDS,
+    PairedTransform,
+    RegionSource,
+    attach_region_masks,
+    band_regions,
+    load_regions,
+    region_table,
+)
+from pmm_torchreid.data.synthetic import SyntheticPersons
 
 
 class Tiny(SyntheticPersons):
@@ -226,7 +231,8 @@ def _datamanager(root, **kwargs):
 
 @pytest.fixture(scope='module')
 def tiny_registered(tiny):
-    from pmm_torchreid.registry import _table, register_into
+    from pmm_torchreid.registry import register_into
+    from pmm_torchreid.utils.torchreid_internals import _table
     register_into(_table(torchreid.data.datasets, '__image_datasets'),
                   {'tiny_synthetic': Tiny}, 'image dataset')
     return os.path.dirname(tiny.dataset_dir)

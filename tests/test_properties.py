@@ -5,8 +5,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pmm_torchreid.guidance import (HardMix, block_mask, check_block_grid,
-                                    hard_mix, sample_negatives)
+from pmm_torchreid.models.guidance import (
+    HardMix,
+    block_mask,
+    check_block_grid,
+    hard_mix,
+    sample_negatives,
+)
 
 # derandomized: the same examples on every run, so CI cannot flake
 PROPERTY = settings(max_examples=150, deadline=None, derandomize=True)

@@ -26,9 +26,8 @@ from PIL import Image
 
 import pmm_torchreid  # noqa: F401  (registers the PMM models)
 from pmm_torchreid import config as C
-from pmm_torchreid.data import Cutout, build_datamanager
-
 from pmm_torchreid import launch
+from pmm_torchreid.data import Cutout, build_datamanager
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CUHK03_CONFIG = osp.join(REPO, 'configs', 'pmm_cuhk03.yaml')

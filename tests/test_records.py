@@ -12,9 +12,10 @@ import torch
 import torchreid
 
 import pmm_torchreid  # noqa: F401  (registers the synthetic dataset)
-from pmm_torchreid import metrics
-from pmm_torchreid.curves import read_curves
-from pmm_torchreid.records import fast_ranking, with_run_records
+from pmm_torchreid.engine import records
+from pmm_torchreid.engine.curves import read_curves
+from pmm_torchreid.engine.records import fast_ranking, with_run_records
+from pmm_torchreid.metrics import rank as metrics
 
 from conftest import ROOT
 
@@ -70,7 +71,8 @@ def test_evaluation_ranks_with_the_plugins_evaluate_rank(synthetic_root,
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(metrics, 'evaluate_rank', spy)
+    # the name the run records rank with
+    monkeypatch.setattr(records, 'evaluate_rank', spy)
     engine_module = sys.modules[torchreid.engine.Engine.__module__]
     before = engine_module.metrics
     rank1 = engine.test(save_dir='', dist_metric='euclidean')

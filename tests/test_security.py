@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-import pmm_torchreid.backbones as backbones
-from pmm_torchreid.checkpoint import load_checkpoint, load_pretrained_weights
-from pmm_torchreid.backbones import build_backbone
+import pmm_torchreid.models.backbones as backbones
+from pmm_torchreid.models.backbones import build_backbone
+from pmm_torchreid.utils.checkpoint import load_checkpoint, load_pretrained_weights
 
 from conftest import ROOT, SHARED
 

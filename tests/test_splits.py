@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import pmm_torchreid  # noqa: F401  (registers the datasets)
-from pmm_torchreid import checks, config as C
+from pmm_torchreid import config as C
+from pmm_torchreid.config import checks
 from pmm_torchreid.data import build_datamanager
-from pmm_torchreid.splits import carve_validation, write_cuhk01_splits
+from pmm_torchreid.data.splits import carve_validation, write_cuhk01_splits
 
 from conftest import ROOT, SHARED
 

@@ -12,8 +12,8 @@ import torchreid
 from PIL import Image
 
 import pmm_torchreid  # noqa: F401  (registers pmm_synthetic)
-from pmm_torchreid import synthetic
-from pmm_torchreid.synthetic import SyntheticPersons
+from pmm_torchreid.data import synthetic
+from pmm_torchreid.data.synthetic import SyntheticPersons
 
 
 class Tiny(SyntheticPersons):
@@ -165,7 +165,7 @@ def test_generation_killed_with_sigkill_leaves_no_dataset(tmp_path, synthetic_ro
     import sys
     import time
     root = str(tmp_path)
-    code = ('import pmm_torchreid.synthetic as s; '
+    code = ('import pmm_torchreid.data.synthetic as s; '
             's.SyntheticPersons(root={!r}, verbose=False)'.format(root))
     proc = subprocess.Popen([sys.executable, '-c', code],
                             cwd=os.path.dirname(os.path.dirname(__file__)))

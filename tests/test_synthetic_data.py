@@ -5,7 +5,7 @@ import os
 import pytest
 
 import pmm_torchreid  # noqa: F401  (registers pmm_synthetic)
-from pmm_torchreid.synthetic import SyntheticPersons, prepare
+from pmm_torchreid.data.synthetic import SyntheticPersons, prepare
 
 
 class Tiny(SyntheticPersons):

@@ -14,16 +14,25 @@ import pytest
 import torch
 from PIL import Image
 
-from pmm_torchreid.checkpoint import save_checkpoint
-from pmm_torchreid.checks import check_config
 from pmm_torchreid.config import get_default_config
-from pmm_torchreid.curves import CurveLog, curve_columns, read_curves
-from pmm_torchreid.guidance import Mixed, block_mask, grad_cam
+from pmm_torchreid.config.checks import check_config
+from pmm_torchreid.engine.curves import CurveLog, curve_columns, read_curves
 from pmm_torchreid.models import PMM
+from pmm_torchreid.models.guidance import Mixed, block_mask, grad_cam
+from pmm_torchreid.utils.checkpoint import save_checkpoint
 from pmm_torchreid.visualize import (
-    cam_cosine, chance_iou, contact_sheet, mask_iou, overlay, panel_size,
-    render_panel, stage_overlap, stage_views, summarize_overlap, upsample_cam,
-    upsample_mask
+    cam_cosine,
+    chance_iou,
+    contact_sheet,
+    mask_iou,
+    overlay,
+    panel_size,
+    render_panel,
+    stage_overlap,
+    stage_views,
+    summarize_overlap,
+    upsample_cam,
+    upsample_mask,
 )
 
 from conftest import ROOT
@@ -89,7 +98,7 @@ def test_one_hot_cam_lands_on_its_own_pixels():
 
 
 def test_block_outline_is_drawn_on_the_block_border():
-    from pmm_torchreid.visualize import _outline
+    from pmm_torchreid.visualize.drawing import outline as _outline
     tile = np.zeros((128, 64, 3), np.uint8)
     sel = np.zeros((128, 64), bool)
     sel[32:64, 16:32] = True
@@ -149,7 +158,7 @@ def test_overlap_is_one_for_identical_and_zero_for_disjoint():
     assert torch.isnan(per['mask_iou']['I-II'][0])
     assert per['mask_iou']['I-II'][1:].tolist() == [1.0, 1.0]
     assert summarize_overlap(per)['mask_iou']['I-II'] == 1.0
-    from pmm_torchreid.visualize import json_safe
+    from pmm_torchreid.utils.io import json_safe
     all_dead = summarize_overlap(stage_overlap(
         [dead[:1], dead[:1]], [m[:1] for m in masks[:2]]))
     assert np.isnan(all_dead['mask_iou']['I-II'])
@@ -221,7 +230,7 @@ def test_stage_views_follow_the_training_chain_and_touch_nothing():
 
 @pytest.mark.parametrize('backbone', ['resnet50', 'osnet_x0_25'])
 def test_stage_views_work_with_the_other_backbones(backbone):
-    from pmm_torchreid.backbones import feature_map_size
+    from pmm_torchreid.models.backbones import feature_map_size
     torch.manual_seed(0)
     model = PMM(5, backbone=backbone, pretrained=False).eval()
     images = torch.randn(6, 3, 64, 32)
@@ -378,9 +387,7 @@ def test_visualize_gradcam_refuses_bad_indices(synthetic_root, tmp_path):
 
 def test_training_with_vis_writes_pictures_curves_and_tensorboard(
         synthetic_root, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import (
-        EventAccumulator
-    )
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     save_dir = str(tmp_path / 'log')
     cmd = [sys.executable, os.path.join('scripts', 'main.py'),
            '--config-file', os.path.join('configs', 'pmm_demo.yaml'),
@@ -436,6 +443,7 @@ def test_pictures_during_training_leave_training_unchanged(synthetic_root,
     """The hook draws from its own generator and keeps BN frozen: every RNG,
     the negative sampler and the weights are as before."""
     import torchreid
+
     from pmm_torchreid.engine import PMMEngine
     dm = torchreid.data.ImageDataManager(
         root=synthetic_root, sources='pmm_synthetic', height=64, width=32,
@@ -469,7 +477,7 @@ def test_every_mixing_rule_gets_its_training_chain_pictured(mode):
     """The chain is the model's own forward_train with the rule's partners
     fixed: each mixed stage replaces k blocks, pasted from the partner or
     zeroed as the rule does, and the panel has the documented size."""
-    from pmm_torchreid.guidance import build_mixer
+    from pmm_torchreid.models.guidance import build_mixer
     model = _model()
     n = 3
     torch.manual_seed(2)
@@ -498,7 +506,7 @@ def test_every_mixing_rule_gets_its_training_chain_pictured(mode):
 
 
 def test_a_cutmix_chain_pastes_the_partners_own_salient_blocks():
-    from pmm_torchreid.guidance import ACutMix
+    from pmm_torchreid.models.guidance import ACutMix
     model = _model()
     n = 2
     torch.manual_seed(3)

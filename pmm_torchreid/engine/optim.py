@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torchreid
 
 __all__ = ['WarmupMultiStepLR', 'build_lr_scheduler']
 
@@ -87,7 +88,6 @@ def build_lr_scheduler(
     warmup_offset: int = 0
 ):
     """torchreid's ``build_lr_scheduler`` plus ``'warmup_multi_step'``."""
-    import torchreid
     if lr_scheduler == 'warmup_multi_step':
         milestones = stepsize if isinstance(stepsize, (list, tuple)) \
             else [stepsize]

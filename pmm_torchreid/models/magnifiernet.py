@@ -54,8 +54,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models import PartHead, _init_kaiming, _Trunk
-from .parsing import NUM_REGIONS, REGION_NAMES
+from pmm_torchreid.models.heads import PartHead, Trunk, init_kaiming
+from pmm_torchreid.models.regions import NUM_REGIONS, REGION_NAMES
 
 __all__ = ['MagnifierNet', 'GatedFusion', 'semantic_diversity_loss',
            'region_shares', 'downsample_regions', 'occlusion_keep']
@@ -143,7 +143,7 @@ class GatedFusion(nn.Module):
         return h
 
 
-class MagnifierNet(_Trunk):
+class MagnifierNet(Trunk):
     """MagnifierNet (Lan et al., 2020).
 
     Args:
@@ -177,7 +177,7 @@ class MagnifierNet(_Trunk):
                  pretrained: bool = True, embedding_dim: int = 512,
                  region_dim: int = 256, occluded_regions: int = 1,
                  occlusion_share: float = 0.25, parsing_hidden: int = 256,
-                 loss: str = 'pmm', **kwargs):
+                 loss: str = 'pmm'):
         if not 1 <= occluded_regions < NUM_REGIONS:
             raise ValueError(
                 'occluded_regions must be 1 to {} (of the {} regions {}), got '
@@ -210,7 +210,7 @@ class MagnifierNet(_Trunk):
         self.sfb_classifier = nn.Linear(embedding_dim, num_classes)
         for module in (self.parsing_head, self.region_heads,
                        self.sfb_reduction, self.sfb_classifier):
-            module.apply(_init_kaiming)
+            module.apply(init_kaiming)
         self.embedding_dim = embedding_dim
         self.feature_dim = 3 * embedding_dim
         self.last_occluded = None  # region ids occluded in the last batch

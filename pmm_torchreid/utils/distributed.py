@@ -52,9 +52,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Sampler
 
+from pmm_torchreid.utils.errors import fail
+
 __all__ = [
     'LaunchInfo', 'LostRankError', 'launch_info', 'per_rank_batch',
-    'check_config', 'init', 'finish', 'is_active', 'rank', 'world_size',
+    'check_world_config', 'init', 'finish', 'is_active', 'rank', 'world_size',
     'is_main', 'rank_seed', 'DistributedIdentitySampler',
     'use_distributed_train_loader', 'with_sync_bn', 'wrap_model',
     'stop_if_any_failed', 'gather_objects', 'wait_for_main',
@@ -125,7 +127,7 @@ def per_rank_batch(batch_size: int, world: int) -> int:
     return batch_size // world
 
 
-def check_config(cfg, world: int) -> None:
+def check_world_config(cfg, world: int) -> None:
     """Checks what a run on ``world`` processes needs of the config: a global
     batch that splits evenly, a per-rank batch of whole identities (at least
     two for PMM and the triplet loss), a sampler that has a distributed
@@ -134,7 +136,6 @@ def check_config(cfg, world: int) -> None:
     Raises:
         ValueError: naming the key, the value and what was expected.
     """
-    from .checks import fail
     n, k = cfg.train.batch_size, cfg.sampler.num_instances
     if n % world:
         fail('train.batch_size', n, 'a multiple of the {} processes: it is '

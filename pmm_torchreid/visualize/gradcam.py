@@ -8,7 +8,7 @@ The pieces, smallest first:
   and top-K block mask, twice: at test time (every stage sees the clean maps)
   and along the training chain (stage ``s + 1`` sees the part map with stage
   ``s``'s top-K blocks taken from a partner of another identity, exactly the
-  rule of :class:`~pmm_torchreid.guidance.HardMix`).
+  rule of :class:`~pmm_torchreid.models.guidance.HardMix`).
 - :func:`upsample_cam`, :func:`upsample_mask`, :func:`overlay` and
   :func:`denormalize` map those feature-level maps onto the image pixels.
 - :func:`render_panel` draws one image's panel, :func:`contact_sheet` many
@@ -30,128 +30,68 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
-from .checkpoint import atomic_write, unwrap
-from .guidance import (DEFAULT_TOP_K, HardMix, MixRule, block_mask, grad_cam,
-                       with_partners)
+from pmm_torchreid.models.guidance import (
+    DEFAULT_TOP_K,
+    HardMix,
+    MixRule,
+    block_mask,
+    grad_cam,
+    with_partners,
+)
+from pmm_torchreid.utils.checkpoint import unwrap
+from pmm_torchreid.visualize.drawing import (
+    BG,
+    FOOTER,
+    HEADER,
+    INK,
+    PAD,
+    TITLE,
+    denormalize,
+    item_name,
+    load_font,
+    load_images,
+    normalization_of,
+    outline,
+    overlay,
+    save_png,
+    scale_tile,
+    stage_name,
+    tile_scale,
+    to_uint8,
+    upsample_cam,
+    upsample_mask,
+)
+from pmm_torchreid.visualize.overlap import chance_iou, stage_overlap, summarize_overlap
 
 __all__ = [
-    'stage_views', 'test_time_views', 'StagePictures', 'render_panel',
-    'contact_sheet', 'panel_size', 'overlay', 'upsample_cam', 'upsample_mask',
-    'stage_overlap', 'summarize_overlap', 'mask_iou', 'cam_cosine',
-    'chance_iou', 'format_overlap', 'draw_partners', 'json_safe'
+    'staged_network', 'stage_views', 'test_time_views', 'StagePictures',
+    'render_panel', 'contact_sheet', 'panel_size', 'format_overlap',
+    'draw_partners'
 ]
 
-STAGE_NAMES = ('I', 'II', 'III', 'IV', 'V', 'VI', 'VII', 'VIII')
+#: What a network offers to be pictured stage by stage (PMM does):
+#: ``forward_features(x)`` -> ``(F, P)``, the maps the stages see at test time;
+#: ``stage_outputs(F, P)`` -> each stage's ``(logits, embedding)`` on them;
+#: ``stage_heads`` (the stages' modules, in order, each called on its input
+#: map); ``forward_train(F, labels, mixer)`` (the training chain).
+STAGE_PROTOCOL = ('forward_features', 'stage_outputs', 'stage_heads',
+                  'forward_train')
 
 
-def stage_name(s: int) -> str:
-    """Roman numeral of stage ``s`` (1-based), as in the paper."""
-    return STAGE_NAMES[s - 1] if 1 <= s <= len(STAGE_NAMES) else str(s)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The PMM network inside ``nn.DataParallel``/``DistributedDataParallel``."""
+def staged_network(model: nn.Module) -> nn.Module:
+    """The network inside ``nn.DataParallel``/``DistributedDataParallel``,
+    checked to offer :data:`STAGE_PROTOCOL` (PMM does)."""
     net = unwrap(model)
-    for name in ('backbone', 'global_head', 'part_trunk', 'part_heads'):
-        if not hasattr(net, name):
-            raise TypeError(
-                'stage pictures need a PMM model (with backbone, global_head, '
-                'part_trunk and part_heads); got {}'.format(type(net).__name__)
-            )
+    missing = [name for name in STAGE_PROTOCOL if not hasattr(net, name)]
+    if missing:
+        raise TypeError(
+            'stage pictures need a PMM model (one with {}); got {}, which '
+            'lacks {}'.format(', '.join(STAGE_PROTOCOL), type(net).__name__,
+                              ', '.join(missing))
+        )
     return net
-
-
-def normalization_of(transform) -> tuple:
-    """``(mean, std)`` of the ``Normalize`` inside a torchvision ``Compose``."""
-    for t in getattr(transform, 'transforms', [transform]):
-        if type(t).__name__ == 'Normalize':
-            return list(t.mean), list(t.std)
-    raise ValueError(
-        'the test transform {!r} holds no Normalize; cannot undo the '
-        'normalisation for pictures'.format(transform)
-    )
-
-
-# --------------------------------------------------------------------------
-# from feature maps to pixels
-# --------------------------------------------------------------------------
-def denormalize(
-    images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
-    """Undoes ``Normalize(mean, std)``: N x 3 x H x W, clipped to [0, 1]."""
-    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device)
-    std = torch.as_tensor(std, dtype=images.dtype, device=images.device)
-    return (images * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)).clamp(0, 1)
-
-
-def upsample_cam(cam: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """N x h x w CAMs -> N x H x W in [0, 1], aligned with the image.
-
-    Each CAM is divided by its maximum (an all-zero CAM stays zero), then
-    resized bilinearly with ``align_corners=False``: a feature cell covers the
-    pixels it was computed from (cell ``(r, c)`` of an ``h x w`` map on an
-    ``H x W`` image covers rows ``r*H/h`` to ``(r+1)*H/h``), so a single hot
-    cell is above 0.5 exactly on its own pixels when ``H/h`` is an integer.
-    """
-    if cam.dim() != 3:
-        raise ValueError(
-            'upsample_cam: cam must be N x h x w, got shape {}'.format(
-                tuple(cam.shape)
-            )
-        )
-    cam = cam.detach().float().clamp(min=0)
-    peak = cam.flatten(1).max(dim=1).values.clamp(min=1e-12).view(-1, 1, 1)
-    cam = cam / peak
-    up = F.interpolate(
-        cam.unsqueeze(1), size=tuple(size), mode='bilinear',
-        align_corners=False
-    )
-    return up.squeeze(1).clamp(0, 1)
-
-
-def upsample_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """N x 1 x h x w (or N x h x w) block mask -> N x H x W, nearest, exact."""
-    if mask.dim() == 4:
-        mask = mask[:, 0]
-    return F.interpolate(
-        mask.unsqueeze(1).float(), size=tuple(size), mode='nearest'
-    ).squeeze(1)
-
-
-def colorize(cam: torch.Tensor, cmap: str = 'jet') -> torch.Tensor:
-    """N x H x W values in [0, 1] -> N x 3 x H x W RGB in [0, 1] (matplotlib)."""
-    import matplotlib
-    table = torch.as_tensor(
-        matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3],
-        dtype=torch.float32
-    )
-    idx = (cam.detach().float().clamp(0, 1) * 255).round().long().cpu()
-    return table[idx].permute(0, 3, 1, 2).to(cam.device)
-
-
-def overlay(
-    images: torch.Tensor, cam: torch.Tensor, alpha: float = 0.5,
-    cmap: str = 'jet'
-) -> torch.Tensor:
-    """Heat map over the image: ``(1 - alpha) * image + alpha * cmap(cam)``.
-
-    Args:
-        images (Tensor): N x 3 x H x W RGB in [0, 1] (see :func:`denormalize`).
-        cam (Tensor): N x H x W in [0, 1] (see :func:`upsample_cam`).
-
-    Returns:
-        Tensor: N x 3 x H x W in [0, 1].
-    """
-    if images.shape[0] != cam.shape[0] or images.shape[2:] != cam.shape[1:]:
-        raise ValueError(
-            'overlay: images {} and CAMs {} differ in size'.format(
-                tuple(images.shape), tuple(cam.shape)
-            )
-        )
-    heat = colorize(cam, cmap).to(images.dtype)
-    return ((1 - alpha) * images + alpha * heat).clamp(0, 1)
 
 
 # --------------------------------------------------------------------------
@@ -168,14 +108,12 @@ def test_time_views(
     ``'predicted'``, ``'cams'`` (N x h x w per stage) and ``'masks'``.
     """
     with torch.no_grad():
-        fmap = net.backbone(images)
-        part = net.part_trunk(fmap) if net.part_heads else None
+        fmap, part = net.forward_features(images)
     fmap = fmap.detach().requires_grad_()
     if part is not None:
         part = part.detach().requires_grad_()
     with torch.enable_grad():
-        logits = [net.global_head(fmap)[0]]
-        logits += [head(part)[0] for head in net.part_heads]
+        logits = [z for z, _ in net.stage_outputs(fmap, part)]
         predicted = labels is None
         if predicted:
             labels = torch.stack([z.detach() for z in logits]).sum(0).argmax(1)
@@ -200,13 +138,13 @@ def stage_views(
 
     BatchNorm runs in eval mode (running statistics are not updated) and the
     Grad-CAMs are gradients with respect to each stage's input only
-    (:func:`~pmm_torchreid.guidance.grad_cam`): no parameter ``.grad`` is
+    (:func:`~pmm_torchreid.models.guidance.grad_cam`): no parameter ``.grad`` is
     written.  The model's train/eval mode is restored afterwards.
 
     The training chain is the model's own
     :meth:`~pmm_torchreid.models.PMM.forward_train`, run with ``rule`` (any
     mixing rule) whose partners are fixed to the given images
-    (:func:`~pmm_torchreid.guidance.with_partners`); random blocks come from
+    (:func:`~pmm_torchreid.models.guidance.with_partners`); random blocks come from
     a generator seeded 0, so the training generator is untouched.
 
     Args:
@@ -222,7 +160,7 @@ def stage_views(
             N x 3 x H x W images of another identity, the partners of the
             chain. Default is None: no training chain.
         rule (MixRule, optional): the mixing rule of the chain. Default is
-            :class:`~pmm_torchreid.guidance.HardMix` on ``block``/``k``.
+            :class:`~pmm_torchreid.models.guidance.HardMix` on ``block``/``k``.
         partner_labels (list of Tensor, optional): the partners' classes
             (their own Grad-CAMs matter to ``a_cutmix``). Default is None:
             their predicted classes.
@@ -239,8 +177,8 @@ def stage_views(
         (per mixed stage, True when the partner's features filled them,
         False when they were zeroed).
     """
-    net = unwrap_model(model)
-    num_stages = 1 + len(net.part_heads)
+    net = staged_network(model)
+    num_stages = len(net.stage_heads)
     if partners is not None and len(partners) < num_stages - 1:
         raise ValueError(
             'stage_views: {} mixed stage(s) need {} partner batch(es), got '
@@ -277,10 +215,10 @@ def stage_views(
         seen = []  # (stage input, logits), in stage order
         hooks = [head.register_forward_hook(
             lambda mod, inp, out: seen.append((inp[0], out[0])))
-            for head in [net.global_head] + list(net.part_heads)]
+            for head in net.stage_heads]
         try:
             with torch.no_grad():
-                fmap = net.backbone(batch)
+                fmap, _ = net.forward_features(batch, parts=False)
             fmap = fmap.detach().requires_grad_()
             with torch.enable_grad():
                 out = net.forward_train(fmap, all_labels, chain_rule)
@@ -302,7 +240,7 @@ def draw_partners(
     pids: Sequence[int], pool_pids: Sequence[int], generator: torch.Generator
 ) -> List[int]:
     """For each pid, a uniformly random index into ``pool_pids`` of another
-    identity (the rule of :func:`~pmm_torchreid.guidance.sample_negatives`,
+    identity (the rule of :func:`~pmm_torchreid.models.guidance.sample_negatives`,
     drawn from a whole image set instead of one batch)."""
     pool = torch.as_tensor(list(pool_pids))
     picks = []
@@ -318,164 +256,14 @@ def draw_partners(
     return picks
 
 
-# --------------------------------------------------------------------------
-# overlap between stages
-# --------------------------------------------------------------------------
-def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-sample IoU of two sets of selected regions.
-
-    Args:
-        a, b (Tensor): N x ... of 0/1 or bool, 1 where selected (for
-            :func:`~pmm_torchreid.guidance.block_mask` output, pass
-            ``mask == 0``: its top-K blocks are the 0s).
-
-    Returns:
-        Tensor: N values in [0, 1]; 1 for identical selections (two empty
-        selections included), 0 for disjoint ones.
-    """
-    a = a.bool().flatten(1)
-    b = b.bool().flatten(1)
-    inter = (a & b).sum(1).float()
-    union = (a | b).sum(1).float()
-    return torch.where(union > 0, inter / union.clamp(min=1),
-                       torch.ones_like(union))
-
-
-def cam_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-sample cosine similarity of two CAMs (N x h x w); 0 if one is all
-    zero.  CAMs are non-negative, so the value is in [0, 1]."""
-    return F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(),
-                               dim=1, eps=1e-12)
-
-
-def pairwise(items: Sequence[torch.Tensor], fn) -> 'OrderedDict[str, torch.Tensor]':
-    """``fn`` on every pair of stages: ``{'I-II': ..., 'I-III': ..., ...}``."""
-    out = OrderedDict()
-    for i in range(len(items)):
-        for j in range(i + 1, len(items)):
-            key = '{}-{}'.format(stage_name(i + 1), stage_name(j + 1))
-            out[key] = fn(items[i], items[j])
-    return out
-
-
-def stage_overlap(cams: Sequence[torch.Tensor],
-                  masks: Sequence[torch.Tensor]) -> Dict[str, 'OrderedDict']:
-    """Per-sample pairwise overlaps: ``{'mask_iou': {pair: N}, 'cam_cosine':
-    {pair: N}}`` for the top-K masks (0 = selected) and the CAMs.
-
-    A pair in which one stage's CAM is all zero (no positive evidence, so
-    its "top-K blocks" are only the tie-break) gets NaN, and
-    :func:`summarize_overlap` leaves it out.
-    """
-    alive = [c.flatten(1).max(1).values > 0 for c in cams]
-
-    def masked(fn, items):
-        out = pairwise(list(items), fn)
-        valid = pairwise(alive, lambda a, b: a & b)
-        for pair in out:
-            out[pair] = torch.where(valid[pair], out[pair].float(),
-                                    torch.full_like(out[pair].float(),
-                                                    float('nan')))
-        return out
-
-    return {
-        'mask_iou': masked(mask_iou, [m == 0 for m in masks]),
-        'cam_cosine': masked(cam_cosine, cams),
-    }
-
-
-def summarize_overlap(per_sample: Dict[str, 'OrderedDict']) -> Dict:
-    """Means over samples of :func:`stage_overlap` (lists of batches allowed),
-    NaNs left out, plus ``'mean'``: the mean over the stage pairs."""
-    out = {}
-    for metric, pairs in per_sample.items():
-        means = OrderedDict()
-        for pair, values in pairs.items():
-            if isinstance(values, (list, tuple)):
-                values = torch.cat([v.flatten().cpu() for v in values])
-            values = values.float()
-            values = values[~torch.isnan(values)]
-            means[pair] = float(values.mean()) if values.numel() else \
-                float('nan')
-        if means:
-            means['mean'] = float(np.mean(list(means.values())))
-        out[metric] = means
-    return out
-
-
-def chance_iou(blocks: int, k: int) -> float:
-    """Expected IoU of two independent uniformly random sets of ``k`` out of
-    ``blocks`` blocks (the hypergeometric law of their intersection)."""
-    if k == 0:
-        return 1.0
-    total = 0.0
-    for j in range(max(0, 2 * k - blocks), k + 1):
-        p = math.comb(k, j) * math.comb(blocks - k, k - j) / math.comb(blocks, k)
-        total += p * j / (2 * k - j)
-    return total
-
-
-# --------------------------------------------------------------------------
-# drawing
-# --------------------------------------------------------------------------
-_BG = (255, 255, 255)
-_INK = (20, 20, 20)
-_PAD = 4
-_HEADER = 18
-_TITLE = 16
-_FOOTER = 15
-
-
-def _font(size: int = 12):
-    from PIL import ImageFont
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _to_uint8(img: torch.Tensor) -> np.ndarray:
-    """3 x H x W in [0, 1] -> H x W x 3 uint8 RGB."""
-    arr = img.detach().float().clamp(0, 1).mul(255).round().byte()
-    return arr.permute(1, 2, 0).cpu().numpy()
-
-
-def _outline(tile: np.ndarray, selected: np.ndarray, color=(255, 255, 255),
-             width: int = 1) -> np.ndarray:
-    """Draws the border of the ``selected`` region (H x W bool) on ``tile``."""
-    sel = selected.astype(bool)
-    edge = np.zeros_like(sel)
-    pad = np.pad(sel, width, mode='constant', constant_values=False)
-    h, w = sel.shape
-    for dy in range(-width, width + 1):
-        for dx in range(-width, width + 1):
-            shifted = pad[width + dy:width + dy + h, width + dx:width + dx + w]
-            edge |= sel & ~shifted
-    out = tile.copy()
-    out[edge] = color
-    return out
-
-
-def _scale(tile: np.ndarray, scale: int) -> np.ndarray:
-    if scale == 1:
-        return tile
-    return tile.repeat(scale, axis=0).repeat(scale, axis=1)
-
-
-def tile_scale(width: int, min_width: int = 128) -> int:
-    """Integer magnification so that a tile is at least ``min_width`` wide
-    (titles must fit)."""
-    return max(1, int(math.ceil(min_width / float(width))))
-
-
 def panel_size(height: int, width: int, num_stages: int = 3,
                with_mix: bool = True) -> tuple:
     """``(height, width)`` in pixels of :func:`render_panel`'s picture."""
     scale = tile_scale(width)
     tiles = 1 + num_stages + (2 * (num_stages - 1) if with_mix else 0)
     th, tw = height * scale, width * scale
-    return (_PAD + _HEADER + _TITLE + th + _FOOTER + _PAD,
-            _PAD + tiles * (tw + _PAD))
+    return (PAD + HEADER + TITLE + th + FOOTER + PAD,
+            PAD + tiles * (tw + PAD))
 
 
 def _tiles_for(i: int, image01: torch.Tensor, views: Dict,
@@ -483,12 +271,12 @@ def _tiles_for(i: int, image01: torch.Tensor, views: Dict,
     """(title, H x W x 3 uint8) tiles of sample ``i`` at image resolution."""
     size = image01.shape[-2:]
     img = image01[i:i + 1]
-    tiles = [('input', _to_uint8(img[0]))]
+    tiles = [('input', to_uint8(img[0]))]
     for s, (cam, mask) in enumerate(zip(views['cams'], views['masks']), 1):
-        heat = _to_uint8(overlay(img, upsample_cam(cam[i:i + 1], size))[0])
+        heat = to_uint8(overlay(img, upsample_cam(cam[i:i + 1], size))[0])
         if float(cam[i].max()) > 0:  # an all-zero CAM has no top-K of its own
             sel = upsample_mask(mask[i:i + 1], size)[0].cpu().numpy() == 0
-            heat = _outline(heat, sel)
+            heat = outline(heat, sel)
         tiles.append(('stage {} CAM'.format(stage_name(s)), heat))
     if partners01 is not None and 'mix_inputs' in views:
         pasted = views.get('mix_pasted') or [True] * len(views['mix_inputs'])
@@ -506,9 +294,9 @@ def _tiles_for(i: int, image01: torch.Tensor, views: Dict,
                                 partner if pasted[s - 2] else
                                 torch.zeros_like(img[0]))
             tiles.append(('partner {}'.format(stage_name(s)) if pasted[s - 2]
-                          else 'no partner', _to_uint8(partner)))
+                          else 'no partner', to_uint8(partner)))
             tiles.append((title.format(stage_name(s)),
-                          _outline(_to_uint8(mixed), sel, color=(255, 0, 255))))
+                          outline(to_uint8(mixed), sel, color=(255, 0, 255))))
     return tiles
 
 
@@ -534,29 +322,28 @@ def render_panel(
         partners01 (list of Tensor, optional): partner images in [0, 1].
         caption (str): header text (e.g. the file name and the class).
     """
-    from PIL import Image, ImageDraw
     height, width = image01.shape[-2:]
     num_stages = len(views['cams'])
     with_mix = partners01 is not None and 'mix_inputs' in views
     scale = tile_scale(width)
     ph, pw = panel_size(height, width, num_stages, with_mix)
-    canvas = Image.new('RGB', (pw, ph), _BG)
+    canvas = Image.new('RGB', (pw, ph), BG)
     draw = ImageDraw.Draw(canvas)
-    font = _font(12)
-    draw.text((_PAD, _PAD + 1), caption, fill=_INK, font=font)
-    top = _PAD + _HEADER + _TITLE
+    font = load_font(12)
+    draw.text((PAD, PAD + 1), caption, fill=INK, font=font)
+    top = PAD + HEADER + TITLE
     tw = width * scale
     for t, (title, tile) in enumerate(_tiles_for(i, image01, views,
                                                  partners01)):
-        x = _PAD + t * (tw + _PAD)
-        draw.text((x, _PAD + _HEADER), title, fill=_INK, font=font)
-        canvas.paste(Image.fromarray(_scale(tile, scale)), (x, top))
+        x = PAD + t * (tw + PAD)
+        draw.text((x, PAD + HEADER), title, fill=INK, font=font)
+        canvas.paste(Image.fromarray(scale_tile(tile, scale)), (x, top))
     note = 'white: top-K blocks; red = hot'
     if with_mix:
         note += ('; * pixel view of the feature mix (magenta: replaced '
                  'blocks)')
-    draw.text((_PAD, top + height * scale + 2), note, fill=_INK,
-              font=_font(10))
+    draw.text((PAD, top + height * scale + 2), note, fill=INK,
+              font=load_font(10))
     return np.asarray(canvas)
 
 
@@ -566,65 +353,40 @@ def contact_sheet(
 ) -> np.ndarray:
     """Many images on one page: per image, the input and each stage's CAM
     (top-K blocks outlined), ``columns`` images per row.  H x W x 3 uint8."""
-    from PIL import Image, ImageDraw
     if columns < 1:
         raise ValueError('contact_sheet: columns must be >= 1, got {}'.format(
             columns))
     n, _, height, width = image01.shape
     num_stages = len(views['cams'])
     per = 1 + num_stages
-    cell_w = per * width + (per - 1) + 2 * _PAD
-    cell_h = _TITLE + height + _TITLE
+    cell_w = per * width + (per - 1) + 2 * PAD
+    cell_h = TITLE + height + TITLE
     columns = min(columns, n)
     rows = int(math.ceil(n / float(columns)))
-    sheet_w = columns * cell_w + _PAD
-    sheet_h = _PAD + _HEADER + _TITLE + rows * cell_h + _PAD
-    canvas = Image.new('RGB', (sheet_w, sheet_h), _BG)
+    sheet_w = columns * cell_w + PAD
+    sheet_h = PAD + HEADER + TITLE + rows * cell_h + PAD
+    canvas = Image.new('RGB', (sheet_w, sheet_h), BG)
     draw = ImageDraw.Draw(canvas)
-    font, small = _font(12), _font(10)
-    draw.text((_PAD, _PAD + 1), title, fill=_INK, font=font)
+    font, small = load_font(12), load_font(10)
+    draw.text((PAD, PAD + 1), title, fill=INK, font=font)
     heads = ['input'] + ['{}'.format(stage_name(s))
                          for s in range(1, num_stages + 1)]
-    y0 = _PAD + _HEADER
+    y0 = PAD + HEADER
     for c in range(columns):
         for t, head in enumerate(heads):
-            x = c * cell_w + _PAD + t * (width + 1)
-            draw.text((x + 2, y0), head, fill=_INK, font=small)
+            x = c * cell_w + PAD + t * (width + 1)
+            draw.text((x + 2, y0), head, fill=INK, font=small)
     for i in range(n):
         r, c = divmod(i, columns)
-        x0 = c * cell_w + _PAD
-        y = y0 + _TITLE + r * cell_h
+        x0 = c * cell_w + PAD
+        y = y0 + TITLE + r * cell_h
         tiles = _tiles_for(i, image01, views, None)
         for t, (_, tile) in enumerate(tiles):
             canvas.paste(Image.fromarray(tile), (x0 + t * (width + 1), y))
         if i < len(captions):
-            draw.text((x0, y + height + 1), captions[i], fill=_INK,
+            draw.text((x0, y + height + 1), captions[i], fill=INK,
                       font=small)
     return np.asarray(canvas)
-
-
-def save_png(array: np.ndarray, path: str) -> str:
-    """Writes an H x W x 3 uint8 RGB array as a PNG, atomically."""
-    from PIL import Image
-    with atomic_write(path) as f:
-        Image.fromarray(np.ascontiguousarray(array)).save(f, format='PNG')
-    return path
-
-
-# --------------------------------------------------------------------------
-# whole image sets (used by scripts/visualize_gradcam.py and PMMEngine)
-# --------------------------------------------------------------------------
-def load_images(items: Sequence, transform, device=None) -> torch.Tensor:
-    """Dataset items ``(path, pid, camid, ...)`` -> N x 3 x H x W, read with
-    torchreid's ``read_image`` and ``transform`` (the test transform)."""
-    import torchreid
-    batch = torch.stack([transform(torchreid.utils.read_image(item[0]))
-                         for item in items])
-    return batch.to(device) if device is not None else batch
-
-
-def item_name(item) -> str:
-    return os.path.splitext(os.path.basename(item[0]))[0]
 
 
 def _fmt(value) -> str:
@@ -661,7 +423,7 @@ class StagePictures(object):
 
     @property
     def num_stages(self) -> int:
-        return 1 + len(unwrap_model(self.model).part_heads)
+        return len(staged_network(self.model).stage_heads)
 
     def compute(self, items: Sequence, partner_items: Sequence[Sequence] = ()):
         """Views for ``items``; ``partner_items[s]`` are the partners of the
@@ -755,17 +517,6 @@ class StagePictures(object):
             'mixed': summarize_overlap(acc['mixed']) if acc['mixed'] else {},
             'zero_cams': {stage_name(s + 1): z for s, z in enumerate(zero)},
         }
-
-
-def json_safe(obj):
-    """``obj`` with NaN/inf floats turned into ``None`` (strict JSON)."""
-    if isinstance(obj, dict):
-        return type(obj)((k, json_safe(v)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def format_overlap(summary: Dict, blocks: Optional[int] = None,

@@ -32,59 +32,45 @@ triplet engines alike) and adds:
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import os.path as osp
 import shutil
-import sys
 import time
 from collections import OrderedDict
-from typing import Dict, Iterator
+from typing import Dict
 
 import torchreid
 
-from . import distributed
-from .checkpoint import (atomic_write, capture_rng_state, restore_rng_state,
-                         save_checkpoint, unwrap)
+from pmm_torchreid.engine.curves import CurveLog, curve_columns
+from pmm_torchreid.metrics.rank import evaluate_rank
+from pmm_torchreid.utils import distributed
+from pmm_torchreid.utils.checkpoint import (
+    capture_rng_state,
+    restore_rng_state,
+    save_checkpoint,
+    unwrap,
+)
+from pmm_torchreid.utils.io import atomic_write
+from pmm_torchreid.utils.torchreid_internals import engine_metrics_swapped
 
 __all__ = ['RunRecordsMixin', 'with_run_records', 'fast_ranking']
-
-
-class _MetricsWithFastRanking(object):
-    """torchreid's ``metrics`` package with :func:`evaluate_rank` swapped."""
-
-    def __init__(self, metrics):
-        self._metrics = metrics
-
-    def __getattr__(self, name):
-        if name == 'evaluate_rank':
-            return _evaluate_rank
-        return getattr(self._metrics, name)
 
 
 def _evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50,
                    use_metric_cuhk03=False, use_cython=True):
     # torchreid's signature (use_cython is meaningless here)
-    from .metrics import evaluate_rank
     return evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids,
                          max_rank=max_rank,
                          use_metric_cuhk03=use_metric_cuhk03)
 
 
-@contextlib.contextmanager
-def fast_ranking() -> Iterator[None]:
-    """Within the block, torchreid's engines rank with
-    :func:`pmm_torchreid.metrics.evaluate_rank`.  Only the name ``metrics``
-    in torchreid's engine module is replaced (by a view of the same package),
-    so nothing else of torchreid changes, and it is restored afterwards."""
-    module = sys.modules[torchreid.engine.Engine.__module__]
-    original = module.metrics
-    module.metrics = _MetricsWithFastRanking(original)
-    try:
-        yield
-    finally:
-        module.metrics = original
+def fast_ranking():
+    """A context in which torchreid's engines rank with
+    :func:`pmm_torchreid.metrics.evaluate_rank` (torchreid's engine module
+    sees a view of its ``metrics`` package with that one function swapped;
+    restored afterwards)."""
+    return engine_metrics_swapped(_evaluate_rank)
 
 
 class _NullWriter(object):
@@ -246,7 +232,6 @@ class RunRecordsMixin(object):
     def _curve_log(self, keys):
         """The open ``curves.csv``; its columns are the step's numbers."""
         if self._curves is None:
-            from .curves import CurveLog, curve_columns
             self._curves = CurveLog(osp.join(self.save_dir, 'curves.csv'),
                                     curve_columns(keys))
         return self._curves

@@ -2,20 +2,36 @@
 depends on (:func:`check_config`) and every file it will read
 (:func:`check_paths`).  Errors name the key, the value and what was expected.
 
-The requirements that are PMM's own (the identity sampler, the batch layout,
-the block grid) are :meth:`pmm_torchreid.engine.PMMEngine.check_cfg`, which
-:func:`check_config` calls for the plugin's models.
+The requirements that are the plugin models' own (the identity sampler, the
+batch layout, the block grid, the comparison systems' keys) are
+:func:`check_pmm_config` and :func:`check_comparison_config`, which
+:func:`check_config` calls for the plugin's models and which the engines'
+``check_cfg`` (Dassl's name) call too.
 """
 from __future__ import annotations
 
 import difflib
 import os.path as osp
+import warnings
 
 from yacs.config import CfgNode as CN
 
-from .config import uses_pmm_engine
+from pmm_torchreid.config.kwargs import mixed_blocks
+from pmm_torchreid.data.parsing import LABEL_SETS
+from pmm_torchreid.models.factory import MODEL_FACTORY
+from pmm_torchreid.models.families import family_of, is_bdb_model, is_magnifiernet_model
+from pmm_torchreid.models.guidance import MIX_MODES
+from pmm_torchreid.models.regions import NUM_REGIONS
+from pmm_torchreid.utils.errors import fail
+from pmm_torchreid.utils.torchreid_internals import dataset_table, model_table
 
-__all__ = ['check_config', 'check_paths', 'DATASET_LAYOUTS', 'fail']
+__all__ = ['check_config', 'check_paths', 'check_pmm_config',
+           'check_comparison_config', 'DATASET_LAYOUTS', 'MAX_QUIET_SHARE',
+           'fail']
+
+#: Above this share of the part map's blocks, a mixing rule that feeds a later
+#: stage warns (CUHK01 validation: 37.5 % collapsed, 25 % trailed 12.5 %).
+MAX_QUIET_SHARE = 0.25
 
 
 #: What torchreid reads under ``data.root`` for the common datasets: a list
@@ -52,18 +68,8 @@ OPTIMIZERS = ('adam', 'amsgrad', 'sgd', 'rmsprop', 'radam')
 LR_SCHEDULERS = ('single_step', 'multi_step', 'cosine', 'warmup_multi_step')
 
 
-def fail(key: str, value, expected: str):
-    """Raises the error of a bad config value: ``config KEY = VALUE: expected
-    WHAT``."""
-    raise ValueError('config {} = {!r}: expected {}'.format(key, value, expected))
-
-
 def _registered(kind: str) -> dict:
-    import torchreid
-    from .registry import _table
-    if kind == 'model':
-        return _table(torchreid.models, '__model_factory')
-    return _table(torchreid.data.datasets, '__image_datasets')
+    return model_table() if kind == 'model' else dataset_table()
 
 
 def check_config(cfg: CN) -> None:
@@ -77,7 +83,6 @@ def check_config(cfg: CN) -> None:
     models = _registered('model')
     if cfg.model.name not in models:
         close = difflib.get_close_matches(cfg.model.name, list(models), n=3)
-        from .models import MODEL_FACTORY
         fail('model.name', cfg.model.name, 'a registered model{}: the PMM '
              'models {} or one of torchreid\'s (see torchreid.models.'
              'show_avai_models())'.format(
@@ -174,15 +179,141 @@ def check_config(cfg: CN) -> None:
              'draws ranked results only in evaluation-only runs)')
     if cfg.loss.name not in ('pmm', 'softmax', 'triplet'):
         fail('loss.name', cfg.loss.name, "'pmm', 'softmax' or 'triplet'")
-    plugin_model = uses_pmm_engine(cfg.model.name)
+    family = family_of(cfg.model.name)
+    plugin_model = family is not None
     if plugin_model != (cfg.loss.name == 'pmm'):
         fail('loss.name', cfg.loss.name,
              "'pmm' exactly when model.name is a PMM or BDB model or a "
              "comparison system, FMN or MagnifierNet (model.name"
              " = {!r})".format(cfg.model.name))
-    if plugin_model:
-        from .comparison_engine import engine_class
-        engine_class(cfg.model.name).check_cfg(cfg)
+    if family is not None and family.engine == 'comparison':
+        check_comparison_config(cfg)
+    elif family is not None:
+        check_pmm_config(cfg)
+
+
+def check_pmm_config(cfg: CN) -> None:
+    """Checks what PMM and BDB need of a config (Dassl's ``check_cfg``):
+    the ``pmm.*`` values, a BDB model without a mixing rule, an identity
+    sampler with at least 2 identities of at least 2 images per batch
+    (every sample needs a partner of another identity, and the triplet
+    loss a positive), and a block grid that tiles the feature map.
+
+    Raises:
+        ValueError: naming the key, the value and what was expected.
+
+    Warns:
+        UserWarning: a mixing rule replaces more than
+            ``MAX_QUIET_SHARE`` of the map's blocks (and there is a later
+            stage to feed).
+    """
+    if is_bdb_model(cfg.model.name):
+        if cfg.pmm.mix != 'none':
+            fail('pmm.mix', cfg.pmm.mix, "'none' for a BDB model ({!r} "
+                 'drops its own block in the part branch)'.format(
+                     cfg.model.name))
+        if cfg.pmm.vis_freq:
+            fail('pmm.vis_freq', cfg.pmm.vis_freq, '0 for a BDB model (the '
+                 'Grad-CAM pictures are drawn for PMM models)')
+    if cfg.pmm.mix not in MIX_MODES:
+        fail('pmm.mix', cfg.pmm.mix, 'one of {}'.format(list(MIX_MODES)))
+    if len(cfg.pmm.block_size) != 2 or min(cfg.pmm.block_size) < 1:
+        fail('pmm.block_size', list(cfg.pmm.block_size), '[height, width] >= 1')
+    if cfg.pmm.top_k < 0:
+        fail('pmm.top_k', cfg.pmm.top_k, 'a number of blocks >= 0')
+    if not 0 <= cfg.pmm.mix_ratio < 1:
+        fail('pmm.mix_ratio', cfg.pmm.mix_ratio, 'a share of the map in (0, '
+             '1), or 0 to use pmm.top_k')
+    if cfg.pmm.mix_start_epoch < 0:
+        fail('pmm.mix_start_epoch', cfg.pmm.mix_start_epoch, 'an epoch >= 0')
+    if cfg.pmm.num_stages < 1:
+        fail('pmm.num_stages', cfg.pmm.num_stages, '>= 1')
+    if cfg.pmm.embedding_dim < 1:
+        fail('pmm.embedding_dim', cfg.pmm.embedding_dim, '>= 1')
+    if not 0 <= cfg.pmm.label_smooth < 1:
+        fail('pmm.label_smooth', cfg.pmm.label_smooth, 'an epsilon in [0, 1)')
+    for key in ('weight_triplet', 'weight_ce', 'triplet_margin'):
+        if cfg.pmm[key] < 0:
+            fail('pmm.' + key, cfg.pmm[key], '>= 0')
+    if cfg.pmm.vis_freq < 0:
+        fail('pmm.vis_freq', cfg.pmm.vis_freq,
+             'a number of epochs >= 1, or 0 for no pictures')
+    if cfg.pmm.vis_num < 1:
+        fail('pmm.vis_num', cfg.pmm.vis_num, 'a number of images >= 1')
+    if cfg.test.evaluate:
+        return
+    if cfg.sampler.train_sampler != 'RandomIdentitySampler':
+        fail('sampler.train_sampler', cfg.sampler.train_sampler,
+             "'RandomIdentitySampler': PMM needs every batch to hold several "
+             'identities with several images each, so that every sample has '
+             'a partner of another identity to mix with')
+    n, k = cfg.train.batch_size, cfg.sampler.num_instances
+    if k < 2 or n % k != 0 or n // k < 2:
+        fail('train.batch_size / sampler.num_instances', (n, k),
+             'num_instances >= 2 and a batch size that is a multiple of it '
+             'with at least 2 identities per batch (e.g. {} or {})'.format(
+                 (max(2, k) * 2, max(2, k)), (max(2, k) * 8, max(2, k))))
+    if cfg.pmm.mix == 'none':
+        return
+    # the block grid on the map the backbone gives at the configured size
+    k, blocks = mixed_blocks(cfg)
+    if cfg.pmm.num_stages > 1 and k > MAX_QUIET_SHARE * blocks:
+        warnings.warn(
+            'pmm.top_k / pmm.mix_ratio: this run replaces {} of {} blocks '
+            '({:.1f} %) of the part map in every sample. On CUHK01 '
+            'validation a 37.5 % share kept stages II and III from learning '
+            '(2 % training accuracy after 10 epochs) and 25 % was behind '
+            '12.5 % on every split; about 9-12.5 % is recommended '
+            '(docs/RESULTS.md, "Validation")'.format(
+                k, blocks, 100.0 * k / blocks), UserWarning)
+
+
+def check_comparison_config(cfg: CN) -> None:
+    """PMMEngine's checks (identity batches, loss values), plus: no
+    mixing rule, no Grad-CAM pictures, sane ``magnifiernet.*``.
+
+    Raises:
+        ValueError: naming the key, the value and what was expected.
+    """
+    name = cfg.model.name
+    if cfg.pmm.mix != 'none':
+        fail('pmm.mix', cfg.pmm.mix, "'none' for {!r} (a comparison "
+             'system trains without PMM\'s mixing)'.format(name))
+    if cfg.pmm.vis_freq:
+        fail('pmm.vis_freq', cfg.pmm.vis_freq, '0 for {!r} (the training '
+             'Grad-CAM pictures are drawn for PMM models; see '
+             'scripts/visualize_gradcam.py for the masks)'.format(name))
+    for key in ('embedding_dim', 'region_dim'):
+        if cfg.magnifiernet[key] < 1:
+            fail('magnifiernet.' + key, cfg.magnifiernet[key], '>= 1')
+    if cfg.fmn.embedding_dim < 1:
+        fail('fmn.embedding_dim', cfg.fmn.embedding_dim, '>= 1')
+    if not 1 <= cfg.magnifiernet.occluded_regions < NUM_REGIONS:
+        fail('magnifiernet.occluded_regions',
+             cfg.magnifiernet.occluded_regions,
+             '1 to {} of the {} regions'.format(NUM_REGIONS - 1,
+                                                 NUM_REGIONS))
+    if not 0 < cfg.magnifiernet.occlusion_share <= 1:
+        fail('magnifiernet.occlusion_share',
+             cfg.magnifiernet.occlusion_share, 'a share of a cell in (0, 1]')
+    for key in ('weight_sd', 'weight_parsing'):
+        if cfg.magnifiernet[key] < 0:
+            fail('magnifiernet.' + key, cfg.magnifiernet[key], '>= 0')
+    if cfg.magnifiernet.mask_labels not in LABEL_SETS:
+        fail('magnifiernet.mask_labels', cfg.magnifiernet.mask_labels,
+             'one of {}'.format(sorted(LABEL_SETS)))
+    if cfg.magnifiernet.regions not in ('auto', 'bands'):
+        fail('magnifiernet.regions', cfg.magnifiernet.regions,
+             "'auto' (synthetic masks, then masks_root, then bands) or "
+             "'bands' (the fixed bands for every image)")
+    if cfg.magnifiernet.regions == 'bands' and cfg.magnifiernet.masks_root:
+        fail('magnifiernet.masks_root', cfg.magnifiernet.masks_root,
+             "'' with magnifiernet.regions 'bands' (the bands ignore "
+             'masks)')
+    if cfg.data.k_tfm != 1 and is_magnifiernet_model(name):
+        fail('data.k_tfm', cfg.data.k_tfm, '1 for MagnifierNet (the '
+             'region masks follow one augmentation per image)')
+    check_pmm_config(cfg)
 
 
 def _layout_text(name: str, root: str) -> str:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 __all__ = [
     'grad_cam', 'block_mask', 'random_block_mask', 'replaced_fraction',
-    'sample_negatives', 'hard_mix', 'Mixed', 'MixRule', 'HardMix', 'Cutout',
+    'sample_negatives', 'hard_mix', 'Mixed', 'MixRule', 'HardMix', 'CutoutMix',
     'CutMix', 'ACutMix', 'BatchDrop', 'MIX_RULES', 'MIX_MODES', 'build_mixer',
     'check_block_grid', 'blocks_for_ratio', 'BlockChoice', 'with_partners'
 ]
@@ -464,7 +464,7 @@ class HardMix(MixRule):
                      part_map.new_zeros(part_map.shape[0]))
 
 
-class Cutout(MixRule):
+class CutoutMix(MixRule):
     """The ``k`` most salient blocks (as in A-Hard-Mix) are set to zero."""
 
     name = 'cutout'
@@ -538,7 +538,7 @@ def with_partners(
 
 
 MIX_RULES = {rule.name: rule for rule in
-             (HardMix, Cutout, CutMix, ACutMix, BatchDrop)}
+             (HardMix, CutoutMix, CutMix, ACutMix, BatchDrop)}
 
 #: Values accepted by ``pmm.mix``.
 MIX_MODES = tuple(MIX_RULES) + ('none', )

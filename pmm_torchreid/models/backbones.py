@@ -8,13 +8,16 @@ by their published hash, OSNet-x0.25's by :data:`OSNET_X0_25_SHA256`.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torchreid
 import torchvision
+
+from pmm_torchreid.utils.checkpoint import load_checkpoint
+from pmm_torchreid.utils.io import sha256
 
 __all__ = ['Backbone', 'BACKBONES', 'build_backbone', 'feature_map_size',
            'fetch_osnet_x0_25_weights']
@@ -94,14 +97,6 @@ def _torch_home() -> str:
     )
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch_osnet_x0_25_weights() -> str:
     """Path of the verified ImageNet OSNet-x0.25 weights, downloading them
     (with ``gdown``, as torchreid does) only when they are not cached.
@@ -116,11 +111,11 @@ def fetch_osnet_x0_25_weights() -> str:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + '.download'
         try:
-            import gdown
+            import gdown  # lazy: needed only to download weights
             gdown.download(OSNET_X0_25_URL, tmp, quiet=False)
             if not os.path.isfile(tmp):
                 raise RuntimeError('gdown wrote no file')
-            actual = _sha256(tmp)
+            actual = sha256(tmp)
             if actual != OSNET_X0_25_SHA256:
                 raise RuntimeError('downloaded file has SHA-256 {}, expected '
                                    '{}'.format(actual, OSNET_X0_25_SHA256))
@@ -130,7 +125,7 @@ def fetch_osnet_x0_25_weights() -> str:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    actual = _sha256(path)
+    actual = sha256(path)
     if actual != OSNET_X0_25_SHA256:
         raise RuntimeError(
             'refusing "{}": its SHA-256 is {}, but torchreid\'s OSNet-x0.25 '
@@ -141,12 +136,10 @@ def fetch_osnet_x0_25_weights() -> str:
 
 
 def _osnet_x0_25(pretrained: bool) -> Backbone:
-    import torchreid
     net = torchreid.models.osnet.osnet_x0_25(
         num_classes=1, pretrained=False, loss='softmax'
     )
     if pretrained:
-        from .checkpoint import load_checkpoint
         state = load_checkpoint(fetch_osnet_x0_25_weights(), 'cpu')
         own = net.state_dict()
         matched = {k: v for k, v in state.items()

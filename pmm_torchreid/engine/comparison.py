@@ -1,5 +1,6 @@
 """``ComparisonEngine``: the training step of the comparison systems FMN
-(:mod:`pmm_torchreid.fmn`) and MagnifierNet (:mod:`pmm_torchreid.magnifiernet`),
+(:mod:`pmm_torchreid.models.fmn`) and MagnifierNet
+(:mod:`pmm_torchreid.models.magnifiernet`),
 in PMM's engine family.
 
 It is :class:`~pmm_torchreid.engine.PMMEngine` without a mixing rule (``pmm.mix
@@ -10,7 +11,7 @@ It is :class:`~pmm_torchreid.engine.PMMEngine` without a mixing rule (``pmm.mix
 their weights; everything is summed and back-propagated once.  For a model that
 needs semantic regions (MagnifierNet), a training run first makes the data
 manager's training batches carry them
-(:func:`pmm_torchreid.parsing.attach_region_masks`); an evaluation-only run
+(:func:`pmm_torchreid.data.parsing.attach_region_masks`); an evaluation-only run
 needs no masks.
 """
 from __future__ import annotations
@@ -21,10 +22,12 @@ from typing import Dict, Optional
 import torch
 import torchreid
 
-from .checkpoint import unwrap
-from .distributed import stop_if_any_failed
-from .engine import PMMEngine
-from .records import with_run_records
+from pmm_torchreid.config.checks import check_comparison_config
+from pmm_torchreid.data.parsing import attach_region_masks
+from pmm_torchreid.engine.pmm import PMMEngine, RecordedPMMEngine
+from pmm_torchreid.engine.records import with_run_records
+from pmm_torchreid.models.families import is_comparison_model
+from pmm_torchreid.utils.checkpoint import unwrap
 
 __all__ = ['ComparisonEngine', 'RecordedComparisonEngine', 'engine_class']
 
@@ -86,7 +89,6 @@ class ComparisonEngine(PMMEngine):
         the engine then trains on."""
         if not self.needs_regions:
             return
-        from .parsing import attach_region_masks
         attach_region_masks(self.datamanager, *self.masks)
         self.train_loader = self.datamanager.train_loader
 
@@ -100,86 +102,28 @@ class ComparisonEngine(PMMEngine):
 
     @staticmethod
     def check_cfg(cfg) -> None:
-        """PMMEngine's checks (identity batches, loss values), plus: no
-        mixing rule, no Grad-CAM pictures, sane ``magnifiernet.*``.
+        """PMMEngine's checks plus the comparison systems' own:
+        :func:`pmm_torchreid.config.checks.check_comparison_config`."""
+        check_comparison_config(cfg)
 
-        Raises:
-            ValueError: naming the key, the value and what was expected.
-        """
-        from .checks import fail
-        name = cfg.model.name
-        if cfg.pmm.mix != 'none':
-            fail('pmm.mix', cfg.pmm.mix, "'none' for {!r} (a comparison "
-                 'system trains without PMM\'s mixing)'.format(name))
-        if cfg.pmm.vis_freq:
-            fail('pmm.vis_freq', cfg.pmm.vis_freq, '0 for {!r} (the training '
-                 'Grad-CAM pictures are drawn for PMM models; see '
-                 'scripts/visualize_gradcam.py for the masks)'.format(name))
-        for key in ('embedding_dim', 'region_dim'):
-            if cfg.magnifiernet[key] < 1:
-                fail('magnifiernet.' + key, cfg.magnifiernet[key], '>= 1')
-        if cfg.fmn.embedding_dim < 1:
-            fail('fmn.embedding_dim', cfg.fmn.embedding_dim, '>= 1')
-        from .parsing import LABEL_SETS, NUM_REGIONS
-        if not 1 <= cfg.magnifiernet.occluded_regions < NUM_REGIONS:
-            fail('magnifiernet.occluded_regions',
-                 cfg.magnifiernet.occluded_regions,
-                 '1 to {} of the {} regions'.format(NUM_REGIONS - 1,
-                                                     NUM_REGIONS))
-        if not 0 < cfg.magnifiernet.occlusion_share <= 1:
-            fail('magnifiernet.occlusion_share',
-                 cfg.magnifiernet.occlusion_share, 'a share of a cell in (0, 1]')
-        for key in ('weight_sd', 'weight_parsing'):
-            if cfg.magnifiernet[key] < 0:
-                fail('magnifiernet.' + key, cfg.magnifiernet[key], '>= 0')
-        if cfg.magnifiernet.mask_labels not in LABEL_SETS:
-            fail('magnifiernet.mask_labels', cfg.magnifiernet.mask_labels,
-                 'one of {}'.format(sorted(LABEL_SETS)))
-        if cfg.magnifiernet.regions not in ('auto', 'bands'):
-            fail('magnifiernet.regions', cfg.magnifiernet.regions,
-                 "'auto' (synthetic masks, then masks_root, then bands) or "
-                 "'bands' (the fixed bands for every image)")
-        if cfg.magnifiernet.regions == 'bands' and cfg.magnifiernet.masks_root:
-            fail('magnifiernet.masks_root', cfg.magnifiernet.masks_root,
-                 "'' with magnifiernet.regions 'bands' (the bands ignore "
-                 'masks)')
-        if cfg.data.k_tfm != 1 and name.startswith('magnifiernet'):
-            fail('data.k_tfm', cfg.data.k_tfm, '1 for MagnifierNet (the '
-                 'region masks follow one augmentation per image)')
-        PMMEngine.check_cfg(cfg)
-
-    def forward_backward(self, data):
-        """One step: the model's branches and extra losses, summed; one
-        backward pass, one optimiser step."""
-        imgs, pids = self.parse_data_for_train(data)
-        regions = data.get('regions') if self.needs_regions else None
-        if self.use_gpu:
-            imgs = imgs.cuda(non_blocking=True)
-            pids = pids.cuda(non_blocking=True)
-            if regions is not None:
-                regions = regions.cuda(non_blocking=True)
-        if self.channels_last:
-            imgs = imgs.contiguous(memory_format=torch.channels_last)
-        if self.needs_regions and regions is None:
+    def model_inputs(self, data: Dict) -> Dict:
+        """The batch's region masks, for the models that need them (no mixing
+        rule: the comparison systems train without one)."""
+        if not self.needs_regions:
+            return {}
+        regions = data.get('regions')
+        if regions is None:
             raise ValueError('the training batch has no region masks '
                              "(batch['regions']); call engine.attach_regions() "
                              '(engine.run does) before training')
-        with torch.autocast(self.device_type, dtype=self.amp_dtype,
-                            enabled=self.amp_dtype is not None):
-            kwargs = {'regions': regions} if regions is not None else {}
-            outputs = self.model(imgs, pids, **kwargs)
-            try:
-                loss, summary = self.stage_losses(outputs, pids)
-                loss = loss + self.extra_losses(outputs, summary)
-                failure = None
-            except FloatingPointError as error:
-                failure = error
-            # as in PMMEngine: every rank learns of a failure before the
-            # backward pass, so none waits for a stopped rank's gradients
-            stop_if_any_failed(failure)
-        self.optimizer_step(loss)
-        summary['loss'] = loss.item()
-        return summary
+        return {'regions': regions}
+
+    def losses(self, outputs: Dict, pids: torch.Tensor):
+        """The branches' losses plus the model's extra losses
+        (:meth:`extra_losses`)."""
+        loss, summary = self.stage_losses(outputs, pids)
+        loss = loss + self.extra_losses(outputs, summary)
+        return loss, summary
 
     def extra_losses(self, outputs: Dict, summary: Dict):
         """The weighted sum of the model's ``'aux_losses'`` (each averaged
@@ -208,8 +152,6 @@ def engine_class(model_name: str, recorded: bool = False) -> Optional[type]:
     :class:`ComparisonEngine` for the comparison systems,
     :class:`~pmm_torchreid.engine.PMMEngine` for PMM and BDB (their
     ``Recorded`` versions with ``recorded``)."""
-    from .config import is_comparison_model
     if is_comparison_model(model_name):
         return RecordedComparisonEngine if recorded else ComparisonEngine
-    from .engine import RecordedPMMEngine
     return RecordedPMMEngine if recorded else PMMEngine

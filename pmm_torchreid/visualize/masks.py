@@ -25,12 +25,13 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
-from .checkpoint import unwrap
-from .parsing import REGION_NAMES, RegionSource
-from .visualize import (_BG, _HEADER, _INK, _PAD, _TITLE, _font, _scale,
-                        _to_uint8, denormalize, item_name, load_images,
-                        normalization_of, overlay, save_png, tile_scale)
+from pmm_torchreid.data.parsing import RegionSource
+from pmm_torchreid.models.magnifiernet import downsample_regions
+from pmm_torchreid.models.regions import REGION_NAMES
+from pmm_torchreid.utils.checkpoint import unwrap
+from pmm_torchreid.visualize import drawing
 
 __all__ = ['REGION_COLOURS', 'mask_views', 'MaskPictures']
 
@@ -87,41 +88,40 @@ class MaskPictures(object):
         self.transform = transform
         self.device = device
         self.kind = _kind(unwrap(model))
-        self.mean, self.std = normalization_of(transform)
+        self.mean, self.std = drawing.normalization_of(transform)
         self.regions = regions or RegionSource()
 
     def tiles(self, items: Sequence) -> List[List]:
         """Per image, ``(title, H x W x 3 uint8)`` tiles, and the stats."""
-        images = load_images(items, self.transform, self.device)
+        images = drawing.load_images(items, self.transform, self.device)
         views = mask_views(self.model, images)
-        image01 = denormalize(images, self.mean, self.std).cpu()
+        image01 = drawing.denormalize(images, self.mean, self.std).cpu()
         size = image01.shape[-2:]
         out = []
         if self.kind == 'fmn':
             mask = views['mask'].float().cpu()
             up = F.interpolate(mask.unsqueeze(1), size=tuple(size),
                                mode='bilinear', align_corners=False)[:, 0]
-            heat = overlay(image01, up.clamp(0, 1))
+            heat = drawing.overlay(image01, up.clamp(0, 1))
             kept = image01 * up.unsqueeze(1)
             for i in range(len(items)):
-                out.append(([('input', _to_uint8(image01[i])),
-                             ('FMN mask', _to_uint8(heat[i])),
-                             ('image x mask', _to_uint8(kept[i]))],
+                out.append(([('input', drawing.to_uint8(image01[i])),
+                             ('FMN mask', drawing.to_uint8(heat[i])),
+                             ('image x mask', drawing.to_uint8(kept[i]))],
                             {'mask_mean': float(mask[i].mean()),
                              'mask_min': float(mask[i].min()),
                              'mask_max': float(mask[i].max())}))
             return out
-        from .magnifiernet import downsample_regions
         probs = views['probs'].float().cpu()
         cells = probs.argmax(dim=1)
         up = F.interpolate(probs, size=tuple(size), mode='bilinear',
                            align_corners=False)
         for i, item in enumerate(items):
-            tiles = [('input', _to_uint8(image01[i]))]
+            tiles = [('input', drawing.to_uint8(image01[i]))]
             stats = {}
             data, source = self._data_regions(item[0], size)
             if data is not None:
-                img = (_to_uint8(image01[i]).astype(np.float32) * 0.4 +
+                img = (drawing.to_uint8(image01[i]).astype(np.float32) * 0.4 +
                        _colour_regions(data).astype(np.float32) * 0.6)
                 tiles.append(('regions ({})'.format(source),
                               img.astype(np.uint8)))
@@ -130,7 +130,7 @@ class MaskPictures(object):
                 stats['cell_agreement'] = float((small == cells[i]).float()
                                                 .mean())
             pred = up[i].argmax(dim=0).numpy()
-            img = (_to_uint8(image01[i]).astype(np.float32) * 0.4 +
+            img = (drawing.to_uint8(image01[i]).astype(np.float32) * 0.4 +
                    _colour_regions(pred).astype(np.float32) * 0.6)
             tiles.append(('regions (net)', img.astype(np.uint8)))
             for r, name in enumerate(REGION_NAMES, 1):
@@ -138,9 +138,9 @@ class MaskPictures(object):
                 # title gives the peak): where it is, even when it is small
                 prob = up[i:i + 1, r].clamp(0, 1)
                 peak = float(prob.max())
-                heat = overlay(image01[i:i + 1], prob / max(peak, 1e-12))[0]
+                heat = drawing.overlay(image01[i:i + 1], prob / max(peak, 1e-12))[0]
                 tiles.append(('{} {:.2f}'.format(name.replace('_', ' '), peak),
-                              _to_uint8(heat)))
+                              drawing.to_uint8(heat)))
                 stats['share_' + name] = float((cells[i] == r).float().mean())
             out.append((tiles, stats))
         return out
@@ -148,7 +148,6 @@ class MaskPictures(object):
     def _data_regions(self, path: str, size):
         """``(H x W region ids or None, 'mask' or 'bands')``: the data's
         regions of an image, at the picture's size."""
-        from PIL import Image
         mask_path, _ = self.regions.locate(path)
         if mask_path is not None and not os.path.isfile(mask_path):
             return None, ''
@@ -161,41 +160,41 @@ class MaskPictures(object):
     @staticmethod
     def panel(tiles, caption: str = '') -> np.ndarray:
         """One image's tiles side by side, titled, as H x W x 3 uint8."""
-        from PIL import Image, ImageDraw
         height, width = tiles[0][1].shape[:2]
-        scale = tile_scale(width)
+        scale = drawing.tile_scale(width)
         th, tw = height * scale, width * scale
-        canvas = Image.new('RGB', (_PAD + len(tiles) * (tw + _PAD),
-                                   _PAD + _HEADER + _TITLE + th + _PAD), _BG)
+        pad = drawing.PAD
+        canvas = Image.new('RGB', (pad + len(tiles) * (tw + pad),
+                                   pad + drawing.HEADER + drawing.TITLE + th + pad),
+                           drawing.BG)
         draw = ImageDraw.Draw(canvas)
-        font = _font(12)
-        draw.text((_PAD, _PAD + 1), caption, fill=_INK, font=font)
-        top = _PAD + _HEADER + _TITLE
+        font = drawing.load_font(12)
+        draw.text((drawing.PAD, drawing.PAD + 1), caption, fill=drawing.INK, font=font)
+        top = drawing.PAD + drawing.HEADER + drawing.TITLE
         for t, (title, tile) in enumerate(tiles):
-            x = _PAD + t * (tw + _PAD)
-            draw.text((x, _PAD + _HEADER), title, fill=_INK, font=font)
-            canvas.paste(Image.fromarray(_scale(tile, scale)), (x, top))
+            x = drawing.PAD + t * (tw + drawing.PAD)
+            draw.text((x, drawing.PAD + drawing.HEADER), title, fill=drawing.INK, font=font)
+            canvas.paste(Image.fromarray(drawing.scale_tile(tile, scale)), (x, top))
         return np.asarray(canvas)
 
     @staticmethod
     def sheet(panels: Sequence[np.ndarray], columns: int = 4,
               title: str = '') -> np.ndarray:
         """Panels in a grid, ``columns`` per row."""
-        from PIL import Image, ImageDraw
         if columns < 1:
             raise ValueError('columns must be >= 1, got {}'.format(columns))
         columns = min(columns, len(panels))
         rows = int(math.ceil(len(panels) / float(columns)))
         ph = max(p.shape[0] for p in panels)
         pw = max(p.shape[1] for p in panels)
-        canvas = Image.new('RGB', (columns * pw + _PAD,
-                                   _PAD + _HEADER + rows * ph), _BG)
-        ImageDraw.Draw(canvas).text((_PAD, _PAD + 1), title, fill=_INK,
-                                    font=_font(12))
+        canvas = Image.new('RGB', (columns * pw + drawing.PAD,
+                                   drawing.PAD + drawing.HEADER + rows * ph), drawing.BG)
+        ImageDraw.Draw(canvas).text((drawing.PAD, drawing.PAD + 1), title, fill=drawing.INK,
+                                    font=drawing.load_font(12))
         for n, panel in enumerate(panels):
             r, c = divmod(n, columns)
             canvas.paste(Image.fromarray(panel),
-                         (c * pw, _PAD + _HEADER + r * ph))
+                         (c * pw, drawing.PAD + drawing.HEADER + r * ph))
         return np.asarray(canvas)
 
     def write(self, items: Sequence, out_dir: str, columns: int = 4,
@@ -206,16 +205,16 @@ class MaskPictures(object):
         results = self.tiles(items)
         panels, paths, per_image = [], [], []
         for i, (item, (tiles, stats)) in enumerate(zip(items, results)):
-            caption = '{}  {}'.format(item_name(item), '  '.join(
+            caption = '{}  {}'.format(drawing.item_name(item), '  '.join(
                 '{} {:.2f}'.format(k.replace('share_', ''), v)
                 for k, v in stats.items() if not k.startswith('share_')))
             panel = self.panel(tiles, caption)
             panels.append(panel)
             prefix = prefixes[i] if i < len(prefixes) else '{:02d}'.format(i)
-            paths.append(save_png(panel, os.path.join(
-                out_dir, '{}_{}.png'.format(prefix, item_name(item)))))
+            paths.append(drawing.save_png(panel, os.path.join(
+                out_dir, '{}_{}.png'.format(prefix, drawing.item_name(item)))))
             per_image.append(dict(stats, image=item[0]))
-        sheet = save_png(self.sheet(panels, columns, title),
+        sheet = drawing.save_png(self.sheet(panels, columns, title),
                          os.path.join(out_dir, 'sheet.png'))
         keys = [k for k in per_image[0] if k != 'image'] if per_image else []
         mean = {k: float(np.mean([s[k] for s in per_image if k in s]))

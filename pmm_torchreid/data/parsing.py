@@ -48,15 +48,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pmm_torchreid.data import synthetic
+from pmm_torchreid.data.images import read_image
+from pmm_torchreid.models.regions import NUM_REGIONS, REGION_NAMES
+
 __all__ = [
     'REGION_NAMES', 'NUM_REGIONS', 'LABEL_SETS', 'PART_TO_REGION', 'BANDS',
     'region_table', 'band_regions', 'RegionSource', 'PairedTransform',
     'RegionMaskedDataset', 'attach_region_masks'
 ]
 
-#: The regions, ids 1..4 (0: background / no region).
-REGION_NAMES = ('head', 'upper_body', 'lower_body', 'shoes')
-NUM_REGIONS = len(REGION_NAMES)
 
 #: Label ids of common human parsers' PNGs, by label set: LIP (Gong et al.,
 #: CVPR 2017; 20 labels) and CIHP (same ids), ATR (Liang et al.; 18 labels),
@@ -152,7 +153,6 @@ class RegionSource(object):
         split_dir = osp.dirname(img_path)
         dataset_dir = osp.dirname(split_dir)
         if dataset_dir not in self.synthetic:
-            from . import synthetic
             self.synthetic[dataset_dir] = synthetic.prepare_parts(dataset_dir) \
                 if synthetic.is_synthetic_dataset(dataset_dir) else None
         parts = self.synthetic[dataset_dir]
@@ -321,7 +321,6 @@ class RegionMaskedDataset(torch.utils.data.Dataset):
         return getattr(self.dataset, name)
 
     def __getitem__(self, index):
-        from .data import read_image
         img_path, pid, camid, dsetid = self.dataset.data[index][:4]
         img = read_image(img_path)
         regions = self.source.regions(img_path, img.size)

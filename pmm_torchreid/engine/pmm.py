@@ -1,32 +1,34 @@
 """``PMMEngine``: torchreid's engine with PMM's guided, stage-wise training
-step.  What a run records besides (safe checkpoints, curves, results,
-pictures on schedule) is :mod:`pmm_torchreid.records`, shared with torchreid's
-own engines."""
+step, the one training step of every plugin engine.  What a run records
+besides (safe checkpoints, curves, results, pictures on schedule) is
+:mod:`pmm_torchreid.engine.records`, shared with torchreid's own engines."""
 from __future__ import annotations
 
 import json
 import os.path as osp
-import warnings
 from collections import OrderedDict
 from typing import Dict, Sequence
 
 import torch
 import torchreid
 
-from .checkpoint import atomic_write, unwrap
-from .distributed import stop_if_any_failed
-from .guidance import (DEFAULT_TOP_K, MIX_MODES, BlockChoice,
-                       build_mixer)
-from .losses import (batch_hard_triplet, mixed_cross_entropy,
-                     smoothed_cross_entropy)
-from .records import with_run_records
+from pmm_torchreid.config.checks import MAX_QUIET_SHARE, check_pmm_config
+from pmm_torchreid.engine.losses import (
+    batch_hard_triplet,
+    mixed_cross_entropy,
+    smoothed_cross_entropy,
+)
+from pmm_torchreid.engine.records import with_run_records
+from pmm_torchreid.models.backbones import feature_map_size
+from pmm_torchreid.models.guidance import DEFAULT_TOP_K, BlockChoice, build_mixer
+from pmm_torchreid.utils.checkpoint import unwrap
+from pmm_torchreid.utils.distributed import stop_if_any_failed
+from pmm_torchreid.utils.io import atomic_write, json_safe
+from pmm_torchreid.visualize.gradcam import StagePictures, draw_partners
 
 __all__ = ['PMMEngine', 'RecordedPMMEngine', 'amp_settings']
 
-# a larger mixed share than this draws a warning: on CUHK01 validation
-# (docs/RESULTS.md) 37.5 % kept the later stages from learning and 25 % was
-# behind 12.5 %
-MAX_QUIET_SHARE = 0.25
+__all__ += ['MAX_QUIET_SHARE']  # defined with the config checks
 
 
 def amp_settings(amp: bool, device_type: str):
@@ -201,80 +203,8 @@ class PMMEngine(torchreid.engine.Engine):
     @staticmethod
     def check_cfg(cfg) -> None:
         """Checks what PMM and BDB need of a config (Dassl's ``check_cfg``):
-        the ``pmm.*`` values, a BDB model without a mixing rule, an identity
-        sampler with at least 2 identities of at least 2 images per batch
-        (every sample needs a partner of another identity, and the triplet
-        loss a positive), and a block grid that tiles the feature map.
-
-        Raises:
-            ValueError: naming the key, the value and what was expected.
-
-        Warns:
-            UserWarning: a mixing rule replaces more than
-                ``MAX_QUIET_SHARE`` of the map's blocks (and there is a later
-                stage to feed).
-        """
-        from .checks import fail
-        from .config import is_bdb_model, mixed_blocks
-        if is_bdb_model(cfg.model.name):
-            if cfg.pmm.mix != 'none':
-                fail('pmm.mix', cfg.pmm.mix, "'none' for a BDB model ({!r} "
-                     'drops its own block in the part branch)'.format(
-                         cfg.model.name))
-            if cfg.pmm.vis_freq:
-                fail('pmm.vis_freq', cfg.pmm.vis_freq, '0 for a BDB model (the '
-                     'Grad-CAM pictures are drawn for PMM models)')
-        if cfg.pmm.mix not in MIX_MODES:
-            fail('pmm.mix', cfg.pmm.mix, 'one of {}'.format(list(MIX_MODES)))
-        if len(cfg.pmm.block_size) != 2 or min(cfg.pmm.block_size) < 1:
-            fail('pmm.block_size', list(cfg.pmm.block_size), '[height, width] >= 1')
-        if cfg.pmm.top_k < 0:
-            fail('pmm.top_k', cfg.pmm.top_k, 'a number of blocks >= 0')
-        if not 0 <= cfg.pmm.mix_ratio < 1:
-            fail('pmm.mix_ratio', cfg.pmm.mix_ratio, 'a share of the map in (0, '
-                 '1), or 0 to use pmm.top_k')
-        if cfg.pmm.mix_start_epoch < 0:
-            fail('pmm.mix_start_epoch', cfg.pmm.mix_start_epoch, 'an epoch >= 0')
-        if cfg.pmm.num_stages < 1:
-            fail('pmm.num_stages', cfg.pmm.num_stages, '>= 1')
-        if cfg.pmm.embedding_dim < 1:
-            fail('pmm.embedding_dim', cfg.pmm.embedding_dim, '>= 1')
-        if not 0 <= cfg.pmm.label_smooth < 1:
-            fail('pmm.label_smooth', cfg.pmm.label_smooth, 'an epsilon in [0, 1)')
-        for key in ('weight_triplet', 'weight_ce', 'triplet_margin'):
-            if cfg.pmm[key] < 0:
-                fail('pmm.' + key, cfg.pmm[key], '>= 0')
-        if cfg.pmm.vis_freq < 0:
-            fail('pmm.vis_freq', cfg.pmm.vis_freq,
-                 'a number of epochs >= 1, or 0 for no pictures')
-        if cfg.pmm.vis_num < 1:
-            fail('pmm.vis_num', cfg.pmm.vis_num, 'a number of images >= 1')
-        if cfg.test.evaluate:
-            return
-        if cfg.sampler.train_sampler != 'RandomIdentitySampler':
-            fail('sampler.train_sampler', cfg.sampler.train_sampler,
-                 "'RandomIdentitySampler': PMM needs every batch to hold several "
-                 'identities with several images each, so that every sample has '
-                 'a partner of another identity to mix with')
-        n, k = cfg.train.batch_size, cfg.sampler.num_instances
-        if k < 2 or n % k != 0 or n // k < 2:
-            fail('train.batch_size / sampler.num_instances', (n, k),
-                 'num_instances >= 2 and a batch size that is a multiple of it '
-                 'with at least 2 identities per batch (e.g. {} or {})'.format(
-                     (max(2, k) * 2, max(2, k)), (max(2, k) * 8, max(2, k))))
-        if cfg.pmm.mix == 'none':
-            return
-        # the block grid on the map the backbone gives at the configured size
-        k, blocks = mixed_blocks(cfg)
-        if cfg.pmm.num_stages > 1 and k > MAX_QUIET_SHARE * blocks:
-            warnings.warn(
-                'pmm.top_k / pmm.mix_ratio: this run replaces {} of {} blocks '
-                '({:.1f} %) of the part map in every sample. On CUHK01 '
-                'validation a 37.5 % share kept stages II and III from learning '
-                '(2 % training accuracy after 10 epochs) and 25 % was behind '
-                '12.5 % on every split; about 9-12.5 % is recommended '
-                '(docs/RESULTS.md, "Validation")'.format(
-                    k, blocks, 100.0 * k / blocks), UserWarning)
+        :func:`pmm_torchreid.config.checks.check_pmm_config`."""
+        check_pmm_config(cfg)
 
     def stage_losses(self, outputs: Dict, pids: torch.Tensor):
         """Step 7: the sum over stages of batch-hard triplet (the anchor's own
@@ -327,26 +257,32 @@ class PMMEngine(torchreid.engine.Engine):
             getattr(self, 'epoch', 0) >= self.mix_start_epoch
 
     def forward_backward(self, data):
-        """One PMM step (the spec's steps 1-7).
+        """One training step, the same for every plugin engine (the spec's
+        steps 1-7 for PMM).
 
         1-6 happen in the model: the backbone map ``F`` feeds stage I; the
         part map ``P`` feeds stages II and III, and between two stages the
         mixing rule takes the previous stage's Grad-CAM, ranks the blocks and
         replaces the top-k with a partner's (A-Hard-Mix).  7: the summed
-        stage losses, one backward pass, one optimiser step.
+        losses, one backward pass, one optimiser step.  Subclasses change
+        what the model gets (:meth:`model_inputs`) and what is summed
+        (:meth:`losses`), not the step.
         """
         imgs, pids = self.parse_data_for_train(data)
+        inputs = self.model_inputs(data)
         if self.use_gpu:  # pinned batches (torchreid's loaders): async copies
             imgs = imgs.cuda(non_blocking=True)
             pids = pids.cuda(non_blocking=True)
+            inputs = {k: v.cuda(non_blocking=True)
+                      if isinstance(v, torch.Tensor) else v
+                      for k, v in inputs.items()}
         if self.channels_last:
             imgs = imgs.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device_type, dtype=self.amp_dtype,
                             enabled=self.amp_dtype is not None):
-            outputs = self.model(imgs, pids,
-                                 mixer=self.mixer if self.mixing() else None)
+            outputs = self.model(imgs, pids, **inputs)
             try:
-                loss, summary = self.stage_losses(outputs, pids)
+                loss, summary = self.losses(outputs, pids)
                 failure = None
             except FloatingPointError as error:
                 failure = error
@@ -357,6 +293,16 @@ class PMMEngine(torchreid.engine.Engine):
         self.optimizer_step(loss)
         summary['loss'] = loss.item()
         return summary
+
+    def model_inputs(self, data: Dict) -> Dict:
+        """The model's keyword arguments besides the images and labels:
+        PMM's mixing rule (None before ``mix_start_epoch`` and without one).
+        Tensors among them go to the GPU with the batch."""
+        return {'mixer': self.mixer if self.mixing() else None}
+
+    def losses(self, outputs: Dict, pids: torch.Tensor):
+        """``(loss, summary)`` of one step: :meth:`stage_losses`."""
+        return self.stage_losses(outputs, pids)
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
         """One backward pass and one optimiser step (through the gradient
@@ -383,7 +329,6 @@ class PMMEngine(torchreid.engine.Engine):
     # ------------------------------------------------------------------
     def setup_pictures(self):
         """Picks the fixed training images (and their partners) once."""
-        from .visualize import StagePictures, draw_partners
         train = list(self.train_loader.dataset.train)
         if not 1 <= self.vis_num <= len(train):
             raise ValueError(
@@ -409,7 +354,6 @@ class PMMEngine(torchreid.engine.Engine):
 
     def write_pictures(self) -> Dict:
         """Writes the pictures of the current epoch; returns the overlap."""
-        from .visualize import json_safe
         pics = self._pictures
         folder = osp.join(self.save_dir, 'gradcam',
                           'epoch-{:03d}'.format(self.epoch + 1))
@@ -441,7 +385,6 @@ class PMMEngine(torchreid.engine.Engine):
     def blocks(self) -> int:
         """The blocks replaced per sample at the data manager's image size
         (``top_k``, or what ``mix_ratio`` gives)."""
-        from .backbones import feature_map_size
         height, width = feature_map_size(unwrap(self.model).backbone_name,
                                          self.datamanager.height,
                                          self.datamanager.width)

@@ -8,75 +8,22 @@ rename, and always load with ``weights_only=True``.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import tempfile
 from collections import OrderedDict
-from typing import IO, Any, Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from pmm_torchreid.utils.io import atomic_write, to_plain
+
 __all__ = [
     'to_plain', 'atomic_write', 'save_checkpoint', 'load_checkpoint',
     'resume_from_checkpoint', 'load_pretrained_weights', 'capture_rng_state',
-    'restore_rng_state', 'unwrap'
+    'restore_rng_state', 'unwrap', 'strip_module'
 ]
-
-
-def to_plain(obj: Any) -> Any:
-    """Turns NumPy scalars and arrays nested in dicts, lists and tuples into
-    Python numbers and lists, so ``torch.load(weights_only=True)`` accepts them."""
-    if type(obj) in (dict, OrderedDict):
-        return type(obj)((k, to_plain(v)) for k, v in obj.items())
-    if type(obj) in (list, tuple):
-        return type(obj)(to_plain(v) for v in obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return obj
-
-
-@contextlib.contextmanager
-def atomic_write(path: str, mode: str = 'wb') -> Iterator[IO]:
-    """Opens a temporary file next to ``path`` for writing; when the block
-    ends without an error, the file is flushed, fsynced and renamed onto
-    ``path`` (atomic on POSIX).  On an error it is deleted; a process killed
-    at any moment leaves ``path`` as it was, plus at most a hidden
-    ``.<name>.*.tmp``, which the next write to ``path`` removes.  The file
-    gets the usual mode (``0666`` minus the umask), not ``mkstemp``'s 0600.
-
-    Examples::
-
-        >>> with atomic_write('log/overlap.json', 'w') as f:
-        ...     json.dump(report, f)
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    prefix = '.' + os.path.basename(path) + '.'
-    for name in os.listdir(folder):  # debris of a writer that was killed
-        if name.startswith(prefix) and name.endswith('.tmp'):
-            try:
-                os.unlink(os.path.join(folder, name))
-            except OSError:
-                pass
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix='.tmp', dir=folder)
-    try:
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(state: dict, fpath: str) -> str:
@@ -156,11 +103,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, parallel) else model
 
 
-def _strip_module(state_dict: dict) -> dict:
+def strip_module(state_dict: dict) -> dict:
+    """``state_dict`` with the ``module.`` prefix that ``nn.DataParallel`` and
+    ``DistributedDataParallel`` add taken off its keys."""
     return OrderedDict(
         (k[len('module.'):] if k.startswith('module.') else k, v)
         for k, v in state_dict.items()
     )
+
+
+_strip_module = strip_module  # the old private name
 
 
 def resume_from_checkpoint(

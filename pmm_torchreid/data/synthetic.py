@@ -80,7 +80,8 @@ PART_LABELS = {'background': 0, 'hair': 2, 'upper_clothes': 5, 'pants': 9,
                'face': 13, 'left_arm': 14, 'right_arm': 15, 'left_leg': 16,
                'right_leg': 17, 'left_shoe': 18, 'right_shoe': 19}
 _SIDE = {-1: 'right', 1: 'left'}  # image side -> the person's side
-# cue -> number of values (skin: face and arms); logo: none + 3 shapes x 4 colours, bag: none + 2 kinds x 3 colours
+# cue -> number of values (skin: face and arms); logo: none + 3 shapes x 4
+# colours, bag: none + 2 kinds x 3 colours
 _CUES = {'skin': 3, 'hair': 5, 'shirt': 8, 'legs': 7, 'shorts': 2, 'shoes': 3, 'logo': 13, 'bag': 7}
 # background kind, wall, floor, horizon, gain (rgb), scale, x shift, feet y, noise, resolution
 _CAMS = [

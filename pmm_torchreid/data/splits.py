@@ -20,10 +20,12 @@ import os.path as osp
 import random
 from typing import List, Sequence, Tuple
 
-__all__ = ['carve_validation', 'hold_out_validation', 'write_cuhk01_splits']
+from pmm_torchreid.utils.io import atomic_write
+
+__all__ = ['relabel', 'carve_validation', 'hold_out_validation', 'write_cuhk01_splits']
 
 
-def _relabel(items: Sequence[tuple]) -> List[tuple]:
+def relabel(items: Sequence[tuple]) -> List[tuple]:
     """Items with identities renumbered 0..P-1 in increasing old order."""
     new = {pid: i for i, pid in enumerate(sorted({it[1] for it in items}))}
     return [(it[0], new[it[1]]) + tuple(it[2:]) for it in items]
@@ -63,7 +65,7 @@ def carve_validation(
             'training)'.format(num_ids, len(pids) - 2, len(pids)))
     rng = random.Random(seed)
     held = set(rng.sample(pids, num_ids))
-    rest = _relabel([it for it in train if it[1] not in held])
+    rest = relabel([it for it in train if it[1] not in held])
     by_pid = {}
     for it in train:
         if it[1] in held:
@@ -165,7 +167,6 @@ def write_cuhk01_splits(root: str, record: str) -> str:
                 '"{}" already holds other splits than "{}"; delete it to '
                 'write the recorded ones'.format(target, record))
         return target
-    from .checkpoint import atomic_write
     with atomic_write(target, 'w') as f:
         json.dump(splits, f)
     return target

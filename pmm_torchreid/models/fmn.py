@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbones import build_backbone
-from .models import GlobalHead, _init_kaiming, _start_from_embedding
+from pmm_torchreid.models.backbones import build_backbone
+from pmm_torchreid.models.heads import GlobalHead, init_kaiming, start_from_embedding
 
 __all__ = ['FMN', 'FeatureMask', 'LOW_LEVEL_SPLIT', 'split_backbone']
 
@@ -71,7 +71,7 @@ class FeatureMask(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden, 1, 1),
         )
-        self.apply(_init_kaiming)
+        self.apply(init_kaiming)
 
     def forward(self, high: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.body(high))
@@ -106,7 +106,7 @@ class FMN(nn.Module):
 
     def __init__(self, num_classes: int, backbone: str = 'resnet50',
                  pretrained: bool = True, embedding_dim: int = 512,
-                 mask_hidden: int = 256, loss: str = 'pmm', **kwargs):
+                 mask_hidden: int = 256, loss: str = 'pmm'):
         super().__init__()
         self.backbone_name = backbone
         built = build_backbone(backbone, pretrained)
@@ -116,7 +116,7 @@ class FMN(nn.Module):
         self.split = LOW_LEVEL_SPLIT[backbone]
         self.mask_head = FeatureMask(built.channels, mask_hidden)
         self.global_head = GlobalHead(built.channels, embedding_dim, num_classes)
-        _start_from_embedding(self.global_head, built, type(self).__name__)
+        start_from_embedding(self.global_head, built, type(self).__name__)
         self.masked_head = GlobalHead(self.low_channels, embedding_dim,
                                       num_classes)
         self.embedding_dim = embedding_dim
