@@ -1,18 +1,8 @@
 #!/usr/bin/env python
 """Cost of PMM's Grad-CAM guidance: the training step with ``pmm.mix hard_mix``
-versus ``none`` (same model, same batch), plus the reference code's way of
-taking the Grad-CAM (a full ``backward(retain_graph=True)`` through the whole
-network, then zeroing the parameter gradients) for comparison.
-
-Runs the real ``PMMEngine.forward_backward`` on random images; the three modes
-are interleaved so that drifts of the machine hit them alike, and the median
-step time is reported.
-
-With ``--device cuda`` it measures training throughput on a GPU instead:
-images/s of ``pmm_resnet50`` (``hard_mix`` and ``none``) and ``bdb_resnet50``
-at 384x128, batch 64 (16 x 4), in float32 and with ``train.amp`` (bfloat16
-autocast, or float16 with a gradient scaler), channels-last, plus the
-images/s of feature extraction for evaluation.
+versus ``none``, plus the reference code's way of taking the Grad-CAM; with
+``--device cuda``, GPU training throughput in float32 and with AMP (see
+:mod:`pmm_torchreid.cli.benchmark`).
 
 Examples::
 
@@ -20,211 +10,15 @@ Examples::
     python scripts/benchmark.py --backbones resnet18 --repeats 5
     python scripts/benchmark.py --device cuda        # GPU throughput table
 """
-import argparse
 import os.path as osp
-import statistics
 import sys
-import time
-import types
-
-import torch
 
 try:
     import pmm_torchreid  # noqa: F401  (installed: pip install -e .)
 except ImportError:  # run from a source tree that is not installed
     sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-import pmm_torchreid  # noqa: E402,F401
-from pmm_torchreid.engine import PMMEngine  # noqa: E402
-from pmm_torchreid.guidance import (  # noqa: E402
-    MIX_MODES, HardMix, Mixed, block_mask, build_mixer, hard_mix,
-    sample_negatives
-)
-from pmm_torchreid.models import MODEL_FACTORY  # noqa: E402
-
-
-class ReferenceHardMix(HardMix):
-    """A-Hard-Mix with the Grad-CAM taken the reference code's way."""
-
-    name = 'reference'
-
-    def __init__(self, model, **kwargs):
-        super().__init__(**kwargs)
-        self.model = model
-
-    def __call__(self, part_map, cam_map, cam_logits, labels):
-        grads = []
-        handle = cam_map.register_hook(lambda g: grads.append(g))
-        score = cam_logits.gather(1, labels.view(-1, 1)).sum()
-        score.backward(retain_graph=True)  # through the whole network
-        handle.remove()
-        self.model.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            weights = grads[0].mean(dim=(2, 3), keepdim=True)
-            cam = torch.relu((weights * cam_map).sum(dim=1))
-        mask = block_mask(cam, self.block, self.k).to(part_map.dtype)
-        negatives = sample_negatives(labels, self.generator)
-        return Mixed(hard_mix(part_map, mask, negatives), mask, negatives,
-                     part_map.new_zeros(part_map.shape[0]))
-
-
-def bench_backbone(backbone, batch, height, width, block, top_k, repeats,
-                   warmup, modes):
-    torch.manual_seed(0)
-    ids, per_id = batch // 4, 4
-    model = MODEL_FACTORY['pmm_' + backbone](
-        num_classes=max(ids, 2) * 10, pretrained=False
-    )
-    model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    fake_dm = types.SimpleNamespace(train_loader=None, test_loader={})
-    engine = PMMEngine(fake_dm, model, optimizer, use_gpu=False, mix='none',
-                       block_size=block, top_k=top_k)
-    gen = torch.Generator().manual_seed(1)
-    mixers = {mode: build_mixer(mode, block, top_k, gen)
-              for mode in MIX_MODES}
-    mixers['reference'] = ReferenceHardMix(model, block=block, k=top_k,
-                                           generator=gen)
-    data = {
-        'img': torch.randn(batch, 3, height, width),
-        'pid': torch.arange(ids).repeat_interleave(per_id),
-    }
-    times = {m: [] for m in modes}
-    for i in range(warmup + repeats):
-        for mode in modes:
-            engine.mixer = mixers[mode]
-            start = time.perf_counter()
-            engine.forward_backward(data)
-            if i >= warmup:
-                times[mode].append(time.perf_counter() - start)
-    med = {m: statistics.median(t) for m, t in times.items()}
-    print('\n{} | batch {} ({} ids x {}) | {}x{} | block {}x{} top-{} | '
-          '{} repeats, median step'.format(
-              backbone, batch, ids, per_id, height, width, block[0], block[1],
-              top_k, repeats))
-    print('  {:<10} {:>10} {:>10} {:>14}'.format(
-        'mix', 'step (s)', 'images/s', 'vs none'))
-    for m in modes:
-        print('  {:<10} {:>10.3f} {:>10.1f} {:>13.3f}x'.format(
-            m, med[m], batch / med[m], med[m] / med['none']))
-    return med
-
-
-def throughput(name, mix, amp, device, batch=64, height=384, width=128,
-               block=(3, 2), top_k=3, repeats=20, warmup=5):
-    """Training images/s of ``name`` with ``mix`` and ``amp`` on ``device``
-    (the real engine step; channels-last for ResNets on CUDA), and the
-    images/s of feature extraction (eval mode, no gradients)."""
-    torch.manual_seed(0)
-    cuda = device == 'cuda'
-    ids = batch // 4
-    model = MODEL_FACTORY[name](num_classes=751, pretrained=False).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    fake_dm = types.SimpleNamespace(train_loader=None, test_loader={})
-    engine = PMMEngine(fake_dm, model, optimizer, use_gpu=cuda, mix=mix,
-                       block_size=block, top_k=top_k, amp=amp,
-                       channels_last=cuda and 'resnet' in name)
-    images = torch.randn(batch, 3, height, width)
-    data = {'img': images.pin_memory() if cuda else images,
-            'pid': torch.arange(ids).repeat_interleave(batch // ids)}
-
-    def timed(step, n):
-        for _ in range(warmup):
-            step()
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(n):
-            step()
-        if cuda:
-            torch.cuda.synchronize()
-        return n * batch / (time.perf_counter() - start)
-
-    model.train()
-    train = timed(lambda: engine.forward_backward(data), repeats)
-    model.eval()
-    gpu_images = images.to(device)
-    if engine.channels_last:
-        gpu_images = gpu_images.contiguous(memory_format=torch.channels_last)
-
-    def extract():
-        with torch.no_grad(), torch.autocast(
-                engine.device_type, dtype=engine.amp_dtype,
-                enabled=engine.amp_dtype is not None):
-            model(gpu_images)
-
-    return train, timed(extract, repeats)
-
-
-def bench_device(device, repeats, warmup, batch=64, height=384, width=128):
-    """The GPU table: training and extraction images/s, float32 vs AMP."""
-    rows = [('pmm_resnet50', 'hard_mix'), ('pmm_resnet50', 'none'),
-            ('bdb_resnet50', 'none')]
-    name = torch.cuda.get_device_name() if device == 'cuda' else 'cpu'
-    print('torch {} | device {} | batch {} ({} ids x 4) | {}x{}'.format(
-        torch.__version__, name, batch, batch // 4, height, width))
-    print('  {:<14} {:<9} {:>12} {:>12} {:>7} {:>13} {:>13}'.format(
-        'model', 'mix', 'fp32 img/s', 'AMP img/s', 'ratio', 'extract fp32',
-        'extract AMP'))
-    results = {}
-    for model_name, mix in rows:
-        fp32 = throughput(model_name, mix, False, device, batch, height,
-                          width, repeats=repeats, warmup=warmup)
-        amp = throughput(model_name, mix, True, device, batch, height, width,
-                         repeats=repeats, warmup=warmup)
-        results[(model_name, mix)] = (fp32, amp)
-        print('  {:<14} {:<9} {:>12.1f} {:>12.1f} {:>6.2f}x {:>13.1f} '
-              '{:>13.1f}'.format(model_name, mix, fp32[0], amp[0],
-                                 amp[0] / fp32[0], fp32[1], amp[1]))
-    guided, plain = results[('pmm_resnet50', 'hard_mix')], \
-        results[('pmm_resnet50', 'none')]
-    print('  guided / unguided training throughput: fp32 {:.3f}, AMP '
-          '{:.3f}'.format(guided[0][0] / plain[0][0],
-                          guided[1][0] / plain[1][0]))
-    return results
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--backbones', nargs='+',
-                        default=['resnet50', 'osnet_x0_25'])
-    parser.add_argument('--batch', type=int, default=16)
-    parser.add_argument('--height', type=int, default=384)
-    parser.add_argument('--width', type=int, default=128)
-    parser.add_argument('--block', type=int, nargs=2, default=[3, 2])
-    parser.add_argument('--top-k', type=int, default=8)
-    parser.add_argument('--repeats', type=int, default=7)
-    parser.add_argument('--warmup', type=int, default=2)
-    parser.add_argument('--threads', type=int, default=0,
-                        help='torch threads (0: leave the default)')
-    parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu',
-                        help="'cuda': the GPU throughput table (fp32 vs AMP)")
-    parser.add_argument('--modes', nargs='+',
-                        default=['none', 'hard_mix', 'reference'],
-                        choices=list(MIX_MODES) + ['reference'],
-                        help='pmm.mix values (the ablation variants too) and '
-                        "'reference', A-Hard-Mix with the reference code's "
-                        'Grad-CAM')
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == 'cuda':
-        if not torch.cuda.is_available():
-            raise SystemExit('error: --device cuda, but torch sees no CUDA '
-                             'device here (torch {})'.format(
-                                 torch.__version__))
-        torch.backends.cudnn.benchmark = True
-        bench_device('cuda', max(args.repeats, 20), max(args.warmup, 5))
-        return
-    if 'none' not in args.modes:
-        args.modes.insert(0, 'none')
-    print('torch {} | {} threads | device cpu'.format(
-        torch.__version__, torch.get_num_threads()))
-    for backbone in args.backbones:
-        bench_backbone(backbone, args.batch, args.height, args.width,
-                       tuple(args.block), args.top_k, args.repeats,
-                       args.warmup, args.modes)
-
+from pmm_torchreid.cli.benchmark import main
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -10,7 +10,6 @@ Examples::
     mkdir -p reid-data/cuhk01 && ln -s /path/to/campus reid-data/cuhk01/campus
     python scripts/cuhk01_splits.py --root reid-data
 """
-import argparse
 import os.path as osp
 import sys
 
@@ -19,26 +18,10 @@ try:
 except ImportError:  # run from a source tree that is not installed
     sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from pmm_torchreid.splits import write_cuhk01_splits  # noqa: E402
+from pmm_torchreid.cli.cuhk01_splits import main
 
 RECORD = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'docs',
                   'cuhk01_splits.json')
 
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--root', default='reid-data',
-                        help='data root holding cuhk01/campus')
-    parser.add_argument('--record', default=RECORD,
-                        help='the recorded training identities')
-    args = parser.parse_args(argv)
-    try:
-        path = write_cuhk01_splits(args.root, args.record)
-    except (OSError, ValueError) as error:
-        raise SystemExit('error: {}'.format(error))
-    print('CUHK01 splits from "{}" in "{}"'.format(args.record, path))
-    return 0
-
-
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(main(record=RECORD))

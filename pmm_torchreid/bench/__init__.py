@@ -1,0 +1,1 @@
+"""Benchmarks: the training step, the ranking, and checkpoint stress."""

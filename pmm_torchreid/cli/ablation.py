@@ -1,0 +1,90 @@
+"""Run (model, mix) settings with one recipe and the same seeds; tabulate them.
+
+The command line of :mod:`pmm_torchreid.study.ablation` (scripts/ablation.py):
+every run is ``[sys.executable, main_script, ...]``, where ``main_script`` is
+the path of scripts/main.py that the script passes in.
+
+A setting is ``MODEL[:MIX][,KEY=VALUE...]``: ``pmm_osnet_x0_25:hard_mix``,
+``bdb_osnet_x0_25`` (BDB trains with ``pmm.mix none``, and so do the
+comparison systems ``fmn_*`` and ``magnifiernet_*``), ``osnet_x0_25``
+(a torchreid model: torchreid's triplet engine, ``loss.name triplet``), or
+``pmm_resnet18:hard_mix,model.pretrained=False``.
+"""
+import argparse
+from typing import Optional, Sequence
+
+from pmm_torchreid.study.ablation import Ablation, AblationError, Setting, check_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--config-file', required=True,
+                        help='the shared recipe (yaml)')
+    parser.add_argument('--root', default='', help='path to data root')
+    parser.add_argument('--out', required=True, help='output folder')
+    parser.add_argument('--settings', nargs='+', required=True,
+                        help='MODEL[:MIX][,KEY=VALUE...] (see above)')
+    parser.add_argument('--seeds', type=int, nargs='+', default=[1, 2, 3])
+    parser.add_argument('--splits', type=int, nargs='+', default=[0],
+                        help='data.split_id values')
+    parser.add_argument('--jobs', type=int, default=1,
+                        help='runs at the same time')
+    parser.add_argument('--threads', type=int, default=0,
+                        help='torch threads per run (OMP_NUM_THREADS); 0: '
+                        'leave the default')
+    parser.add_argument('--reference', default='',
+                        help='the setting the paired differences are taken '
+                        'against (default: the first)')
+    parser.add_argument('--dry-run', action='store_true',
+                        help='print the commands, run nothing')
+    parser.add_argument('--table-only', action='store_true',
+                        help='run nothing: rewrite table.md, results.json and '
+                        'results.csv from the finished runs of --settings in '
+                        '--out (also when the recipe check would refuse the '
+                        'folder, e.g. for another --reference)')
+    parser.add_argument('opts', nargs=argparse.REMAINDER,
+                        help='KEY VALUE overrides for every run')
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None,
+         main_script: Optional[str] = None) -> int:
+    """Runs the ablation; ``main_script``: the path of scripts/main.py."""
+    if not main_script:
+        raise TypeError('main(): main_script, the path of scripts/main.py, '
+                        'is required')
+    args = build_parser().parse_args(argv)
+    if args.opts and args.opts[0] == '--':
+        args.opts = args.opts[1:]
+    if len(args.opts) % 2:
+        raise SystemExit('error: overrides must be KEY VALUE pairs, got '
+                         '{}'.format(args.opts))
+    if args.jobs < 1:
+        raise SystemExit('error: --jobs must be >= 1, got {}'.format(
+            args.jobs))
+    try:
+        settings = [Setting(spec) for spec in args.settings]
+        if args.reference and args.reference not in args.settings:
+            raise AblationError('--reference {!r} is not one of --settings '
+                                '{}'.format(args.reference, args.settings))
+        check_settings(settings, args.config_file, args.opts)
+        study = Ablation(main_script, args.config_file, args.out, settings,
+                         args.splits, args.seeds, args.opts, root=args.root,
+                         threads=args.threads, reference=args.reference)
+        if args.dry_run:
+            for cmd in study.commands():
+                print(' '.join(cmd))
+            return 0
+        if args.table_only:  # the folder's own recipe, not re-checked
+            study.use_folder_recipe()
+        else:
+            study.check_recipe()
+    except AblationError as error:
+        raise SystemExit('error: {}'.format(error))
+    todo = study.pending()
+    if args.table_only:
+        print(study.write())
+        return 0
+    return study.run(todo, args.jobs)

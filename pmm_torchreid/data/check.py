@@ -1,0 +1,39 @@
+"""The dataset check of ``scripts/check_dataset.py``: every train, query and
+gallery image of some torchreid datasets, decoded once as training would
+decode it (PIL, RGB), and the files that fail."""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torchreid
+
+from pmm_torchreid.data.images import find_bad_images
+
+__all__ = ['dataset_images', 'check_dataset']
+
+
+def dataset_images(names: Sequence[str], root: str = '', split_id: int = 0,
+                   **dataset_kwargs) -> Dict[Tuple[str, str], List[str]]:
+    """``{(dataset, split): [paths]}`` for each dataset of ``names`` (each
+    once, in order) and its train, query and gallery splits.
+
+    ``dataset_kwargs``: torchreid's dataset options (``cuhk03_labeled``,
+    ``cuhk03_classic_split``, ``market1501_500k``).
+    """
+    lists = {}
+    for name in dict.fromkeys(names):
+        dataset = torchreid.data.datasets.init_image_dataset(
+            name, transform=None, mode='train', root=root, split_id=split_id,
+            combineall=False, verbose=False, **dataset_kwargs)
+        for split in ('train', 'query', 'gallery'):
+            lists[(name, split)] = [item[0] for item in getattr(dataset, split)]
+    return lists
+
+
+def check_dataset(lists: Dict[Tuple[str, str], List[str]],
+                  workers: int = 4) -> Tuple[List[str], Dict[str, str]]:
+    """``(paths, bad)``: the distinct paths of :func:`dataset_images`'s
+    ``lists`` (sorted) and ``{path: reason}`` for each one that does not
+    decode, read by ``workers`` threads."""
+    paths = sorted({p for items in lists.values() for p in items})
+    return paths, dict(find_bad_images(paths, workers=workers))

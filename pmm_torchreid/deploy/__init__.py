@@ -1,0 +1,1 @@
+"""Deployment: ONNX export of the descriptor, checked against PyTorch."""

@@ -1,0 +1,1 @@
+"""The ablation runner: settings x splits x seeds, resumable, with paired tables."""

@@ -1,0 +1,500 @@
+"""The ablation runner: (model, mix) settings trained with one recipe and the
+same seeds, then tabulated (scripts/ablation.py).
+
+Every run is ``scripts/main.py`` (the same code path as a user's run) in a
+child process, with the recipe's config file and overrides, and its own
+``data.save_dir``: ``<out>/<setting>/split<K>/seed<S>/``.  A run is finished
+when its ``results.json`` exists; running the same plan again skips finished
+runs (and resumes an interrupted one from its last checkpoint, if it saved
+one).  After every run the runner rewrites, atomically:
+
+- ``<out>/results.json`` and ``<out>/results.csv``: one record per run;
+- ``<out>/table.md``: Rank-1 and mAP per setting, mean +- std over seeds,
+  per split and over all runs, and the training time per run (the shape of
+  the PMM paper's Table 3), then each setting's paired differences against
+  a reference setting.
+
+A setting is ``MODEL[:MIX][,KEY=VALUE...]`` (:class:`Setting`).
+"""
+from __future__ import annotations
+
+import csv
+import ctypes
+import difflib
+import glob
+import io
+import json
+import os
+import os.path as osp
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from typing import IO, Dict, List, Optional, Sequence, Tuple
+
+from pmm_torchreid.config.checks import check_config
+from pmm_torchreid.config.defaults import get_default_config
+from pmm_torchreid.config.files import dump_differences, merge_file, merge_list
+from pmm_torchreid.launch import read_results
+from pmm_torchreid.models.families import takes_no_mix, uses_pmm_engine
+from pmm_torchreid.utils.io import atomic_write
+
+__all__ = ['AblationError', 'CSV_FIELDS', 'Setting', 'Ablation', 'run_dir',
+           'last_checkpoint', 'command', 'start', 'tail', 'read_record',
+           'mean_std', 'table', 'paired_table', 'write_outputs',
+           'check_settings', 'recipe_of', 'check_recipe']
+
+CSV_FIELDS = [
+    'setting', 'split_id', 'seed', 'status', 'rank1', 'mAP', 'epoch',
+    'train_seconds', 'run_seconds', 'wall_seconds', 'model', 'mix', 'save_dir'
+]
+
+
+class AblationError(ValueError):
+    """A plan the runner refuses before it starts a run (the message is the
+    reason, without the ``error: `` that the command line adds)."""
+
+
+class Setting(object):
+    """One row of the table: a model, its mix and extra overrides.
+
+    ``pmm_osnet_x0_25:hard_mix``, ``bdb_osnet_x0_25`` (BDB trains with
+    ``pmm.mix none``, and so do the comparison systems ``fmn_*`` and
+    ``magnifiernet_*``), ``osnet_x0_25`` (a torchreid model: torchreid's
+    triplet engine, ``loss.name triplet``), or
+    ``pmm_resnet18:hard_mix,model.pretrained=False``.
+
+    Raises:
+        AblationError: the spec is malformed, or gives a mix to a model that
+            takes none.
+    """
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        head, *extras = spec.split(',')
+        model, _, mix = head.partition(':')
+        if not model:
+            raise AblationError('setting {!r}: expected MODEL[:MIX][,KEY=VALUE'
+                                '...]'.format(spec))
+        self.model, self.mix = model, mix or None
+        self.overrides = []
+        for extra in extras:
+            key, eq, value = extra.partition('=')
+            if not eq or not key:
+                raise AblationError('setting {!r}: {!r} is not KEY=VALUE'
+                                    .format(spec, extra))
+            self.overrides += [key, value]
+        if takes_no_mix(model) and self.mix not in (None, 'none'):
+            raise AblationError('setting {!r}: a BDB, FMN or MagnifierNet '
+                                'model takes no mix (it has its own '
+                                'mechanism)'.format(spec))
+        if not uses_pmm_engine(model) and self.mix is not None:
+            raise AblationError('setting {!r}: {!r} is a torchreid model, '
+                                'trained by torchreid\'s triplet engine; it '
+                                'takes no mix'.format(spec, model))
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r'[^A-Za-z0-9_.=-]+', '_', self.spec.replace(':', '-'))
+
+    def options(self) -> List[str]:
+        """KEY VALUE pairs for scripts/main.py."""
+        opts = ['model.name', self.model]
+        if takes_no_mix(self.model):
+            opts += ['loss.name', 'pmm', 'pmm.mix', 'none']
+        elif uses_pmm_engine(self.model):
+            opts += ['loss.name', 'pmm']
+            if self.mix:
+                opts += ['pmm.mix', self.mix]
+        else:
+            opts += ['loss.name', 'triplet']
+        return opts + self.overrides
+
+
+# --------------------------------------------------------------------------
+# the recipe
+# --------------------------------------------------------------------------
+def check_settings(settings: Sequence[Setting], config_file: str,
+                   opts: Sequence[str]) -> None:
+    """Every setting's merged config passes :func:`check_config` (the whole
+    plan is validated before any run starts).
+
+    Raises:
+        AblationError: naming the setting and the reason.
+    """
+    for setting in settings:
+        cfg = get_default_config()
+        try:
+            merge_file(cfg, config_file)
+            merge_list(cfg, setting.options() + list(opts))
+            check_config(cfg)
+        except (ValueError, KeyError, OSError) as error:
+            raise AblationError('setting {!r}: {}'.format(setting.spec, error))
+
+
+def recipe_of(config_file: str, opts: Sequence[str]) -> dict:
+    """The recipe: the merged values (comments and key order do not count)
+    and the overrides."""
+    cfg = get_default_config()
+    merge_file(cfg, config_file)
+    merge_list(cfg, list(opts))
+    return {'config': cfg.dump(), 'opts': list(opts)}
+
+
+def _recipe_lines(recipe: dict) -> List[str]:
+    return recipe.get('config', '').splitlines() + [
+        'overrides: {}'.format(' '.join(recipe.get('opts', [])))]
+
+
+def check_recipe(out: str, recipe: dict) -> None:
+    """The folder's runs must all share one recipe (else skipping is wrong):
+    writes ``<out>/recipe.json`` on first use, compares with it later.
+
+    Raises:
+        AblationError: ``out`` holds runs of another recipe (with the
+            differences).
+    """
+    path = osp.join(out, 'recipe.json')
+    if osp.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        # keys added to the plugin since, at their defaults, do not count
+        if old.get('opts') != recipe.get('opts') or dump_differences(
+                old.get('config', ''), recipe.get('config', '')):
+            diff = [line for line in difflib.unified_diff(
+                _recipe_lines(old), _recipe_lines(recipe), 'there', 'now',
+                n=0, lineterm='')
+                if not line.startswith('@@')]
+            raise AblationError(
+                '"{}" holds runs of another recipe; use another --out, or '
+                'delete that folder. Differences:\n{}'.format(
+                    out, '\n'.join(diff[:40])))
+        return
+    os.makedirs(out, exist_ok=True)
+    with atomic_write(path, 'w') as f:
+        json.dump(recipe, f, indent=1)
+
+
+# --------------------------------------------------------------------------
+# the runs
+# --------------------------------------------------------------------------
+def run_dir(out: str, setting: Setting, split: int, seed: int) -> str:
+    return osp.join(out, setting.slug, 'split{}'.format(split),
+                    'seed{}'.format(seed))
+
+
+def last_checkpoint(save_dir: str) -> Optional[str]:
+    found = []
+    for path in glob.glob(osp.join(save_dir, 'model', 'model.pth.tar-*')):
+        tail = path.rsplit('-', 1)[-1]
+        if tail.isdigit():
+            found.append((int(tail), path))
+    return max(found)[1] if found else None
+
+
+def command(main_script: str, config_file: str, root: str, setting: Setting,
+            split: int, seed: int, save_dir: str,
+            opts: Sequence[str] = ()) -> List[str]:
+    """``[sys.executable, main_script, ...]``: one run, resumed from its last
+    checkpoint if it has one."""
+    cmd = [sys.executable, main_script, '--config-file', config_file]
+    if root:
+        cmd += ['--root', root]
+    cmd += setting.options()
+    cmd += ['train.seed', str(seed), 'data.split_id', str(split),
+            'data.save_dir', save_dir]
+    cmd += list(opts)
+    resume = last_checkpoint(save_dir)
+    if resume:
+        cmd += ['model.resume', resume]
+    return cmd
+
+
+def _exit_with_parent():  # Linux: the child dies when the runner dies
+    try:
+        ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)
+    except Exception:
+        pass
+
+
+def start(cmd: List[str], save_dir: str,
+          threads: int) -> Tuple[subprocess.Popen, IO[bytes]]:
+    """Starts ``cmd`` with its output appended to ``<save_dir>/console.log``;
+    ``threads > 0`` sets OMP_NUM_THREADS and MKL_NUM_THREADS."""
+    os.makedirs(save_dir, exist_ok=True)
+    env = dict(os.environ)
+    if threads > 0:
+        env['OMP_NUM_THREADS'] = env['MKL_NUM_THREADS'] = str(threads)
+    log = open(osp.join(save_dir, 'console.log'), 'ab')
+    log.write('\n$ {}\n'.format(' '.join(cmd)).encode())
+    log.flush()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                            env=env, preexec_fn=_exit_with_parent)
+    return proc, log
+
+
+def tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, 'rb') as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 8000))
+            text = f.read().decode('utf-8', 'replace')
+    except OSError:
+        return ''
+    return '\n'.join(text.splitlines()[-lines:])
+
+
+# --------------------------------------------------------------------------
+# the table
+# --------------------------------------------------------------------------
+def read_record(setting: Setting, split: int, seed: int, save_dir: str,
+                status: Optional[str] = None) -> OrderedDict:
+    record = OrderedDict(setting=setting.spec, split_id=split, seed=seed,
+                         status=status or 'missing', save_dir=save_dir)
+    res = read_results(save_dir)
+    if res is not None:
+        target = next(iter(res['results'].values()), None)
+        record.update(status='done', model=res['model'], mix=res['mix'],
+                      train_seconds=res['train_seconds'],
+                      run_seconds=res['run_seconds'])
+        if target is not None:
+            record.update(rank1=target['rank1'], mAP=target['mAP'],
+                          epoch=target['epoch'])
+        record['wall_seconds'] = res.get('wall_seconds')
+    return record
+
+
+def mean_std(values: Sequence[float]) -> str:
+    if not values:
+        return '-'
+    if len(values) == 1:
+        return '{:.1f} (1)'.format(values[0])
+    return '{:.1f} ± {:.1f} ({})'.format(statistics.mean(values),
+                                        statistics.stdev(values), len(values))
+
+
+def table(records: Sequence[dict], settings: Sequence[Setting],
+          splits: Sequence[int]) -> str:
+    """Markdown: one row per setting; Rank-1 and mAP per split and overall."""
+    head = ['setting']
+    for split in splits:
+        head += ['split {} R1'.format(split), 'split {} mAP'.format(split)]
+    if len(splits) > 1:
+        head += ['all R1', 'all mAP']
+    head += ['train min/run']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for setting in settings:
+        mine = [r for r in records
+                if r['setting'] == setting.spec and r['status'] == 'done']
+        row = [setting.spec]
+        groups = [[r for r in mine if r['split_id'] == s] for s in splits]
+        if len(splits) > 1:
+            groups.append(mine)
+        for group in groups:
+            row += [mean_std([r['rank1'] for r in group if 'rank1' in r]),
+                    mean_std([r['mAP'] for r in group if 'mAP' in r])]
+        times = [r['train_seconds'] / 60 for r in mine]
+        row.append('{:.1f}'.format(statistics.mean(times)) if times else '-')
+        lines.append('| ' + ' | '.join(row) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+def paired_table(records: Sequence[dict], settings: Sequence[Setting],
+                 reference: str) -> str:
+    """Markdown: each setting minus ``reference`` on the same (split, seed),
+    mean ± std over those pairs: a difference is only worth reading when it
+    is large against its own spread."""
+    done = {(r['setting'], r['split_id'], r['seed']): r for r in records
+            if r['status'] == 'done' and 'mAP' in r}
+    lines = ['| setting | Δ R1 vs {0} | Δ mAP vs {0} | mAP Δ range | same '
+             'sign in every pair |'.format(reference), '|---|---|---|---|---|']
+    for setting in settings:
+        if setting.spec == reference:
+            continue
+        pairs = [(r, done[(reference, r['split_id'], r['seed'])])
+                 for key, r in sorted(done.items(), key=lambda kv: kv[0][1:])
+                 if key[0] == setting.spec
+                 and (reference, key[1], key[2]) in done]
+        cells = []
+        for metric in ('rank1', 'mAP'):
+            diffs = [a[metric] - b[metric] for a, b in pairs]
+            if not diffs:
+                cells.append('-')
+            elif len(diffs) == 1:
+                cells.append('{:+.1f} (1)'.format(diffs[0]))
+            else:
+                cells.append('{:+.1f} ± {:.1f} ({})'.format(
+                    statistics.mean(diffs), statistics.stdev(diffs),
+                    len(diffs)))
+        diffs = [a['mAP'] - b['mAP'] for a, b in pairs]
+        if diffs:
+            cells.append('{:+.1f} … {:+.1f}'.format(min(diffs), max(diffs)))
+            cells.append('yes' if min(diffs) > 0 or max(diffs) < 0 else 'no')
+        else:
+            cells += ['-', '-']
+        lines.append('| {} | {} | {} | {} | {} |'.format(setting.spec, *cells))
+    return '\n'.join(lines) + '\n'
+
+
+def write_outputs(out: str, records: Sequence[dict],
+                  settings: Sequence[Setting], splits: Sequence[int],
+                  recipe: dict, reference: Optional[str] = None) -> str:
+    """Rewrites ``results.json``, ``results.csv`` and ``table.md`` in ``out``
+    (atomically); returns the text of ``table.md``."""
+    splits = sorted(set(splits) | {r['split_id'] for r in records
+                                   if r['status'] == 'done'})
+    with atomic_write(osp.join(out, 'results.json'), 'w') as f:
+        json.dump({'recipe': recipe, 'runs': records}, f, indent=1)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, CSV_FIELDS, extrasaction='ignore')
+    writer.writeheader()
+    writer.writerows(records)
+    with atomic_write(osp.join(out, 'results.csv'), 'w') as f:
+        f.write(buf.getvalue())
+    text = ('Rank-1 / mAP (%) on {}: mean ± std over seeds (number of '
+            'runs).\n\n'.format(', '.join('split {}'.format(s) for s in splits))
+            + table(records, settings, splits)
+            + '\nDifferences on the same split and seed:\n\n'
+            + paired_table(records, settings, reference or settings[0].spec))
+    with atomic_write(osp.join(out, 'table.md'), 'w') as f:
+        f.write(text)
+    return text
+
+
+# --------------------------------------------------------------------------
+# the plan and the job pool
+# --------------------------------------------------------------------------
+class Ablation(object):
+    """The runs of ``settings`` x ``splits`` x ``seeds`` in ``out``, each
+    ``[sys.executable, main_script, ...]`` with ``config_file``, ``root`` and
+    the overrides ``opts``."""
+
+    def __init__(self, main_script: str, config_file: str, out: str,
+                 settings: Sequence[Setting], splits: Sequence[int],
+                 seeds: Sequence[int], opts: Sequence[str] = (),
+                 root: str = '', threads: int = 0, reference: str = ''):
+        self.main_script, self.config_file = main_script, config_file
+        self.out, self.root, self.opts = out, root, list(opts)
+        self.settings, self.splits = list(settings), list(splits)
+        self.threads, self.reference = threads, reference
+        self.plan = [(setting, split, seed) for split in splits
+                     for seed in seeds for setting in settings]
+        self.recipe = recipe_of(config_file, self.opts)
+        self.status: Dict[str, str] = {}
+
+    def run_dir(self, setting: Setting, split: int, seed: int) -> str:
+        return run_dir(self.out, setting, split, seed)
+
+    def command(self, setting: Setting, split: int, seed: int) -> List[str]:
+        return command(self.main_script, self.config_file, self.root, setting,
+                       split, seed, self.run_dir(setting, split, seed),
+                       self.opts)
+
+    def commands(self) -> List[List[str]]:
+        """The command of every planned run (what a dry run prints)."""
+        return [self.command(*run) for run in self.plan]
+
+    def use_folder_recipe(self) -> None:
+        """Tabulate under the folder's own recipe (not re-checked), if it
+        has one."""
+        path = osp.join(self.out, 'recipe.json')
+        if osp.isfile(path):
+            with open(path) as f:
+                self.recipe = json.load(f)
+
+    def check_recipe(self) -> None:
+        check_recipe(self.out, self.recipe)
+
+    def pending(self) -> List[Tuple[Setting, int, int, str]]:
+        """The planned runs that have not finished (printing a line for each
+        finished one, which is skipped)."""
+        todo = []
+        for setting, split, seed in self.plan:
+            save_dir = self.run_dir(setting, split, seed)
+            if osp.isfile(osp.join(save_dir, 'results.json')):
+                self.status[save_dir] = 'done'
+                print('skip (finished): {} split {} seed {}'.format(
+                    setting.spec, split, seed))
+            else:
+                todo.append((setting, split, seed, save_dir))
+        return todo
+
+    def records(self) -> List[OrderedDict]:
+        """The planned runs, then the finished runs of the same settings
+        that earlier commands left in ``out`` (other seeds or splits)."""
+        found = list(self.plan)
+        for setting in self.settings:
+            pattern = osp.join(self.out, setting.slug, 'split*', 'seed*',
+                               'results.json')
+            for path in sorted(glob.glob(pattern)):
+                parts = path.split(os.sep)
+                split, seed = parts[-3][5:], parts[-2][4:]
+                if split.isdigit() and seed.isdigit() and \
+                        (setting, int(split), int(seed)) not in found:
+                    found.append((setting, int(split), int(seed)))
+        return [read_record(s, sp, sd, self.run_dir(s, sp, sd),
+                            self.status.get(self.run_dir(s, sp, sd)))
+                for s, sp, sd in found]
+
+    def write(self) -> str:
+        """Rewrites the outputs from the runs in ``out``; the table text."""
+        return write_outputs(self.out, self.records(), self.settings,
+                             self.splits, self.recipe, self.reference)
+
+    def run(self, todo: List[Tuple[Setting, int, int, str]],
+            jobs: int = 1) -> int:
+        """Runs ``todo`` (:meth:`pending`), ``jobs`` at a time, rewriting the
+        outputs after each; 0, 1 if a run failed, 130 if interrupted."""
+        todo = list(todo)
+        running = {}
+        failed = 0
+        try:
+            while todo or running:
+                while todo and len(running) < jobs:
+                    setting, split, seed, save_dir = todo.pop(0)
+                    cmd = self.command(setting, split, seed)
+                    print('start: {} split {} seed {} -> {}'.format(
+                        setting.spec, split, seed, save_dir), flush=True)
+                    proc, log = start(cmd, save_dir, self.threads)
+                    running[proc] = (setting, split, seed, save_dir, log,
+                                     time.time())
+                time.sleep(0.5)
+                for proc in [p for p in running if p.poll() is not None]:
+                    failed += not self._finished(proc, *running.pop(proc))
+                    self.write()
+        except KeyboardInterrupt:
+            for proc in running:
+                proc.terminate()
+            for proc in running:
+                proc.wait()
+            print('interrupted; rerun the same command to go on')
+            self.write()
+            return 130
+        print(self.write())
+        print('results in "{}" (table.md, results.json, results.csv)'.format(
+            self.out))
+        return 1 if failed else 0
+
+    def _finished(self, proc: subprocess.Popen, setting: Setting, split: int,
+                  seed: int, save_dir: str, log: IO[bytes],
+                  began: float) -> bool:
+        """Records (and prints) the end of one run; whether it succeeded."""
+        log.close()
+        wall = time.time() - began
+        done = proc.returncode == 0 and osp.isfile(
+            osp.join(save_dir, 'results.json'))
+        if done:
+            self.status[save_dir] = 'done'
+            print('done: {} split {} seed {} in {:.0f} s'.format(
+                setting.spec, split, seed, wall), flush=True)
+        else:
+            self.status[save_dir] = 'failed'
+            print('FAILED (exit {}): {} split {} seed {}; log "{}":\n'
+                  '{}'.format(proc.returncode, setting.spec, split, seed,
+                              osp.join(save_dir, 'console.log'),
+                              tail(osp.join(save_dir, 'console.log'))),
+                  flush=True)
+        return done

@@ -1,0 +1,84 @@
+"""The ablation runner in process (pmm_torchreid.study.ablation and
+pmm_torchreid.cli.ablation): settings, tables, the recipe check, a dry run.
+tests/test_ablation.py runs scripts/ablation.py end to end."""
+import os
+
+import pytest
+
+from pmm_torchreid.cli.ablation import main
+from pmm_torchreid.study.ablation import (
+    AblationError,
+    Setting,
+    check_recipe,
+    mean_std,
+    paired_table,
+    recipe_of,
+    table,
+    write_outputs,
+)
+
+from conftest import ROOT
+
+MAIN = os.path.join(ROOT, 'scripts', 'main.py')
+CONFIG = os.path.join(ROOT, 'configs', 'pmm_demo.yaml')
+
+
+def test_settings_by_family():
+    assert Setting('pmm_resnet18:cutmix').options() == [
+        'model.name', 'pmm_resnet18', 'loss.name', 'pmm', 'pmm.mix', 'cutmix']
+    for model in ('bdb_resnet18', 'fmn', 'magnifiernet_osnet_x0_25'):
+        assert Setting(model).options()[2:] == [
+            'loss.name', 'pmm', 'pmm.mix', 'none']
+    assert Setting('osnet_x0_25,model.pretrained=False').options() == [
+        'model.name', 'osnet_x0_25', 'loss.name', 'triplet',
+        'model.pretrained', 'False']
+    assert Setting('pmm:hard_mix,a=b').slug == 'pmm-hard_mix_a=b'
+    for spec, message in [('bdb:hard_mix', 'takes no mix'),
+                          ('osnet_x0_25:none', 'triplet engine'),
+                          ('pmm,x', 'is not KEY=VALUE'), (':none', 'expected')]:
+        with pytest.raises(AblationError, match=message):
+            Setting(spec)
+
+
+def test_tables():
+    assert mean_std([]) == '-' and mean_std([70.0]) == '70.0 (1)'
+    assert mean_std([1.0, 3.0]) == '2.0 ± 1.4 (2)'
+    settings = [Setting('pmm'), Setting('bdb')]
+    records = [dict(setting=s, split_id=0, seed=seed, status='done', rank1=r,
+                    mAP=m, train_seconds=60)
+               for s, seed, r, m in [('pmm', 1, 80, 60), ('pmm', 2, 82, 62),
+                                     ('bdb', 1, 79, 58), ('bdb', 2, 80, 61)]]
+    lines = table(records, settings, [0]).splitlines()
+    assert lines[2] == '| pmm | 81.0 ± 1.4 (2) | 61.0 ± 1.4 (2) | 1.0 |'
+    paired = paired_table(records, settings, 'pmm').splitlines()
+    assert paired[2] == '| bdb | -1.5 ± 0.7 (2) | -1.5 ± 0.7 (2) | -2.0 … -1.0 | yes |'
+
+
+def test_outputs_and_the_recipe_check(tmp_path):
+    out = str(tmp_path / 'out')
+    recipe = recipe_of(CONFIG, ['train.max_epoch', '1'])
+    check_recipe(out, recipe)
+    check_recipe(out, recipe)  # the same recipe: accepted
+    with pytest.raises(AblationError, match='holds runs of another recipe'):
+        check_recipe(out, recipe_of(CONFIG, ['train.max_epoch', '2']))
+    text = write_outputs(out, [], [Setting('pmm')], [0], recipe)
+    assert '| pmm | - | - | - |' in text
+    assert sorted(os.listdir(out)) == [
+        'recipe.json', 'results.csv', 'results.json', 'table.md']
+
+
+def test_dry_run_in_process(tmp_path, capsys):
+    out = str(tmp_path / 'out')
+    assert main(['--config-file', CONFIG, '--out', out, '--seeds', '1', '2',
+                 '--dry-run', '--settings', 'pmm_resnet18:none', 'osnet_x0_25',
+                 '--', 'train.max_epoch', '1'], main_script=MAIN) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and all(' {} '.format(MAIN) in l for l in lines)
+    assert lines[0].endswith('data.save_dir {} train.max_epoch 1'.format(
+        os.path.join(out, 'pmm_resnet18-none', 'split0', 'seed1')))
+    assert not os.path.exists(out)
+    with pytest.raises(SystemExit, match="error: --reference 'x' is not"):
+        main(['--config-file', CONFIG, '--out', out, '--settings', 'pmm',
+              '--reference', 'x'], main_script=MAIN)
+    with pytest.raises(TypeError, match='main_script'):
+        main(['--config-file', CONFIG, '--out', out, '--settings', 'pmm'])
