@@ -33,6 +33,12 @@ __version__ = '0.3.0'
 register()
 compat.install()
 
+
+def __getattr__(name: str):
+    # ``pmm_torchreid.models.guidance`` and the other 0.2.0 module names, reached as
+    # attributes without an import (0.2.0's __init__ imported several)
+    return compat.moved_attribute(name)
+
 __all__ = [
     'PMM', 'BDB', 'FMN', 'MagnifierNet', 'grad_cam', 'block_mask',
     'sample_negatives', 'hard_mix', 'HardMix',

@@ -14,7 +14,7 @@ import importlib.util
 import sys
 import warnings
 
-__all__ = ['MOVED', 'install']
+__all__ = ['MOVED', 'install', 'moved_attribute']
 
 #: old module path -> new module path
 MOVED = {
@@ -58,6 +58,15 @@ class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         # already executed at its new place; the import system has just set
         # its __spec__ to the old name's, so give it back its own
         module.__spec__ = self.specs[module.__spec__.name]
+
+
+def moved_attribute(name: str):
+    """``pmm_torchreid.<name>`` for an old module name (imported through the
+    finder, so with its warning); AttributeError for any other name."""
+    if 'pmm_torchreid.' + name in MOVED:
+        return importlib.import_module('pmm_torchreid.' + name)
+    raise AttributeError("module 'pmm_torchreid' has no attribute "
+                         '{!r}'.format(name))
 
 
 def install() -> None:

@@ -202,13 +202,24 @@ def test_every_relative_link_in_the_docs_resolves():
     assert broken == []
 
 
-def test_the_old_flat_module_paths_still_import():
+def _forget_old_paths(monkeypatch):
+    """As in a fresh process: no old path imported yet."""
+    import pmm_torchreid
+    from pmm_torchreid.compat import MOVED
+    for old in MOVED:
+        monkeypatch.delitem(sys.modules, old, raising=False)
+        name = old.split('.')[-1]
+        if name in vars(pmm_torchreid):  # (getattr would import it)
+            monkeypatch.delattr(pmm_torchreid, name)
+    return MOVED
+
+
+def test_the_old_flat_module_paths_still_import(monkeypatch):
     import importlib
 
     import pmm_torchreid
-    from pmm_torchreid.compat import MOVED
     from pmm_torchreid.engine import records
-    for old, new in MOVED.items():
+    for old, new in _forget_old_paths(monkeypatch).items():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter('always')
             module = importlib.import_module(old)
@@ -263,3 +274,92 @@ def test_every_entry_point_names_a_main_that_takes_argv():
         module, _, attr = target.partition(':')
         fn = getattr(importlib.import_module(module), attr)
         assert 'argv' in inspect.signature(fn).parameters, name
+
+
+#: the names each 0.2.0 module exported (its ``__all__``), by old module path
+OLD_ALL = {'backbones': ['Backbone', 'BACKBONES', 'build_backbone', 'feature_map_size',
+               'fetch_osnet_x0_25_weights'],
+ 'checkpoint': ['to_plain', 'atomic_write', 'save_checkpoint', 'load_checkpoint',
+                'resume_from_checkpoint', 'load_pretrained_weights', 'capture_rng_state',
+                'restore_rng_state', 'unwrap'],
+ 'checks': ['check_config', 'check_paths', 'DATASET_LAYOUTS', 'fail'],
+ 'comparison_engine': ['ComparisonEngine', 'RecordedComparisonEngine', 'engine_class'],
+ 'config': ['get_default_config', 'add_pmm_config', 'add_comparison_config',
+            'is_pmm_model', 'is_bdb_model', 'is_fmn_model', 'is_magnifiernet_model',
+            'is_comparison_model', 'takes_no_mix', 'uses_pmm_engine', 'resolved_top_k',
+            'mixed_blocks', 'merge_file', 'merge_list', 'imagedata_kwargs',
+            'model_kwargs', 'optimizer_kwargs', 'lr_scheduler_kwargs', 'engine_kwargs',
+            'comparison_engine_kwargs', 'engine_run_kwargs', 'dump_differences'],
+ 'curves': ['curve_columns', 'CurveLog', 'read_curves'],
+ 'data': ['Cutout', 'build_datamanager', 'BadImageError', 'read_image',
+          'install_safe_image_reader', 'find_bad_images', 'drop_bad_images'],
+ 'distributed': ['LaunchInfo', 'LostRankError', 'launch_info', 'per_rank_batch',
+                 'check_config', 'init', 'finish', 'is_active', 'rank', 'world_size',
+                 'is_main', 'rank_seed', 'DistributedIdentitySampler',
+                 'use_distributed_train_loader', 'with_sync_bn', 'wrap_model',
+                 'stop_if_any_failed', 'gather_objects', 'wait_for_main',
+                 'broadcast_buffers', 'average', 'is_comm_error', 'lost_contact_error'],
+ 'engine': ['PMMEngine', 'RecordedPMMEngine', 'amp_settings'],
+ 'fmn': ['FMN', 'FeatureMask', 'LOW_LEVEL_SPLIT', 'split_backbone'],
+ 'guidance': ['grad_cam', 'block_mask', 'random_block_mask', 'replaced_fraction',
+              'sample_negatives', 'hard_mix', 'Mixed', 'MixRule', 'HardMix', 'Cutout',
+              'CutMix', 'ACutMix', 'BatchDrop', 'MIX_RULES', 'MIX_MODES', 'build_mixer',
+              'check_block_grid', 'blocks_for_ratio', 'BlockChoice', 'with_partners'],
+ 'launch': ['build_parser', 'setup_config', 'build_model', 'build_engine', 'main',
+            'write_results', 'read_results'],
+ 'losses': ['batch_hard_triplet', 'smoothed_cross_entropy', 'mixed_targets',
+            'mixed_cross_entropy'],
+ 'magnifiernet': ['MagnifierNet', 'GatedFusion', 'semantic_diversity_loss',
+                  'region_shares', 'downsample_regions', 'occlusion_keep'],
+ 'mask_pictures': ['REGION_COLOURS', 'mask_views', 'MaskPictures'],
+ 'metrics': ['evaluate_rank', 'evaluate_rank_details', 'RankResult',
+             'DEFAULT_MEMORY_BUDGET'],
+ 'models': ['PMM', 'BDB', 'BatchDropBlock', 'GlobalHead', 'PartHead', 'MODEL_FACTORY',
+            'model_backbone'],
+ 'optim': ['WarmupMultiStepLR', 'build_lr_scheduler'],
+ 'parsing': ['REGION_NAMES', 'NUM_REGIONS', 'LABEL_SETS', 'PART_TO_REGION', 'BANDS',
+             'region_table', 'band_regions', 'RegionSource', 'PairedTransform',
+             'RegionMaskedDataset', 'attach_region_masks'],
+ 'records': ['RunRecordsMixin', 'with_run_records', 'fast_ranking'],
+ 'registry': ['register', 'register_into'],
+ 'splits': ['carve_validation', 'hold_out_validation', 'write_cuhk01_splits'],
+ 'synthetic': ['SyntheticPersons', 'DATASETS', 'prepare', 'generate', 'FORMAT_VERSION',
+               'PART_LABELS', 'PARTS_VERSION', 'prepare_parts', 'generate_parts',
+               'parts_folder', 'is_synthetic_dataset'],
+ 'visualize': ['stage_views', 'test_time_views', 'StagePictures', 'render_panel',
+               'contact_sheet', 'panel_size', 'overlay', 'upsample_cam', 'upsample_mask',
+               'stage_overlap', 'summarize_overlap', 'mask_iou', 'cam_cosine',
+               'chance_iou', 'format_overlap', 'draw_partners', 'json_safe']}
+
+
+def test_every_name_of_the_0_2_0_modules_still_imports_from_its_old_path():
+    import importlib
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', DeprecationWarning)
+        for module, names in OLD_ALL.items():
+            mod = importlib.import_module('pmm_torchreid.' + module)
+            assert [n for n in names if not hasattr(mod, n)] == [], module
+
+
+def test_old_names_that_clashed_warn_and_give_the_renamed_object():
+    from pmm_torchreid.models import guidance
+    from pmm_torchreid.utils import distributed
+    with pytest.warns(DeprecationWarning, match='CutoutMix'):
+        assert guidance.Cutout is guidance.CutoutMix
+    with pytest.warns(DeprecationWarning, match='check_world_config'):
+        assert distributed.check_config is distributed.check_world_config
+    from pmm_torchreid import visualize
+    with pytest.warns(DeprecationWarning, match='staged_network'):
+        assert visualize.unwrap_model is visualize.staged_network
+    assert 'Cutout' not in guidance.__all__
+    with pytest.raises(AttributeError):
+        guidance.NoSuchRule
+
+
+def test_old_module_names_are_attributes_of_the_package(monkeypatch):
+    import pmm_torchreid
+    _forget_old_paths(monkeypatch)
+    with pytest.warns(DeprecationWarning, match='models.guidance'):
+        assert pmm_torchreid.guidance.grad_cam is pmm_torchreid.grad_cam
+    with pytest.raises(AttributeError):
+        pmm_torchreid.no_such_module

@@ -5,7 +5,10 @@ from __future__ import annotations
 import time
 from typing import Optional, Sequence
 
-STARTED = time.time()  # before the heavy imports below: the process's wall time
+# when this module was imported: the package (torch, torchreid) is imported by
+# then, so a run started as pmm-train counts a few seconds less wall time in
+# results.json than one started as scripts/main.py
+STARTED = time.time()
 
 from pmm_torchreid.launch import main as launch_main  # noqa: E402
 

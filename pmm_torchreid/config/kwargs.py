@@ -105,7 +105,7 @@ def optimizer_kwargs(cfg: CN) -> dict:
 
 
 def lr_scheduler_kwargs(cfg: CN) -> dict:
-    """Arguments of :func:`pmm_torchreid.optim.build_lr_scheduler`."""
+    """Arguments of :func:`pmm_torchreid.engine.optim.build_lr_scheduler`."""
     return _same_names(cfg.train, 'lr_scheduler stepsize gamma max_epoch '
                        'warmup_epochs warmup_interval warmup_offset')
 
@@ -125,7 +125,7 @@ def engine_kwargs(cfg: CN) -> dict:
 
 
 def comparison_engine_kwargs(cfg: CN) -> dict:
-    """Arguments of :class:`pmm_torchreid.comparison_engine.ComparisonEngine`:
+    """Arguments of :class:`pmm_torchreid.engine.comparison.ComparisonEngine`:
     :func:`engine_kwargs` plus MagnifierNet's loss weights and masks."""
     kwargs = engine_kwargs(cfg)
     kwargs.update(_same_names(cfg.magnifiernet, 'weight_sd weight_parsing '

@@ -7,7 +7,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torchreid
 
-from pmm_torchreid.data.images import find_bad_images
+from pmm_torchreid.data.images import DATASET_LISTS, find_bad_images
 
 __all__ = ['dataset_images', 'check_dataset']
 
@@ -25,7 +25,7 @@ def dataset_images(names: Sequence[str], root: str = '', split_id: int = 0,
         dataset = torchreid.data.datasets.init_image_dataset(
             name, transform=None, mode='train', root=root, split_id=split_id,
             combineall=False, verbose=False, **dataset_kwargs)
-        for split in ('train', 'query', 'gallery'):
+        for split in DATASET_LISTS:
             lists[(name, split)] = [item[0] for item in getattr(dataset, split)]
     return lists
 

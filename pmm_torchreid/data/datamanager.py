@@ -39,7 +39,7 @@ def build_datamanager(
     read -- possibly hours later, at the first evaluation.
 
     With ``val_ids`` > 0, that many training identities of the source dataset
-    are held out (:func:`pmm_torchreid.splits.carve_validation`, drawn with
+    are held out (:func:`pmm_torchreid.data.splits.carve_validation`, drawn with
     ``val_seed``) and become the query and gallery that are evaluated; the
     model trains on the other identities and the test split is not read.
     """

@@ -9,7 +9,7 @@ background or anything that is not one of them.
 **Where the masks come from**, for every training image, first match wins:
 
 1. the synthetic dataset (``pmm_synthetic``): the exact part masks its
-   generator draws (:func:`pmm_torchreid.synthetic.prepare_parts`, LIP label
+   generator draws (:func:`pmm_torchreid.data.synthetic.prepare_parts`, LIP label
    ids, drawn on first use into ``<root>/pmm_synthetic_parts/``);
 2. ``masks_root`` (config ``magnifiernet.masks_root``): a folder that mirrors
    ``data.root``: the mask of ``<data.root>/REL/NAME.jpg`` is

@@ -23,7 +23,7 @@ regenerate old versions in place, so no folder is ever deleted behind a reader).
 exactly: :func:`prepare_parts` (called when a model needs semantic regions,
 e.g. MagnifierNet) redraws each image with the same random draws and writes a
 label PNG of the same size into a sibling folder ``<dataset_dir>_parts``,
-mirroring the image tree (the layout :mod:`pmm_torchreid.parsing` reads for
+mirroring the image tree (the layout :mod:`pmm_torchreid.data.parsing` reads for
 real datasets).  The labels are LIP's (:data:`PART_LABELS`), the label set
 common human parsers write; the images themselves are not touched (they stay
 byte-identical, and the dataset folder gains no file).

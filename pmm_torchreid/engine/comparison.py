@@ -16,23 +16,19 @@ needs no masks.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Dict, Optional
 
 import torch
-import torchreid
 
 from pmm_torchreid.config.checks import check_comparison_config
 from pmm_torchreid.data.parsing import attach_region_masks
 from pmm_torchreid.engine.pmm import PMMEngine, RecordedPMMEngine
-from pmm_torchreid.engine.records import with_run_records
+from pmm_torchreid.engine.records import RUN_SIGNATURE, with_run_records
 from pmm_torchreid.models.families import is_comparison_model
 from pmm_torchreid.utils.checkpoint import unwrap
 
 __all__ = ['ComparisonEngine', 'RecordedComparisonEngine', 'engine_class']
 
-#: the arguments of torchreid's ``Engine.run`` (to read ``test_only``)
-_RUN_SIGNATURE = inspect.signature(torchreid.engine.Engine.run)
 
 
 class ComparisonEngine(PMMEngine):
@@ -46,7 +42,7 @@ class ComparisonEngine(PMMEngine):
         weight_parsing (float, optional): weight of MagnifierNet's parsing
             loss. Default is 1.
         masks_root (str, optional): folder of label PNGs mirroring
-            ``data_root`` (:mod:`pmm_torchreid.parsing`). Default is ''.
+            ``data_root`` (:mod:`pmm_torchreid.data.parsing`). Default is ''.
         data_root (str, optional): the images' root. Default is ''.
         mask_labels (str, optional): their label set (``'lip'``, ``'cihp'``,
             ``'atr'``). Default is ``'lip'``.
@@ -84,7 +80,7 @@ class ComparisonEngine(PMMEngine):
 
     def attach_regions(self) -> None:
         """Makes the training batches carry the region masks (a model that
-        needs them only; idempotent): :func:`pmm_torchreid.parsing.
+        needs them only; idempotent): :func:`pmm_torchreid.data.parsing.
         attach_region_masks` on the data manager, whose new training loader
         the engine then trains on."""
         if not self.needs_regions:
@@ -95,7 +91,7 @@ class ComparisonEngine(PMMEngine):
     def run(self, *args, **kwargs):
         """torchreid's ``run``; a training run first attaches the region
         masks (an evaluation-only run needs none)."""
-        bound = _RUN_SIGNATURE.bind(self, *args, **kwargs)
+        bound = RUN_SIGNATURE.bind(self, *args, **kwargs)
         if not bound.arguments.get('test_only', False):
             self.attach_regions()
         return super(ComparisonEngine, self).run(*args, **kwargs)

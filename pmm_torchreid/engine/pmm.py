@@ -65,7 +65,7 @@ class PMMEngine(torchreid.engine.Engine):
             :class:`~pmm_torchreid.models.BDB` (optionally in
             ``nn.DataParallel`` or ``DistributedDataParallel``; with several
             processes every rank mixes within its own batch, see
-            :mod:`pmm_torchreid.distributed`).
+            :mod:`pmm_torchreid.utils.distributed`).
         optimizer (Optimizer): optimizer.
         scheduler (LRScheduler, optional): stepped once per epoch. Default is
             None.
@@ -75,17 +75,17 @@ class PMMEngine(torchreid.engine.Engine):
             :class:`~pmm_torchreid.models.BDB` model, which drops its own
             block) or an ablation variant, ``'cutout'``, ``'cutmix'``,
             ``'a_cutmix'`` or ``'batch_drop'`` (see
-            :mod:`pmm_torchreid.guidance`). For the variants that mix labels,
+            :mod:`pmm_torchreid.models.guidance`). For the variants that mix labels,
             the mixed stages' cross-entropy takes the mixed targets; the
             triplet loss always uses the anchor's label. Default is
             ``'hard_mix'``.
         block_size (sequence of int, optional): block height and width on the
             feature map. Default is (3, 2).
         top_k (int, optional): blocks replaced per sample. Default is
-            :data:`~pmm_torchreid.guidance.DEFAULT_TOP_K` (3).
+            :data:`~pmm_torchreid.models.guidance.DEFAULT_TOP_K` (3).
         mix_ratio (float, optional): the share of the map's blocks to
             replace, instead of ``top_k`` (rounded to whole blocks of the map
-            the model gives; see :func:`pmm_torchreid.guidance.blocks_for_ratio`).
+            the model gives; see :func:`pmm_torchreid.models.guidance.blocks_for_ratio`).
             Default is None.
         mix_start_epoch (int, optional): the first epoch (0-based) whose
             steps mix; before it the part stages see the clean part map, as
@@ -117,7 +117,7 @@ class PMMEngine(torchreid.engine.Engine):
 
     This class is the method; :data:`RecordedPMMEngine` (what
     ``scripts/main.py`` builds) adds the run records of
-    :mod:`pmm_torchreid.records`: safe, resumable checkpoints,
+    :mod:`pmm_torchreid.engine.records`: safe, resumable checkpoints,
     ``<save_dir>/curves.csv`` (per epoch the mean stage losses and accuracies
     and the learning rate, and mAP/Rank-1 at every evaluation), the results
     and, with ``vis_freq``, the training-time pictures.
@@ -405,6 +405,6 @@ class PMMEngine(torchreid.engine.Engine):
             self.scaler.load_state_dict(checkpoint['grad_scaler'])
 
 
-#: :class:`PMMEngine` with the run records of :mod:`pmm_torchreid.records`
+#: :class:`PMMEngine` with the run records of :mod:`pmm_torchreid.engine.records`
 #: (what ``scripts/main.py`` trains with).
 RecordedPMMEngine = with_run_records(PMMEngine)

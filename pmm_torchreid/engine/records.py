@@ -12,7 +12,7 @@ triplet engines alike) and adds:
   training epochs (``results.json`` is written from them);
 - **curves**: ``<save_dir>/curves.csv``, per epoch the mean of every number
   the training step reports, the learning rate and the epoch's time, and a row
-  per evaluation (:mod:`pmm_torchreid.curves`);
+  per evaluation (:mod:`pmm_torchreid.engine.curves`);
 - **pictures**: an engine with ``vis_freq > 0`` and the two hooks
   ``setup_pictures()``/``write_pictures()`` gets them every ``vis_freq``
   epochs and after the last one;
@@ -22,7 +22,7 @@ triplet engines alike) and adds:
   and distances stay torchreid's;
 - **a stop on a non-finite loss**, naming the epoch, the iteration and the
   last good checkpoint;
-- **several processes** (torchrun, :mod:`pmm_torchreid.distributed`): the
+- **several processes** (torchrun, :mod:`pmm_torchreid.utils.distributed`): the
   sampler's epoch is set every epoch; only rank 0 writes (TensorBoard,
   checkpoints, ``curves.csv``, pictures) and evaluates, with the plain network
   while the other ranks wait; checkpoints hold every rank's random-number
@@ -55,6 +55,10 @@ from pmm_torchreid.utils.io import atomic_write
 from pmm_torchreid.utils.torchreid_internals import engine_metrics_swapped
 
 __all__ = ['RunRecordsMixin', 'with_run_records', 'fast_ranking']
+
+#: the arguments of torchreid's ``Engine.run`` (to read ``save_dir``,
+#: ``test_only``, ... however they were passed)
+RUN_SIGNATURE = inspect.signature(torchreid.engine.Engine.run)
 
 
 def _evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50,
@@ -114,8 +118,7 @@ class RunRecordsMixin(object):
     # the run, its epochs and steps
     # ------------------------------------------------------------------
     def run(self, *args, **kwargs):
-        bound = inspect.signature(torchreid.engine.Engine.run).bind(
-            self, *args, **kwargs)
+        bound = RUN_SIGNATURE.bind(self, *args, **kwargs)
         bound.apply_defaults()
         self.save_dir = bound.arguments['save_dir']
         training = not bound.arguments['test_only']

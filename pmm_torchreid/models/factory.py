@@ -9,10 +9,7 @@ from typing import Callable, Dict
 import torch.nn as nn
 
 from pmm_torchreid.models.backbones import BACKBONES
-from pmm_torchreid.models.bdb import BDB
-from pmm_torchreid.models.fmn import FMN
-from pmm_torchreid.models.magnifiernet import MagnifierNet
-from pmm_torchreid.models.pmm import PMM
+from pmm_torchreid.models.families import FAMILIES
 
 __all__ = ['NETWORKS', 'DEFAULT_BACKBONE', 'MODEL_FACTORY', 'model_backbone']
 
@@ -36,11 +33,11 @@ def _factory(network: type, backbone: str, name: str) -> Callable[..., nn.Module
 
 
 #: The plugin's networks by name prefix; each comes on every backbone of
-#: :data:`~pmm_torchreid.backbones.BACKBONES` as ``<prefix>_<backbone>``, and
+#: :data:`~pmm_torchreid.models.backbones.BACKBONES` as ``<prefix>_<backbone>``, and
 #: as plain ``<prefix>`` on :data:`DEFAULT_BACKBONE` (the papers' ResNet-50).
-#: FMN and MagnifierNet are comparison systems (:mod:`pmm_torchreid.fmn`,
-#: :mod:`pmm_torchreid.magnifiernet`).
-NETWORKS = {'pmm': PMM, 'bdb': BDB, 'fmn': FMN, 'magnifiernet': MagnifierNet}
+#: FMN and MagnifierNet are comparison systems (:mod:`pmm_torchreid.models.fmn`,
+#: :mod:`pmm_torchreid.models.magnifiernet`).
+NETWORKS = {name: family.network for name, family in FAMILIES.items()}
 DEFAULT_BACKBONE = 'resnet50'
 
 

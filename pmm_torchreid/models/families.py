@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+from pmm_torchreid.models.bdb import BDB
+from pmm_torchreid.models.fmn import FMN
+from pmm_torchreid.models.magnifiernet import MagnifierNet
+from pmm_torchreid.models.pmm import PMM
+
 __all__ = ['Family', 'FAMILIES', 'family_of', 'is_pmm_model', 'is_bdb_model',
            'is_fmn_model', 'is_magnifiernet_model', 'is_comparison_model',
            'takes_no_mix', 'uses_pmm_engine']
@@ -29,16 +34,20 @@ class Family(NamedTuple):
     #: what scripts/visualize_gradcam.py draws: 'gradcam' (stage Grad-CAMs),
     #: 'masks' (learnt masks or regions) or '' (nothing of its own)
     pictures: str
+    #: the network class (built on every backbone by models.factory)
+    network: type
 
 
 FAMILIES = {
     'pmm': Family('pmm', 'pmm', True, 'pmm', 'embedding_dim num_stages',
-                  'gradcam'),
-    'bdb': Family('bdb', 'pmm', False, '', '', ''),
-    'fmn': Family('fmn', 'comparison', False, 'fmn', 'embedding_dim', 'masks'),
+                  'gradcam', PMM),
+    'bdb': Family('bdb', 'pmm', False, '', '', '', BDB),
+    'fmn': Family('fmn', 'comparison', False, 'fmn', 'embedding_dim', 'masks',
+                  FMN),
     'magnifiernet': Family(
         'magnifiernet', 'comparison', False, 'magnifiernet',
-        'embedding_dim region_dim occluded_regions occlusion_share', 'masks'),
+        'embedding_dim region_dim occluded_regions occlusion_share', 'masks',
+        MagnifierNet),
 }
 
 

@@ -24,7 +24,7 @@ the README, "Comparison systems"):
   embedding when there is one);
 - eval descriptor: the two embeddings concatenated (1024-d).
 
-It trains with :class:`pmm_torchreid.comparison_engine.ComparisonEngine`:
+It trains with :class:`pmm_torchreid.engine.comparison.ComparisonEngine`:
 per branch a label-smoothed cross-entropy (identification) plus a batch-hard
 triplet loss (the retrieval term), summed.
 """

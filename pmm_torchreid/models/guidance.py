@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -542,6 +543,17 @@ MIX_RULES = {rule.name: rule for rule in
 
 #: Values accepted by ``pmm.mix``.
 MIX_MODES = tuple(MIX_RULES) + ('none', )
+
+
+def __getattr__(name: str):
+    # 0.2.0 called the mixing rule ``Cutout``, like the image transform
+    # (pmm_torchreid.data.Cutout); the old name still works, with a warning
+    if name == 'Cutout':
+        warnings.warn('pmm_torchreid.models.guidance.Cutout is now CutoutMix '
+                      '(pmm_torchreid 0.3)', DeprecationWarning, stacklevel=2)
+        return CutoutMix
+    raise AttributeError('module {!r} has no attribute {!r}'.format(
+        __name__, name))
 
 
 def build_mixer(

@@ -17,7 +17,7 @@ README, "Comparison systems"):
   512-d -> classifier (PMM's stage I head);
 - **semantic regularization branch** (SRB): ``P = Bottleneck(F)`` (BDB's part
   trunk); in training, ``occluded_regions`` of the 4 regions (head, upper
-  body, lower body, shoes; :mod:`pmm_torchreid.parsing`) are drawn per batch
+  body, lower body, shoes; :mod:`pmm_torchreid.data.parsing`) are drawn per batch
   and, for every sample, the cells of ``P`` that its mask's chosen regions
   cover by at least ``occlusion_share`` (a quarter) are zeroed; -> max
   pooling -> Linear + BN + ReLU -> 512-d -> classifier (BDB's part head).  At
@@ -40,7 +40,7 @@ README, "Comparison systems"):
   different regions (0 exactly when they are orthogonal);
 - eval descriptor: global, SRB and SFB embeddings concatenated (1536-d).
 
-It trains with :class:`pmm_torchreid.comparison_engine.ComparisonEngine`:
+It trains with :class:`pmm_torchreid.engine.comparison.ComparisonEngine`:
 per branch a label-smoothed cross-entropy plus a batch-hard triplet loss,
 plus ``weight_sd`` x SD loss plus ``weight_parsing`` x the parsing loss, all
 summed.
@@ -148,7 +148,7 @@ class MagnifierNet(Trunk):
 
     Args:
         num_classes, backbone, pretrained, embedding_dim: as for
-            :class:`~pmm_torchreid.fmn.FMN` (ResNet-50 is the paper's).
+            :class:`~pmm_torchreid.models.fmn.FMN` (ResNet-50 is the paper's).
         region_dim (int): size of each region feature. Default is 256.
         occluded_regions (int): regions occluded per batch in the semantic
             regularization branch (1 to 3 of the 4). Default is 1.
@@ -162,7 +162,7 @@ class MagnifierNet(Trunk):
           SFB.
         - train mode: ``model(x, labels=None, regions=R)`` with ``R`` the
           N x H x W region maps of the images (ids 0..4,
-          :mod:`pmm_torchreid.parsing`) -> dict with ``'logits'`` and
+          :mod:`pmm_torchreid.data.parsing`) -> dict with ``'logits'`` and
           ``'embeddings'`` (global, SRB, SFB), ``'aux_losses'`` (``'sd'``,
           ``'parsing'``: unweighted scalars), ``'occluded'`` (N x 4 bool, the
           regions occluded in this batch, the same row for every sample),
@@ -263,7 +263,7 @@ class MagnifierNet(Trunk):
             raise ValueError(
                 'MagnifierNet trains on semantic region masks: call '
                 'model(images, labels, regions=R) with R the N x H x W region '
-                'maps (pmm_torchreid.parsing; the engine attaches them to the '
+                'maps (pmm_torchreid.data.parsing; the engine attaches them to the '
                 'training batches)')
         shares = region_shares(regions.to(x.device), fmap.shape[-2:],
                                self.num_regions)

@@ -121,7 +121,7 @@ def resume_from_checkpoint(
 ) -> int:
     """Restores model, optimizer and scheduler; returns the epoch to start from.
 
-    With ``engine`` (a :class:`pmm_torchreid.records.RunRecordsMixin`
+    With ``engine`` (a :class:`pmm_torchreid.engine.records.RunRecordsMixin`
     engine), the random-number states saved with the checkpoint are restored
     too, so that the resumed run continues exactly as the uninterrupted one
     (call it last, right before ``engine.run``).  ``map_location`` is

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from typing import Any, Iterator, List, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -159,6 +160,18 @@ def check_world_config(cfg, world: int) -> None:
     if cfg.train.sync_bn and not (cfg.use_gpu and torch.cuda.is_available()):
         fail('train.sync_bn', True, 'False on the CPU: torch has no CPU '
              'SyncBatchNorm (each rank normalises with its own share)')
+
+
+def __getattr__(name: str):
+    # 0.2.0 called check_world_config check_config, like the config check
+    # (pmm_torchreid.config.check_config); the old name still works, warned
+    if name == 'check_config':
+        warnings.warn('pmm_torchreid.utils.distributed.check_config is now '
+                      'check_world_config (pmm_torchreid 0.3)',
+                      DeprecationWarning, stacklevel=2)
+        return check_world_config
+    raise AttributeError('module {!r} has no attribute {!r}'.format(
+        __name__, name))
 
 
 def init(cfg, info: LaunchInfo) -> None:

@@ -1,10 +1,17 @@
 """Pictures: each PMM stage's Grad-CAM and top-K blocks, the training chain's
 mix, the stages' overlap, FMN's masks and MagnifierNet's regions."""
+from pmm_torchreid.utils.io import json_safe
 from pmm_torchreid.visualize.drawing import (
+                                             STAGE_NAMES,
+                                             colorize,
                                              denormalize,
+                                             item_name,
+                                             load_images,
+                                             normalization_of,
                                              overlay,
                                              save_png,
                                              stage_name,
+                                             tile_scale,
                                              upsample_cam,
                                              upsample_mask,
 )
@@ -24,6 +31,7 @@ from pmm_torchreid.visualize.overlap import (
                                              cam_cosine,
                                              chance_iou,
                                              mask_iou,
+                                             pairwise,
                                              stage_overlap,
                                              summarize_overlap,
 )
@@ -33,5 +41,20 @@ __all__ = [
     'render_panel', 'contact_sheet', 'panel_size', 'overlay', 'upsample_cam',
     'upsample_mask', 'denormalize', 'save_png', 'stage_name', 'stage_overlap',
     'summarize_overlap', 'mask_iou', 'cam_cosine', 'chance_iou',
-    'format_overlap', 'draw_partners', 'MaskPictures', 'mask_views'
+    'format_overlap', 'draw_partners', 'MaskPictures', 'mask_views',
+    'json_safe', 'STAGE_NAMES', 'colorize', 'item_name', 'load_images',
+    'normalization_of', 'tile_scale', 'pairwise'
 ]
+
+
+def __getattr__(name: str):
+    # 0.2.0's name of staged_network (it checks the stage protocol, unlike
+    # pmm_torchreid.utils.checkpoint.unwrap); the old name still works, warned
+    if name == 'unwrap_model':
+        import warnings  # lazy: only for this deprecated name
+        warnings.warn('pmm_torchreid.visualize.unwrap_model is now '
+                      'staged_network (pmm_torchreid 0.3)', DeprecationWarning,
+                      stacklevel=2)
+        return staged_network
+    raise AttributeError('module {!r} has no attribute {!r}'.format(
+        __name__, name))

@@ -25,7 +25,7 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     Args:
         a, b (Tensor): N x ... of 0/1 or bool, 1 where selected (for
-            :func:`~pmm_torchreid.guidance.block_mask` output, pass
+            :func:`~pmm_torchreid.models.guidance.block_mask` output, pass
             ``mask == 0``: its top-K blocks are the 0s).
 
     Returns:
