@@ -1,6 +1,8 @@
 # The two commands of the README, each installing what it needs on first use:
 #   make demo   train and evaluate PMM on the embedded synthetic data
-#   make test   the whole test suite (lint and layering included)
+#   make test   the whole test suite (lint and layering included), on both
+#               cores (pytest-xdist), the slowest tests listed at the end
+#   make test-fast   the fast tier: everything not marked slow
 # The virtual environment is built from requirements.txt (the pinned, tested
 # stack) plus the plugin itself (editable), and rebuilt when either changes.
 VENV   ?= .venv
@@ -8,7 +10,11 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint venv
+.PHONY: demo test test-fast lint venv
+
+# one worker per core; a file's tests stay on one worker (module fixtures)
+WORKERS ?= 2
+XDIST   := -n $(WORKERS) --dist loadfile
 
 venv: $(STAMP)
 
@@ -22,7 +28,10 @@ demo: $(STAMP)
 	$(PY) scripts/main.py --config-file configs/pmm_demo.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q $(XDIST) --durations=15 tests $(ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q $(XDIST) -m "not slow" tests $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pmm_torchreid scripts tests

@@ -53,7 +53,8 @@ def register() -> None:
     Examples::
 
         >>> import torchreid, pmm_torchreid   # importing registers already
-        >>> model = torchreid.models.build_model('pmm', num_classes=751)
+        >>> model = torchreid.models.build_model('pmm', num_classes=751,
+        ...                                      pretrained=False)
     """
     register_into(model_table(), MODEL_FACTORY, 'model')
     register_into(dataset_table(), DATASETS, 'image dataset')

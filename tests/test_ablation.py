@@ -1,25 +1,26 @@
 """scripts/ablation.py end to end on the synthetic data: two tiny settings,
 killed after the first run and rerun (finished runs are skipped), the table
 and the raw results."""
+import contextlib
 import csv
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
+from helpers import CONFIG, ENV, ROOT, SMALL
 
-from conftest import ROOT
+MAIN = os.path.join(ROOT, 'scripts', 'main.py')
 
 SETTINGS = ['pmm_resnet18:cutmix', 'osnet_x0_25']
-TINY = [
-    'model.pretrained', 'False', 'data.height', '64', 'data.width', '32',
-    'pmm.block_size', '[1, 1]', 'pmm.top_k', '2', 'train.batch_size', '16',
-    'data.workers', '0', 'train.max_epoch', '1', 'train.warmup_epochs', '0',
-    'train.stepsize', '[1]', 'test.eval_freq', '-1', 'train.print_freq', '50',
-    'loss.triplet.weight_x', '1.0',
+TINY = ['model.pretrained', 'False'] + SMALL + [
+    'train.max_epoch', '1', 'train.warmup_epochs', '0', 'train.stepsize', '[1]',
+    'test.eval_freq', '-1', 'loss.triplet.weight_x', '1.0',
 ]
 
 
@@ -50,13 +51,24 @@ def children_of(out):
     return found
 
 
+def in_process(argv):
+    """scripts/ablation.py's main in this process: its exit code and what it
+    printed (stdout, stderr)."""
+    from pmm_torchreid.cli.ablation import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv, main_script=MAIN)
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(),
+                                 stderr=err.getvalue())
+
+
 @pytest.fixture(scope='module')
 def killed_then_rerun(synthetic_root, tmp_path_factory):
     out = str(tmp_path_factory.mktemp('ablation'))
     first = run_dir(out, 'pmm_resnet18-cutmix')
     second = run_dir(out, 'osnet_x0_25')
     # 1) kill the runner as soon as its first run has finished
-    runner = subprocess.Popen(ablation_cmd(synthetic_root, out), cwd=ROOT,
+    runner = subprocess.Popen(ablation_cmd(synthetic_root, out), cwd=ROOT, env=ENV,
                               stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT)
     deadline = time.time() + 400
@@ -74,17 +86,16 @@ def killed_then_rerun(synthetic_root, tmp_path_factory):
     orphans = children_of(out)
     second_done_when_killed = os.path.exists(
         os.path.join(second, 'results.json'))
-    # 2) rerun: the finished run is skipped, the other one runs
-    rerun = subprocess.run(ablation_cmd(synthetic_root, out), cwd=ROOT,
-                           capture_output=True, text=True, timeout=400)
-    # 3) once more: nothing left to do
-    again = subprocess.run(ablation_cmd(synthetic_root, out), cwd=ROOT,
-                           capture_output=True, text=True, timeout=400)
+    # 2) rerun: the finished run is skipped, the other one runs; 3) once
+    # more: nothing left to do (both in this process: the runs are children)
+    rerun, again = in_process(ablation_cmd(synthetic_root, out)[2:]), \
+        in_process(ablation_cmd(synthetic_root, out)[2:])
     return dict(out=out, first=first, second=second, killed_log=killed_log,
                 orphans=orphans, rerun=rerun, again=again,
                 second_done_when_killed=second_done_when_killed)
 
 
+@pytest.mark.slow
 def test_killed_runner_leaves_no_run_behind(killed_then_rerun):
     r = killed_then_rerun
     assert r['orphans'] == []
@@ -92,6 +103,7 @@ def test_killed_runner_leaves_no_run_behind(killed_then_rerun):
     assert not r['second_done_when_killed']
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_runs_and_does_the_rest(killed_then_rerun):
     r = killed_then_rerun
     rerun, again = r['rerun'], r['again']
@@ -109,6 +121,7 @@ def test_rerun_skips_finished_runs_and_does_the_rest(killed_then_rerun):
         assert len(logs) == 1, (folder, logs)
 
 
+@pytest.mark.slow
 def test_raw_results_and_table(killed_then_rerun):
     r = killed_then_rerun
     with open(os.path.join(r['out'], 'results.json')) as f:
@@ -151,29 +164,29 @@ def test_raw_results_and_table(killed_then_rerun):
                         diff, diff, diff, 'no' if diff == 0 else 'yes')
 
 
+@pytest.mark.slow
 def test_other_recipe_in_the_same_folder_is_refused(killed_then_rerun,
                                                     synthetic_root):
     out = killed_then_rerun['out']
-    proc = subprocess.run(
-        ablation_cmd(synthetic_root, out)[:-len(TINY)] + TINY[:-2] +
-        ['loss.triplet.weight_x', '0.5'], cwd=ROOT, capture_output=True,
-        text=True, timeout=120)
-    assert proc.returncode != 0
-    assert 'holds runs of another recipe' in proc.stderr
-    assert '+overrides: ' in proc.stderr and 'weight_x 0.5' in proc.stderr
+    before = sorted(os.listdir(out))
+    with pytest.raises(SystemExit) as info:
+        in_process(ablation_cmd(synthetic_root, out)[2:-len(TINY)] + TINY[:-2] +
+                   ['loss.triplet.weight_x', '0.5'])
+    message = str(info.value)
+    assert 'holds runs of another recipe' in message
+    assert '+overrides: ' in message and 'weight_x 0.5' in message
+    assert sorted(os.listdir(out)) == before  # nothing started
 
 
-def test_bad_setting_is_refused_before_any_run(tmp_path, synthetic_root):
+def test_bad_setting_is_refused_before_any_run(tmp_path, capsys):
+    from pmm_torchreid.cli.ablation import main
     for setting, message in [
             ('bdb_resnet18:hard_mix', 'takes no mix'),
             ('osnet_x0_25:cutmix', "torchreid's triplet engine"),
             ('pmm_resnet18:mixup', "pmm.mix = 'mixup'"),
             ('pmm_resnet18,model.pretrained', 'is not KEY=VALUE')]:
-        proc = subprocess.run(
-            [sys.executable, os.path.join(ROOT, 'scripts', 'ablation.py'),
-             '--config-file', os.path.join(ROOT, 'configs', 'pmm_demo.yaml'),
-             '--out', str(tmp_path / 'x'), '--settings', setting],
-            cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert proc.returncode != 0 and message in proc.stderr, (
-            setting, proc.stderr[-2000:])
+        with pytest.raises(SystemExit) as info:
+            main(['--config-file', CONFIG, '--out', str(tmp_path / 'x'),
+                  '--settings', setting], main_script=MAIN)
+        assert message in str(info.value), (setting, info.value)
         assert not (tmp_path / 'x').exists()

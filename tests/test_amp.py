@@ -1,16 +1,14 @@
 """Mixed precision and the GPU settings of the training step, on the CPU
 where the logic allows it (bfloat16/float16 autocast exists on the CPU too)."""
-import types
 
 import pytest
 import torch
+from helpers import ROOT, batch, pmm_engine
 
 from pmm_torchreid import config as C
-from pmm_torchreid.engine import PMMEngine, RecordedPMMEngine, amp_settings
+from pmm_torchreid.engine import RecordedPMMEngine, amp_settings
 from pmm_torchreid.models import PMM
 from pmm_torchreid.models.guidance import HardMix, grad_cam
-
-from conftest import ROOT
 
 
 def test_amp_settings_per_device(monkeypatch):
@@ -22,21 +20,7 @@ def test_amp_settings_per_device(monkeypatch):
     assert amp_settings(True, 'cuda') == (torch.float16, True)
 
 
-def _engine(cls=PMMEngine, **kwargs):
-    torch.manual_seed(0)
-    model = PMM(4, backbone='resnet18', pretrained=False)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    fake = types.SimpleNamespace(train_loader=None, test_loader={})
-    engine = cls(fake, model, opt, use_gpu=False, block_size=(2, 1),
-                 top_k=2, seed=1, **kwargs)
-    model.train()
-    return engine
-
-
-def _batch():
-    torch.manual_seed(1)
-    return {'img': torch.randn(8, 3, 64, 32),
-            'pid': torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])}
+_engine, _batch = pmm_engine, batch
 
 
 def test_amp_has_no_effect_on_the_cpu(capsys):
@@ -54,8 +38,8 @@ def test_the_autocast_step_trains_and_saves_its_scaler(dtype, tmp_path):
     with float16 the gradient scaler's state goes into the checkpoint."""
     engine = _engine(cls=RecordedPMMEngine)
     engine.amp_dtype = dtype
-    if dtype is torch.float16:
-        engine.scaler = torch.amp.GradScaler('cpu')
+    if dtype is torch.float16:  # a low start: few overflowing steps
+        engine.scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 8)
     before = {n: p.detach().clone()
               for n, p in engine.model.named_parameters()}
     for step in range(20):  # float16: the scaler skips overflowing steps
@@ -67,11 +51,13 @@ def test_the_autocast_step_trains_and_saves_its_scaler(dtype, tmp_path):
             break
     assert len(moved) == len(before)
     if dtype is torch.float16 and step:  # skipped steps lowered the scale
-        assert engine.scaler.get_scale() < 2.0 ** 16
+        assert engine.scaler.get_scale() < 2.0 ** 8
     engine.save_model(0, 0.0, str(tmp_path))
     ckpt = torch.load(tmp_path / 'model' / 'model.pth.tar-1',
                       weights_only=True)
     assert ('grad_scaler' in ckpt) == (dtype is torch.float16)
+    if dtype is torch.float16:  # the scaler's own state, as it is now
+        assert ckpt['grad_scaler'] == engine.scaler.state_dict()
 
 
 def test_grad_cam_is_float32_under_autocast():
@@ -111,9 +97,40 @@ def test_channels_last_on_for_resnets_on_a_gpu_only():
     assert C.engine_kwargs(cfg)['channels_last'] is False
     cfg.model.name, cfg.use_gpu = 'pmm', False
     assert C.engine_kwargs(cfg)['channels_last'] is False
-    # and the step runs with it (the CPU has the memory format too)
-    engine = _engine(channels_last=True)
-    conv = engine.model.backbone[0].weight
+    # and the step runs with it (the CPU has the memory format too): the
+    # model and its input are channels-last, and the step is the contiguous
+    # one to float tolerance (same weights, batch and partner draws)
+    engines = {fmt: _engine(channels_last=fmt) for fmt in (False, True)}
+    conv = engines[True].model.backbone[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
-    assert torch.isfinite(torch.tensor(engine.forward_backward(_batch())
-                                       ['loss']))
+    assert not engines[False].model.backbone[0].weight.is_contiguous(
+        memory_format=torch.channels_last)
+    fed = {}
+
+    def keep_input(fmt):
+        def hook(module, inputs):
+            fed.setdefault(fmt, inputs[0])  # returns None: inputs unchanged
+        return hook
+    for fmt, engine in engines.items():
+        engine.model.register_forward_pre_hook(keep_input(fmt))
+    summaries = {fmt: e.forward_backward(_batch()) for fmt, e in engines.items()}
+    assert fed[True].is_contiguous(memory_format=torch.channels_last)
+    assert not fed[True].is_contiguous() and fed[False].is_contiguous()
+    torch.testing.assert_close(fed[True], fed[False], rtol=0, atol=0)
+    assert summaries[True].keys() == summaries[False].keys()
+    for key, value in summaries[False].items():
+        assert summaries[True][key] == pytest.approx(value, rel=1e-4,
+                                                     abs=1e-5), key
+    params = {fmt: dict(e.model.named_parameters()) for fmt, e in engines.items()}
+    assert params[True].keys() == params[False].keys()
+    for name, p in params[False].items():
+        other = params[True][name]
+        assert p.grad is not None and other.grad is not None, name
+        # to float tolerance of the tensor's own scale (a bias before a
+        # batch norm has a gradient of rounding noise only)
+        scale = float(p.grad.abs().max())
+        assert float((other.grad - p.grad).abs().max()) <= \
+            1e-3 * scale + 1e-5, (name, scale)
+        # the same SGD step (lr 0.01) from the same weights
+        assert float((other - p).abs().max()) <= 0.01 * (1e-3 * scale + 1e-5) \
+            + 1e-6, name

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torchreid
+from helpers import ENV as HELPERS_ENV
+from helpers import ROOT
 from PIL import Image
 
 import pmm_torchreid  # noqa: F401  (installs the reader)
@@ -20,15 +22,13 @@ from pmm_torchreid.config import checks
 from pmm_torchreid.data import BadImageError, drop_bad_images, find_bad_images, read_image
 from pmm_torchreid.models.backbones import build_backbone, feature_map_size
 
-from conftest import ROOT
-
 MAIN = launch
 FAST = [
-    'data.height', '64', 'data.width', '32', 'pmm.block_size', '[1, 1]',
-    'pmm.top_k', '2', 'train.batch_size', '16', 'train.print_freq', '10',
-    'train.max_epoch', '1',
+    'use_gpu', 'False', 'data.height', '32', 'data.width', '16',
+    'pmm.block_size', '[1, 1]', 'pmm.top_k', '1', 'train.batch_size', '16',
+    'train.print_freq', '10', 'train.max_epoch', '1',
 ]
-ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='default')
+ENV = dict(HELPERS_ENV, PYTHONWARNINGS='default')
 
 
 def good_png(path):
@@ -155,6 +155,7 @@ def run(script, *args, timeout=300):
     return proc, time.time() - start
 
 
+@pytest.mark.slow
 def test_bad_images_stop_the_run_before_training_listing_all(
         damaged_root, tmp_path):
     root, bad_train, bad_query = damaged_root
@@ -169,6 +170,7 @@ def test_bad_images_stop_the_run_before_training_listing_all(
     print('stopped after {:.1f} s'.format(seconds))
 
 
+@pytest.mark.slow
 def test_without_the_check_a_bad_image_stops_the_run_when_read(
         damaged_root, tmp_path):
     root, _, bad_query = damaged_root
@@ -184,6 +186,7 @@ def test_without_the_check_a_bad_image_stops_the_run_when_read(
     assert 'Will redo' not in proc.stdout  # torchreid's endless retry
 
 
+@pytest.mark.slow
 def test_skip_bad_images_leaves_them_out_and_trains(damaged_root, tmp_path):
     root, bad_train, bad_query = damaged_root
     proc, _ = run(
@@ -200,20 +203,21 @@ def test_skip_bad_images_leaves_them_out_and_trains(damaged_root, tmp_path):
     assert osp.isfile(osp.join(str(tmp_path), 'model', 'model.pth.tar-1'))
 
 
-def test_check_dataset_reports_every_bad_file(damaged_root, synthetic_root):
+def test_check_dataset_reports_every_bad_file(damaged_root, synthetic_root,
+                                             capsys):
+    from pmm_torchreid.cli.check_dataset import main
     root, bad_train, bad_query = damaged_root
-    proc, _ = run('check_dataset.py', '--config-file', 'configs/pmm_demo.yaml',
-                  '--root', root)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert '2 bad image(s)' in proc.stdout
-    assert bad_train in proc.stdout and bad_query in proc.stdout
-    assert 'pmm_synthetic train        800 images, 1 bad' in proc.stdout
-    proc, _ = run('check_dataset.py', '--config-file', 'configs/pmm_demo.yaml',
-                  '--root', synthetic_root)
-    assert proc.returncode == 0 and 'all images decode' in proc.stdout
-    proc, _ = run('check_dataset.py', '--config-file', 'configs/pmm_demo.yaml',
-                  '--root', synthetic_root, 'pmm.top_kk', '3')
-    assert proc.returncode == 2 and "did you mean 'pmm.top_k'" in proc.stderr
+    config = osp.join(ROOT, 'configs', 'pmm_demo.yaml')
+    assert main(['--config-file', config, '--root', root]) == 1
+    out = capsys.readouterr().out
+    assert '2 bad image(s)' in out
+    assert bad_train in out and bad_query in out
+    assert 'pmm_synthetic train        800 images, 1 bad' in out
+    assert main(['--config-file', config, '--root', synthetic_root]) == 0
+    assert 'all images decode' in capsys.readouterr().out
+    assert main(['--config-file', config, '--root', synthetic_root,
+                 'pmm.top_kk', '3']) == 2
+    assert "did you mean 'pmm.top_k'" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------
@@ -298,6 +302,7 @@ def test_missing_dataset_names_the_expected_layout(tmp_path):
         checks.check_paths(cfg)
 
 
+@pytest.mark.slow
 def test_main_refuses_a_missing_dataset_before_any_work(tmp_path):
     proc, seconds = run('main.py', '--config-file', 'configs/pmm_market1501.yaml',
                         '--root', str(tmp_path / 'nowhere'),

@@ -4,6 +4,7 @@ tests/test_ablation.py runs scripts/ablation.py end to end."""
 import os
 
 import pytest
+from helpers import ROOT
 
 from pmm_torchreid.cli.ablation import main
 from pmm_torchreid.study.ablation import (
@@ -16,8 +17,6 @@ from pmm_torchreid.study.ablation import (
     table,
     write_outputs,
 )
-
-from conftest import ROOT
 
 MAIN = os.path.join(ROOT, 'scripts', 'main.py')
 CONFIG = os.path.join(ROOT, 'configs', 'pmm_demo.yaml')

@@ -1,7 +1,15 @@
 """The benchmarks in process: the generated ranking problems
 (pmm_torchreid.metrics.problems), the ranking benchmark on its smallest size
 and one kill of the checkpoint writer (its child finds the package)."""
+import json
+import os.path as osp
+import runpy
+import sys
+
 import numpy as np
+import pytest
+import torch
+from helpers import ROOT
 
 from pmm_torchreid.cli import benchmark_eval, stress_checkpoints
 from pmm_torchreid.metrics.problems import SIZES, _split, make_problem
@@ -34,3 +42,108 @@ def test_checkpoint_stress_child_finds_the_package(capsys):
                                     '--delay', '0.1', '0.1']) == 0
     out = capsys.readouterr().out
     assert '1 kills of a writer of 1 MB checkpoints (save_checkpoint)' in out
+
+
+# --------------------------------------------------------------------------
+# scripts/benchmark.py, stress_checkpoints.py and cuhk01_splits.py, run as
+# scripts (in this process: runpy, as ``python scripts/NAME`` would)
+# --------------------------------------------------------------------------
+def _run_script(name, *args, monkeypatch):
+    """``python scripts/NAME ARGS`` in this process: its exit status."""
+    path = osp.join(ROOT, 'scripts', name)
+    monkeypatch.setattr(sys, 'argv', [path] + [str(a) for a in args])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(path, run_name='__main__')
+    return info.value.code
+
+
+def test_the_benchmark_scripts_print_their_help(capsys, monkeypatch):
+    options = {'benchmark.py': ['--backbones', '--repeats', '--device',
+                                '--modes'],
+               'stress_checkpoints.py': ['--kills', '--megabytes',
+                                         '--unsafe'],
+               'cuhk01_splits.py': ['--root', '--record']}
+    for name, wanted in options.items():
+        assert _run_script(name, '--help', monkeypatch=monkeypatch) == 0
+        out = capsys.readouterr().out
+        assert out.startswith('usage: '), (name, out)
+        assert all(option in out for option in wanted), (name, out)
+
+
+def test_benchmark_times_each_mode_against_none(capsys, monkeypatch):
+    threads = torch.get_num_threads()
+    try:
+        # hard_mix alone: 'none', the yardstick, is added in front
+        code = _run_script(
+            'benchmark.py', '--backbones', 'resnet18', '--batch', '8',
+            '--height', '64', '--width', '32', '--block', '1', '1',
+            '--top-k', '1', '--repeats', '1', '--warmup', '0',
+            '--threads', '1', '--modes', 'hard_mix', monkeypatch=monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+    assert code is None  # main returns nothing: exit status 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith('torch ') and \
+        lines[0].endswith('| 1 threads | device cpu')
+    assert 'resnet18 | batch 8 (2 ids x 4) | 64x32 | block 1x1 top-1 | ' \
+        '1 repeats, median step' in lines
+    rows = [line.split() for line in lines
+            if line.startswith('  ') and line.split()[0] in (
+                'none', 'hard_mix', 'reference')]
+    assert [r[0] for r in rows] == ['none', 'hard_mix']
+    step = {r[0]: float(r[1]) for r in rows}  # printed to 1 ms
+    speed = {r[0]: float(r[2]) for r in rows}
+    assert all(s >= 0.002 for s in step.values())
+    assert rows[0][3] == '1.000x'  # none against itself
+    # images/s is the batch over the step time, "vs none" the ratio of the
+    # step times (within the rounding of the printed numbers)
+    low, high = ({m: s - 0.0005 for m, s in step.items()},
+                 {m: s + 0.0005 for m, s in step.items()})
+    for mode in step:
+        assert 8 / high[mode] - 0.05 <= speed[mode] <= 8 / low[mode] + 0.05
+    ratio = float(rows[1][3].rstrip('x'))
+    assert low['hard_mix'] / high['none'] - 5e-4 <= ratio <= \
+        high['hard_mix'] / low['none'] + 5e-4
+
+
+def test_cuhk01_splits_writes_the_recorded_partitions(tmp_path, capsys,
+                                                      monkeypatch):
+    # CUHK01's layout: 971 identities x 4 images (views 1-2 are camera A,
+    # 3-4 camera B); the files are only listed, never read
+    campus = tmp_path / 'cuhk01' / 'campus'
+    campus.mkdir(parents=True)
+    for pid in range(1, 972):
+        for view in range(1, 5):
+            (campus / '{:04d}{:03d}.png'.format(pid, view)).touch()
+    assert _run_script('cuhk01_splits.py', '--root', tmp_path,
+                       monkeypatch=monkeypatch) == 0
+    target = tmp_path / 'cuhk01' / 'splits.json'
+    record_path = osp.join(ROOT, 'docs', 'cuhk01_splits.json')
+    assert capsys.readouterr().out.strip() == \
+        'CUHK01 splits from "{}" in "{}"'.format(record_path, target)
+    with open(record_path) as f:
+        record = json.load(f)['splits']
+    with open(target) as f:
+        splits = json.load(f)
+    assert len(splits) == 2 * len(record) == 6
+    for i, split in enumerate(splits):
+        want = record[str(i - i % 2)]
+        ids = {int(osp.basename(item[0])[:4]) for item in split['train']}
+        assert ids == set(want['train_identities'])
+        assert sorted({item[1] for item in split['train']}) == \
+            list(range(len(ids)))
+        assert len(split['train']) == want['num_train_images']
+        assert len(split['query']) == want['num_query']
+        assert len(split['gallery']) == want['num_gallery']
+        # even splits: camera A queries; odd ones swap the cameras
+        query_cam = want['query_camera'][0] if i % 2 == 0 else \
+            1 - want['query_camera'][0]
+        assert {item[2] for item in split['query']} == {query_cam}
+        assert {item[2] for item in split['gallery']} == {1 - query_cam}
+        assert not ids & {int(osp.basename(item[0])[:4])
+                          for item in split['query']}
+    # a second run finds the same splits and leaves the file alone
+    before = target.stat().st_mtime_ns
+    assert _run_script('cuhk01_splits.py', '--root', tmp_path,
+                       monkeypatch=monkeypatch) == 0
+    assert target.stat().st_mtime_ns == before

@@ -3,10 +3,10 @@
 (the script itself runs as a subprocess in other test files)."""
 import os
 
+from helpers import ROOT
+
 from pmm_torchreid.cli import check_dataset as cli_check
 from pmm_torchreid.data.check import check_dataset, dataset_images
-
-from conftest import ROOT
 
 CONFIG = os.path.join(ROOT, 'configs', 'pmm_demo.yaml')
 

@@ -4,11 +4,10 @@ model family without pictures (pmm_torchreid.cli.pictures), called in-process
 import os
 
 import pytest
+from helpers import ROOT
 
 from pmm_torchreid.cli import pictures as cli_pictures
 from pmm_torchreid.data.queries import choose_queries
-
-from conftest import ROOT
 
 CONFIG = os.path.join(ROOT, 'configs', 'pmm_demo.yaml')
 

@@ -4,10 +4,12 @@ registration, the engine's summed losses and the config checks."""
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 import torchreid
+from helpers import ROOT, images_and_labels
 
 import pmm_torchreid
 from pmm_torchreid import config as C
@@ -17,18 +19,13 @@ from pmm_torchreid.models import MODEL_FACTORY
 from pmm_torchreid.models.backbones import BACKBONES
 from pmm_torchreid.models.fmn import FMN, split_backbone
 from pmm_torchreid.models.magnifiernet import (
+    GatedFusion,
     MagnifierNet,
     downsample_regions,
     semantic_diversity_loss,
 )
 
-from conftest import ROOT
-
-
-def _batch(n_ids=3, per_id=2, height=64, width=32):
-    torch.manual_seed(0)
-    labels = torch.arange(n_ids).repeat_interleave(per_id)
-    return torch.randn(len(labels), 3, height, width), labels
+_batch = images_and_labels
 
 
 def _stripes(n, height=64, width=32):
@@ -289,6 +286,99 @@ def test_occluded_regions_out_of_range_is_refused(k):
 
 
 # --------------------------------------------------------------------------
+# MagnifierNet's gated fusion
+# --------------------------------------------------------------------------
+def _gru_by_hand(fusion, seq):
+    """GatedFusion's documented GRU cell, step by step from a zero state:
+    ``keep, reset = sigmoid(gates([x, h]))``, ``cand = tanh(candidate([x,
+    reset * h]))``, ``h = keep * h + (1 - keep) * cand``."""
+    w_g, b_g = fusion.gates.weight, fusion.gates.bias
+    w_c, b_c = fusion.candidate.weight, fusion.candidate.bias
+    hidden = fusion.hidden_dim
+    h = torch.zeros(seq.shape[0], hidden)
+    for t in range(seq.shape[1]):
+        x = seq[:, t]
+        z = torch.sigmoid(torch.cat([x, h], 1) @ w_g.T + b_g)
+        keep, reset = z[:, :hidden], z[:, hidden:]
+        cand = torch.tanh(torch.cat([x, reset * h], 1) @ w_c.T + b_c)
+        h = keep * h + (1 - keep) * cand
+    return h
+
+
+def _set_gates(fusion, keep_bias, reset_bias):
+    """Gates independent of the input: sigmoid(bias), 0 or 1 at +-50."""
+    hidden = fusion.hidden_dim
+    fusion.gates.weight.zero_()
+    fusion.gates.bias[:hidden] = keep_bias
+    fusion.gates.bias[hidden:] = reset_bias
+
+
+@torch.no_grad()
+def test_gated_fusion_is_the_documented_gru_cell():
+    torch.manual_seed(0)
+    fusion = GatedFusion(6, 5)
+    seq = torch.randn(3, 4, 6)
+    fusion.gates.bias.normal_(0, 1)  # gates well away from 1/2
+    torch.testing.assert_close(fusion(seq), _gru_by_hand(fusion, seq))
+    assert fusion.last_update.shape == (4,)
+    assert bool(((fusion.last_update > 0) & (fusion.last_update < 1)).all())
+    # every region counts: changing the first one changes the fused state
+    other = seq.clone()
+    other[:, 0] += 1
+    assert float((fusion(other) - fusion(seq)).abs().max()) > 1e-4
+
+
+@torch.no_grad()
+def test_gated_fusion_follows_its_gates_at_their_extremes():
+    torch.manual_seed(0)
+    fusion = GatedFusion(6, 5)
+    seq = torch.randn(3, 4, 6)
+    # update gate shut (keep = 1): no region enters, the state stays zero
+    _set_gates(fusion, 50.0, 0.0)
+    assert bool((fusion(seq) == 0).all())
+    torch.testing.assert_close(fusion.last_update, torch.zeros(4))
+    # update gate open, reset gate shut: every step replaces the state with
+    # the candidate of that step's region alone, so the last region decides
+    _set_gates(fusion, -50.0, -50.0)
+    last = torch.tanh(fusion.candidate(torch.cat(
+        [seq[:, -1], torch.zeros(3, 5)], 1)))
+    torch.testing.assert_close(fusion(seq), last)
+    torch.testing.assert_close(fusion.last_update, torch.ones(4))
+    earlier = seq.clone()
+    earlier[:, :3] = torch.randn(3, 3, 6)
+    torch.testing.assert_close(fusion(earlier), last)
+    # update gate open, reset gate open: the previous state feeds the
+    # candidate, so the earlier regions count again
+    _set_gates(fusion, -50.0, 50.0)
+    torch.testing.assert_close(fusion(seq), _gru_by_hand(fusion, seq))
+    assert float((fusion(earlier) - fusion(seq)).abs().max()) > 1e-3
+
+
+@torch.no_grad()
+def test_magnifiernets_fused_descriptor_depends_on_the_fusion_gates():
+    """The SFB third of the evaluation descriptor is sfb_reduction of the
+    fused state: a shut update gate gives every image the same (that of a
+    zero state), an open one gives each image its own."""
+    model = MagnifierNet(3, backbone='resnet18', pretrained=False,
+                         region_dim=16, embedding_dim=32).eval()
+    images, _ = _batch()
+    sfb = slice(64, 96)
+    before = model(images)
+    open_feats = before[:, sfb]
+    assert float((open_feats - open_feats[:1]).abs().max()) > 1e-3
+    _set_gates(model.fusion, 50.0, 0.0)
+    shut = model(images)[:, sfb]
+    zero_state = model.sfb_reduction(torch.zeros(1, 32))
+    torch.testing.assert_close(shut, zero_state.expand(6, -1))
+    torch.testing.assert_close(model.fusion.last_update, torch.zeros(4))
+    # the global and SRB thirds do not go through the fusion
+    _set_gates(model.fusion, -50.0, -50.0)
+    gated = model(images)
+    torch.testing.assert_close(gated[:, :64], before[:, :64])
+    assert float((gated[:, sfb] - shut).abs().max()) > 1e-3
+
+
+# --------------------------------------------------------------------------
 # the Semantic Diversity loss
 # --------------------------------------------------------------------------
 def test_sd_loss_is_zero_for_orthogonal_region_features():
@@ -323,35 +413,62 @@ def test_sd_loss_is_positive_otherwise():
 # the engine: losses summed as the papers say
 # --------------------------------------------------------------------------
 def _engine(model, **kwargs):
-    """A ComparisonEngine on no data: only the training step is used."""
-    engine = ComparisonEngine.__new__(ComparisonEngine)
-    engine.model = model
-    engine.optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    engine.use_gpu, engine.channels_last, engine.scaler = False, False, None
-    engine.device_type, engine.amp_dtype = 'cpu', None
-    engine.needs_regions = bool(getattr(model, 'needs_regions', False))
-    engine.aux_weights = {'sd': kwargs.get('weight_sd', 1.0),
-                          'parsing': kwargs.get('weight_parsing', 1.0)}
-    engine.triplet_margin, engine.soft_margin = 0.3, True
-    engine.weight_triplet, engine.weight_ce, engine.label_smooth = 1., 1., 0.1
-    return engine
+    """A ComparisonEngine built by its own constructor on a data manager
+    with no data (only the training step is used), learning rate 0 so that
+    steps leave the weights as they were."""
+    fake = types.SimpleNamespace(train_loader=None, test_loader={})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    return ComparisonEngine(fake, model, optimizer, use_gpu=False, **kwargs)
+
+
+def _magnifiernet_step(engine, seed=0):
+    """One training step of ``engine`` (on a MagnifierNet) on the fixed batch
+    with the stripe masks, the occlusion drawn from ``seed``."""
+    images, labels = _batch()
+    torch.manual_seed(seed)
+    return engine.forward_backward(
+        {'img': images, 'pid': labels, 'regions': _stripes(6)})
 
 
 def test_magnifiernet_step_sums_branch_and_extra_losses():
     model = MagnifierNet(3, backbone='resnet18', pretrained=False)
-    images, labels = _batch()
-    data = {'img': images, 'pid': labels, 'regions': _stripes(6)}
     engine = _engine(model, weight_sd=2.0, weight_parsing=0.5)
-    torch.manual_seed(0)
-    summary = engine.forward_backward(data)
+    summary = _magnifiernet_step(engine)
     branches = sum(summary['loss_t{}'.format(s)] + summary['loss_x{}'.format(s)]
                    for s in (1, 2, 3))
+    sd, parsing = summary['loss_sd'], summary['loss_parsing']
+    # the two extra losses differ, so swapped or dropped weights show
+    assert sd > 0 and parsing > 0 and abs(sd - parsing) > 0.1 * max(sd, parsing)
     assert summary['loss'] == pytest.approx(
-        branches + 2.0 * summary['loss_sd'] + 0.5 * summary['loss_parsing'],
-        rel=1e-5)
+        branches + 2.0 * sd + 0.5 * parsing, rel=1e-5)
+    for wrong in (branches + sd + parsing, branches + 0.5 * sd + 2.0 * parsing):
+        assert summary['loss'] != pytest.approx(wrong, rel=1e-3)
     assert {'acc1', 'acc2', 'acc3', 'loss_sd', 'loss_parsing'} <= set(summary)
+    images, labels = _batch()
     with pytest.raises(ValueError, match="batch\\['regions'\\]"):
         engine.forward_backward({'img': images, 'pid': labels})
+
+
+def test_each_constructor_weight_moves_the_total_by_its_own_loss():
+    """The same step (same weights, same occlusion draw) with one of
+    ``weight_sd`` and ``weight_parsing`` changed: the total moves by exactly
+    that change times that loss, and the branch losses stay as they were."""
+    model = MagnifierNet(3, backbone='resnet18', pretrained=False)
+    base = _magnifiernet_step(_engine(model, weight_sd=2.0, weight_parsing=0.5))
+    more_sd = _magnifiernet_step(_engine(model, weight_sd=3.5,
+                                         weight_parsing=0.5))
+    less_parsing = _magnifiernet_step(_engine(model, weight_sd=2.0,
+                                              weight_parsing=0.0))
+    for other in (more_sd, less_parsing):  # the same step: only the sum differs
+        assert {k: v for k, v in other.items() if k != 'loss'} == \
+            {k: v for k, v in base.items() if k != 'loss'}
+    assert more_sd['loss'] - base['loss'] == pytest.approx(
+        1.5 * base['loss_sd'], abs=1e-4)
+    assert base['loss'] - less_parsing['loss'] == pytest.approx(
+        0.5 * base['loss_parsing'], abs=1e-4)
+    default = _magnifiernet_step(_engine(model))  # both weights default to 1
+    assert base['loss'] - default['loss'] == pytest.approx(
+        base['loss_sd'] - 0.5 * base['loss_parsing'], abs=1e-4)
 
 
 def test_fmn_step_sums_its_two_branches():
@@ -457,6 +574,7 @@ def _ablation_dry_run(tmp_path, *settings):
         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_ablation_settings_train_them_without_a_mix(tmp_path):
     proc = _ablation_dry_run(
         tmp_path, 'magnifiernet_osnet_x0_25,magnifiernet.occluded_regions=2',

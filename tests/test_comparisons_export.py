@@ -15,15 +15,13 @@ onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')
 
+from helpers import ENV, ROOT  # noqa: E402
+
 from pmm_torchreid import launch  # noqa: E402
 from pmm_torchreid.utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
-from conftest import ROOT  # noqa: E402
-
 SCRIPT = os.path.join(ROOT, 'scripts', 'export.py')
 CONFIG = os.path.join(ROOT, 'configs', 'pmm_demo.yaml')
-ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join(
-    [ROOT] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
 #: model -> descriptor size
 MODELS = {'fmn_resnet18': 1024, 'magnifiernet_osnet_x0_25': 1536}
 
@@ -66,6 +64,7 @@ def exported(request, synthetic_root, tmp_path_factory):
     return model, os.path.join(save_dir, 'model.onnx'), weights, proc
 
 
+@pytest.mark.slow
 def test_export_writes_a_checked_file(exported):
     model, path, _, proc = exported
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -81,6 +80,7 @@ def test_export_writes_a_checked_file(exported):
     assert {p.key: p.value for p in proto.metadata_props}['model_name'] == model
 
 
+@pytest.mark.slow
 def test_onnxruntime_equals_pytorch(exported, synthetic_root):
     model, path, weights, proc = exported
     assert proc.returncode == 0, proc.stderr[-3000:]

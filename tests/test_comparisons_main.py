@@ -11,15 +11,11 @@ import sys
 import pytest
 import torch
 import torchreid
+from helpers import CONFIG, ENV, ROOT, SMALL, SMALL_QUERIES, script
 
-from conftest import ROOT
+pytestmark = pytest.mark.slow
 
-ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join(
-    [ROOT] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
-CONFIG = os.path.join(ROOT, 'configs', 'pmm_demo.yaml')
-TINY = ['data.height', '64', 'data.width', '32', 'train.batch_size', '16',
-        'data.workers', '0', 'train.print_freq', '25', 'pmm.mix', 'none',
-        'train.max_epoch', '1', 'test.eval_freq', '1']
+TINY = SMALL + ['pmm.mix', 'none', 'train.max_epoch', '1']
 #: model -> what its step reports besides loss_t/loss_x/acc of its branches
 MODELS = {'fmn_resnet18': (2, []),
           'magnifiernet_osnet_x0_25': (3, ['loss_sd', 'loss_parsing'])}
@@ -34,13 +30,31 @@ def run(script, root, *args, timeout=600):
     return proc.stdout + proc.stderr
 
 
-@pytest.fixture(scope='module', params=sorted(MODELS))
-def trained(request, synthetic_root, tmp_path_factory):
-    model = request.param
-    save_dir = str(tmp_path_factory.mktemp('log-' + model))
-    out = run('main.py', synthetic_root, '-m', model, 'data.save_dir',
-              save_dir, *TINY)
-    return model, save_dir, out
+@pytest.fixture(scope='module')
+def runs(synthetic_root, tmp_path_factory):
+    """model -> (model, save_dir, output) of its one-epoch run, trained when
+    a test first asks for it."""
+    done = {}
+
+    def get(model):
+        if model not in done:
+            save_dir = str(tmp_path_factory.mktemp('log-' + model))
+            out = run('main.py', synthetic_root, '-m', model, 'data.save_dir',
+                      save_dir, *TINY)
+            done[model] = model, save_dir, out
+        return done[model]
+    return get
+
+
+@pytest.fixture(params=sorted(MODELS))
+def trained(request, runs):
+    return runs(request.param)
+
+
+@pytest.fixture
+def magnifiernet(runs):
+    """The model with its own random draws and the part masks."""
+    return runs('magnifiernet_osnet_x0_25')
 
 
 def test_one_epoch_trains_evaluates_and_records(trained):
@@ -48,7 +62,8 @@ def test_one_epoch_trains_evaluates_and_records(trained):
     branches, extra = MODELS[model]
     assert 'Building model: {}'.format(model) in out
     assert 'mAP:' in out and 'Rank-1' in out
-    assert 'Done, obtained 400-by-{} matrix'.format(512 * branches) in out
+    assert 'Done, obtained {}-by-{} matrix'.format(
+        SMALL_QUERIES, 512 * branches) in out
     with open(os.path.join(save_dir, 'results.json')) as f:
         res = json.load(f)
     assert res['model'] == model and res['mix'] == 'none'
@@ -71,27 +86,32 @@ def test_one_epoch_trains_evaluates_and_records(trained):
 def test_feature_extractor_gives_the_descriptor(trained, synthetic_root):
     model, save_dir, _ = trained
     import pmm_torchreid  # noqa: F401  (registers the models)
+    path = os.path.join(save_dir, 'model', 'model.pth.tar-1')
     extractor = torchreid.utils.FeatureExtractor(
-        model_name=model, model_path=os.path.join(save_dir, 'model',
-                                                  'model.pth.tar-1'),
-        image_size=(64, 32), device='cpu', verbose=False)
-    img = os.path.join(synthetic_root, 'pmm_synthetic', 'query',
-                       sorted(os.listdir(os.path.join(
-                           synthetic_root, 'pmm_synthetic', 'query')))[0])
-    feats = extractor([img, img])
-    assert feats.shape == (2, 512 * MODELS[model][0])
-    torch.testing.assert_close(feats[0], feats[1])
+        model_name=model, model_path=path, image_size=(32, 16), device='cpu',
+        verbose=False)
+    # the extractor's network holds exactly the trained weights
+    state = torch.load(path, weights_only=True)['state_dict']
+    own = extractor.model.state_dict()
+    loaded = [k for k in state if 'classifier' not in k]
+    assert len(loaded) > 10
+    for key in loaded:
+        assert torch.equal(own[key], state[key]), key
+    folder = os.path.join(synthetic_root, 'pmm_synthetic', 'query')
+    a, b = [os.path.join(folder, n) for n in sorted(os.listdir(folder))[:2]]
+    feats = extractor([a, a, b])
+    assert feats.shape == (3, 512 * MODELS[model][0])
+    torch.testing.assert_close(feats[0], feats[1])  # deterministic in eval
+    assert not torch.allclose(feats[0], feats[2])  # and tells images apart
 
 
-def test_resume_repeats_an_uninterrupted_run(trained, synthetic_root,
+def test_resume_repeats_an_uninterrupted_run(magnifiernet, synthetic_root,
                                              tmp_path):
     """Two epochs straight == one epoch, then resumed to two: MagnifierNet's
     occlusion draws come from torch's generator, whose state the checkpoint
     holds (both runs evaluate after epoch 1, as the one-epoch run did: making
     the evaluation loaders draws from that generator too)."""
-    model, save_dir, _ = trained
-    if not model.startswith('magnifiernet'):
-        pytest.skip('one resume check (the model with its own random draws)')
+    model, save_dir, _ = magnifiernet
     straight = str(tmp_path / 'straight')
     run('main.py', synthetic_root, '-m', model, 'data.save_dir', straight,
         *(TINY + ['train.max_epoch', '2']))
@@ -124,14 +144,25 @@ def test_visualize_draws_the_masks(trained, synthetic_root, tmp_path):
     with open(os.path.join(out_dir, 'masks.json')) as f:
         report = json.load(f)
     assert report['model'] == model and len(report['pictured']) == 3
+    per_image = report['per_image']
+    assert len(per_image) == 3
+    # the mean is the mean of the pictured images' own numbers
+    for key, mean in report['mean'].items():
+        assert mean == pytest.approx(sum(s[key] for s in per_image) / 3), key
     if model.startswith('fmn'):
-        assert 0 <= report['mean']['mask_min'] <= report['mean']['mask_mean'] \
-            <= report['mean']['mask_max'] <= 1
+        for stats in per_image:
+            assert 0 <= stats['mask_min'] <= stats['mask_mean'] \
+                <= stats['mask_max'] <= 1
+            assert stats['mask_min'] < stats['mask_max']  # not a flat mask
     else:
-        shares = [report['mean']['share_' + r] for r in
-                  ('head', 'upper_body', 'lower_body', 'shoes')]
-        assert 0 <= sum(shares) <= 1
-        assert 0 <= report['mean']['cell_agreement'] <= 1
+        regions = ('head', 'upper_body', 'lower_body', 'shoes')
+        cells = 8  # OSNet's 4x2 map of a 32x16 image
+        for stats in per_image:
+            shares = [stats['share_' + r] for r in regions]
+            # each share counts whole feature cells, the rest is background
+            for value in shares + [stats['cell_agreement']]:
+                assert value * cells == pytest.approx(round(value * cells))
+            assert 0 <= sum(shares) <= 1
     from PIL import Image
     panel = Image.open(os.path.join(out_dir, [n for n in names
                                               if n.startswith('q')][0]))
@@ -139,11 +170,9 @@ def test_visualize_draws_the_masks(trained, synthetic_root, tmp_path):
     assert panel.size[0] > tiles * 128  # input, mask(s) ... at >= 128 px each
 
 
-def test_evaluation_only_with_visrank_needs_no_masks(trained, synthetic_root,
-                                                    tmp_path):
-    model, save_dir, _ = trained
-    if not model.startswith('magnifiernet'):
-        pytest.skip('the masks are a MagnifierNet matter')
+def test_evaluation_only_with_visrank_needs_no_masks(magnifiernet,
+                                                    synthetic_root, tmp_path):
+    model, save_dir, _ = magnifiernet
     out = run('main.py', synthetic_root, '-m', model, 'data.save_dir',
               str(tmp_path), 'test.evaluate', 'True', 'test.visrank', 'True',
               'magnifiernet.masks_root', str(tmp_path / 'no-such-folder'),
@@ -151,15 +180,12 @@ def test_evaluation_only_with_visrank_needs_no_masks(trained, synthetic_root,
                                                  'model.pth.tar-1'), *TINY)
     assert 'mAP:' in out and 'BANDS' not in out and 'no mask' not in out
     ranked = os.listdir(str(tmp_path / 'visrank_pmm_synthetic'))
-    assert len(ranked) == 400
+    assert len(ranked) == SMALL_QUERIES
 
 
 def test_visualize_refuses_bdb_with_a_message(synthetic_root, tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, 'scripts',
-                                        'visualize_gradcam.py'),
-           '--config-file', CONFIG, '--root', synthetic_root, '-m', 'bdb_resnet18',
-           'data.save_dir', str(tmp_path)] + TINY
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+    proc = script('visualize_gradcam.py', '--config-file', CONFIG, '--root',
+                  synthetic_root, '-m', 'bdb_resnet18', 'data.save_dir',
+                  str(tmp_path), *TINY, check=False)
     assert proc.returncode != 0
     assert 'need a PMM model' in proc.stderr and 'MagnifierNet' in proc.stderr

@@ -18,11 +18,11 @@ import time
 
 import pytest
 import torch
-from test_interrupted_runs import DRIVER, assert_same_checkpoints
+from helpers import DRIVER, ENV, ROOT, assert_same_checkpoints
 
 from pmm_torchreid.utils.checkpoint import load_checkpoint
 
-from conftest import ROOT
+pytestmark = pytest.mark.slow
 
 SMALL = [
     'data.height', '32', 'data.width', '16', 'pmm.block_size', '[1, 1]',
@@ -30,8 +30,6 @@ SMALL = [
     'train.print_freq', '100', 'test.eval_freq', '1', 'data.val_ids', '90',
     'train.max_epoch', '2', 'train.dist_timeout', '30',
 ]
-ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1',
-           PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
             '--nproc_per_node=2']
 
@@ -205,3 +203,38 @@ def test_a_non_finite_loss_on_one_rank_stops_both(runs):
         assert message in err, err[-3000:]
         assert 'at epoch 1, iteration 1 (every rank stops)' in err
     assert not osp.exists(osp.join(runs['diverged'], 'model'))
+
+
+@pytest.mark.slow
+def test_a_hung_rank_stops_the_other_within_the_timeout(synthetic_root,
+                                                         tmp_path):
+    # rank 1 sleeps at the start of epoch 1, iteration 2 (after one step
+    # taken together); rank 0 waits in that step's gradient all-reduce and
+    # must give up after train.dist_timeout, not wait for rank 1 forever
+    timeout = 15
+    marker = str(tmp_path / 'hung.marker')
+    procs = launch_by_hand(
+        [DRIVER, 'hang_at:1:2:1', marker, '--'] +
+        main_args(synthetic_root, str(tmp_path / 'hung'),
+                  'train.dist_timeout', str(timeout)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err0 = procs[0].communicate(timeout=240)
+        ended = time.time()
+        still_hung = procs[1].poll() is None
+    finally:  # the hung rank sleeps for 10 minutes: end it
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    with open(marker) as f:
+        hung_at = float(f.read())
+    assert still_hung  # rank 0 stopped on its own, not because rank 1 ended
+    assert procs[0].returncode not in (0, None)
+    # the wait lasted the configured timeout: not less, and not much more
+    assert timeout - 2 <= ended - hung_at < timeout + 25, ended - hung_at
+    assert ('LostRankError: rank 0 of 2 stopped at epoch 1, iteration 2: it '
+            'lost contact with another rank, which died, was killed or did '
+            'not answer within train.dist_timeout = {} s'.format(timeout)
+            ) in err0, err0[-3000:]
+    assert 'the last checkpoint is none (none was saved yet)' in err0

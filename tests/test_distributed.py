@@ -169,3 +169,151 @@ def test_sampler_refuses_a_batch_that_does_not_split():
     with pytest.raises(ValueError, match='15 identities cannot fill one step '
                        'of 2 ranks x 8 identities'):
         DistributedIdentitySampler(_data(), 64, 4, 2, 0)
+
+
+# --------------------------------------------------------------------------
+# waiting for rank 0's evaluation, and telling a lost rank from a bug
+# --------------------------------------------------------------------------
+def _gloo_pair(seconds):
+    """Ranks 0 and 1 of a real two-rank gloo group, both in this process
+    (one thread each while they connect): a collective that rank 1 never
+    joins makes rank 0's side time out after ``seconds``, as a lost rank
+    does."""
+    import datetime
+    import threading
+
+    import torch.distributed as dist
+    store = dist.HashStore()
+    pair = {}
+
+    def join(r):
+        pair[r] = dist.ProcessGroupGloo(
+            dist.PrefixStore('pair', store), r, 2,
+            datetime.timedelta(seconds=seconds))
+
+    threads = [threading.Thread(target=join, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return pair[0], pair[1]
+
+
+@pytest.fixture
+def rank0_of_two(monkeypatch):
+    """``distributed.init`` as rank 0 of 2 (the process group itself is
+    faked; the wait group is rank 0 of a real gloo pair made with the
+    timeout init asks for): ``(made, peers)``, the new_group calls' keyword
+    arguments and the rank-1 side of each pair."""
+    import torch.distributed as dist
+    made, peers = [], []
+
+    def new_group(**kwargs):
+        made.append(kwargs)
+        mine, peer = _gloo_pair(kwargs['timeout'].total_seconds())
+        peers.append(peer)
+        return mine
+
+    monkeypatch.setattr(distributed, '_STATE', {})
+    monkeypatch.setattr(dist, 'is_initialized', lambda: True)
+    monkeypatch.setattr(dist, 'new_group', new_group)
+    # a barrier on the unregistered pair: the group's own barrier
+    monkeypatch.setattr(dist, 'barrier',
+                        lambda group=None: group.barrier().wait())
+    cfg = _cfg(dist_timeout=20)
+    cfg.test.dist_eval_timeout = 1
+    distributed.init(cfg, distributed.LaunchInfo(2, 0, 0))
+    return made, peers
+
+
+def test_the_wait_for_rank_0_times_out_after_the_eval_timeout(rank0_of_two):
+    import time
+    made, _ = rank0_of_two
+    assert [m['timeout'].total_seconds() for m in made] == [1.0]
+    assert distributed.is_active() and distributed.rank() == 0
+    start = time.time()
+    # rank 1 never comes: rank 0 waits test.dist_eval_timeout (1 s), not
+    # train.dist_timeout (20 s), and stops with an error that names it
+    with pytest.raises(distributed.LostRankError) as info:
+        distributed.wait_for_main('the evaluation on rank 0')
+    waited = time.time() - start
+    assert 0.9 <= waited < 10, waited
+    text = str(info.value)
+    assert text.startswith('rank 0 of 2 stopped while the ranks waited for '
+                           'the evaluation on rank 0: another rank died')
+    assert 'test.dist_eval_timeout = 1 s' in text
+    assert 'RuntimeError: ' in text  # gloo's own first line follows
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert distributed.is_comm_error(info.value.__cause__)
+
+
+def test_the_wait_for_rank_0_ends_when_every_rank_comes(rank0_of_two):
+    import threading
+    _, peers = rank0_of_two
+    other = threading.Thread(target=lambda: peers[0].barrier().wait())
+    other.start()
+    distributed.wait_for_main('the evaluation on rank 0')  # no error
+    other.join(timeout=10)
+    assert not other.is_alive()
+
+
+def test_a_failure_that_is_not_a_lost_rank_passes_through(monkeypatch):
+    import torch.distributed as dist
+    monkeypatch.setattr(distributed, '_STATE', {
+        'info': distributed.LaunchInfo(2, 1, 1), 'wait_group': object(),
+        'eval_timeout': 5.0})
+
+    def barrier(group=None):
+        raise ValueError('a bug of this rank')
+
+    monkeypatch.setattr(dist, 'barrier', barrier)
+    with pytest.raises(ValueError, match='a bug of this rank'):
+        distributed.wait_for_main('the training pictures')
+    # and in a plain run there is nobody to wait for
+    monkeypatch.setattr(distributed, '_STATE', {})
+    distributed.wait_for_main('the evaluation on rank 0')
+
+
+# what gloo and NCCL say when a peer is gone or late (real texts)
+GLOO_TIMEOUT = ('[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer'
+                '.cc:78] Timed out waiting 1000ms for recv operation to '
+                'complete')
+
+
+@pytest.mark.parametrize('error', [
+    RuntimeError(GLOO_TIMEOUT),
+    RuntimeError('[../third_party/gloo/gloo/transport/tcp/pair.cc:534] '
+                 'Connection closed by peer [127.0.0.1]:29500'),
+    RuntimeError('Connection reset by peer'),
+    RuntimeError('CONNECTION REFUSED'),  # the words in any case
+    RuntimeError('[Rank 0] Watchdog caught collective operation timeout'),
+    RuntimeError('NCCL communicator was aborted on rank 1'),
+    RuntimeError('ProcessGroupGloo::allreduce failed'),
+    RuntimeError('Broken pipe'),
+    RuntimeError('recv: Socket closed'),
+    distributed.LostRankError('rank 1 of 2 stopped'),
+    torch.distributed.DistError('any text at all'),
+    torch.distributed.DistNetworkError('any text at all'),
+], ids=lambda e: type(e).__name__ + ':' + str(e)[:30])
+def test_communication_errors_are_recognised(error):
+    assert distributed.is_comm_error(error)
+
+
+@pytest.mark.parametrize('error', [
+    # this rank's own work, though the text is close
+    RuntimeError('mat1 and mat2 shapes cannot be multiplied (8x2048 and '
+                 '1024x751)'),
+    RuntimeError('CUDA out of memory. Tried to allocate 2.00 GiB'),
+    RuntimeError('DataLoader worker (pid 4242) exited unexpectedly'),
+    RuntimeError('lost connection to the dataset server'),  # no known phrase
+    RuntimeError('the connection was reset'),  # not "connection reset"
+    RuntimeError('timed-out'),
+    RuntimeError(''),
+    # the words, but not a RuntimeError: a config or data error
+    ValueError('data.root = "/mnt/socket": expected a folder'),
+    KeyError('gloo'),
+    FloatingPointError('loss timed out'),
+    TimeoutError('timed out'),
+], ids=lambda e: type(e).__name__ + ':' + str(e)[:30])
+def test_other_errors_are_not_taken_for_a_lost_rank(error):
+    assert not distributed.is_comm_error(error)

@@ -1,35 +1,25 @@
 """PMMEngine's training step, its losses, checkpoints, schedule and Cutout."""
 import os
-import types
 
 import numpy as np
 import pytest
 import torch
+from helpers import batch, pmm_engine
 
 from pmm_torchreid.data import Cutout
 from pmm_torchreid.engine import PMMEngine, RecordedPMMEngine
 from pmm_torchreid.engine.losses import batch_hard_triplet, smoothed_cross_entropy
 from pmm_torchreid.engine.optim import WarmupMultiStepLR
-from pmm_torchreid.models import PMM
 from pmm_torchreid.utils.checkpoint import load_checkpoint, save_checkpoint
 
 
 def _engine(mix='hard_mix', seed=1, recorded=False, **kwargs):
-    torch.manual_seed(0)
-    model = PMM(4, backbone='resnet18', pretrained=False)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    fake = types.SimpleNamespace(train_loader=None, test_loader={})
-    cls = RecordedPMMEngine if recorded else PMMEngine
-    engine = cls(fake, model, opt, use_gpu=False, mix=mix,
-                       block_size=(2, 1), top_k=2, seed=seed, **kwargs)
-    model.train()
-    return engine
+    return pmm_engine(RecordedPMMEngine if recorded else PMMEngine,
+                      optimizer=lambda p: torch.optim.Adam(p, lr=1e-4),
+                      mix=mix, seed=seed, **kwargs)
 
 
-def _data():
-    torch.manual_seed(1)
-    return {'img': torch.randn(8, 3, 64, 32),
-            'pid': torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])}
+_data = batch
 
 
 def test_step_sums_the_stage_losses_and_reports_each_stage():
@@ -80,11 +70,65 @@ def test_partners_are_reproducible_from_the_seed():
     assert not torch.equal(draws[0], torch.stack(out['partner_labels']))
 
 
-def test_mix_none_trains_without_guidance():
+def _probed_step(engine):
+    """One step of ``engine`` with probes: ``(summary, seen)``, ``seen``
+    holding the model's ``mixer`` argument, its output, the part map and
+    what each part stage's head was fed, and whether the generator of the
+    partner draws moved."""
+    model, seen = engine.model, {'fed': []}
+    state = engine.generator.get_state()
+
+    def keep_mixer(module, args, kwargs):
+        seen['mixer'] = kwargs.get('mixer', 'not passed')
+    hooks = [
+        model.register_forward_pre_hook(keep_mixer, with_kwargs=True),
+        model.register_forward_hook(
+            lambda m, i, out: seen.__setitem__('out', out)),
+        model.part_trunk.register_forward_hook(
+            lambda m, i, out: seen.__setitem__('part', out.detach())),
+    ] + [head.register_forward_pre_hook(
+        lambda m, inputs: seen['fed'].append(inputs[0].detach()))
+        for head in model.part_heads]
+    summary = engine.forward_backward(_data())
+    for hook in hooks:
+        hook.remove()
+    seen['generator_moved'] = not torch.equal(state,
+                                              engine.generator.get_state())
+    return summary, seen
+
+
+def test_mix_none_trains_without_guidance(monkeypatch):
+    """mix='none': the model gets no mixing rule, no Grad-CAM is taken, no
+    partner is drawn (the generator stays as seeded), both part stages see
+    the clean part map, the outputs carry no masks or partners, the loss is
+    the plain sum of the stage losses, and the step moves every weight.  The
+    same probes on a hard_mix step see all of that happen."""
+    import pmm_torchreid.models.guidance as guidance
+    real_grad_cam, cams = guidance.grad_cam, []
+    monkeypatch.setattr(guidance, 'grad_cam', lambda *a, **k: cams.append(1)
+                        or real_grad_cam(*a, **k))
     engine = _engine(mix='none')
     assert engine.mixer is None
-    summary = engine.forward_backward(_data())
+    before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+    summary, seen = _probed_step(engine)
+    assert seen['mixer'] is None and cams == []
+    assert not seen['generator_moved']
+    assert len(seen['fed']) == 2
+    for fed in seen['fed']:
+        assert torch.equal(fed, seen['part'])
+    assert not {'masks', 'partner_labels', 'partner_weights'} & set(seen['out'])
+    assert summary['loss'] == pytest.approx(sum(
+        summary['loss_{}{}'.format(kind, s)] for kind in 'tx' for s in (1, 2, 3)),
+        rel=1e-5)
     assert np.isfinite(summary['loss'])
+    unmoved = [n for n, p in engine.model.named_parameters()
+               if torch.equal(p, before[n])]
+    assert unmoved == []
+    # the probes see guidance where there is some
+    _, mixed = _probed_step(_engine(mix='hard_mix'))
+    assert mixed['mixer'] is not None and len(cams) == 2
+    assert mixed['generator_moved'] and len(mixed['out']['masks']) == 2
+    assert all(not torch.equal(fed, mixed['part']) for fed in mixed['fed'])
 
 
 def test_triplet_soft_and_hard_margin():

@@ -18,17 +18,15 @@ onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')  # torch's default (dynamo) exporter needs it
 
+from helpers import ENV, ROOT  # noqa: E402
+
 from pmm_torchreid import launch  # noqa: E402
 from pmm_torchreid.data import read_image  # noqa: E402
 from pmm_torchreid.utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
-from conftest import ROOT  # noqa: E402
-
 SCRIPT = os.path.join(ROOT, 'scripts', 'export.py')
 CONFIG = os.path.join(ROOT, 'configs', 'pmm_demo.yaml')
 # the script must run this tree's package, not another installed copy
-ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join(
-    [ROOT] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]  # not the defaults: are they used?
 # model -> the exporter its test uses (both exporters, every backbone)
 MODELS = {'pmm_resnet18': 'dynamo', 'pmm_osnet_x0_25': 'dynamo',
@@ -112,6 +110,7 @@ def exported(request, synthetic_root, tmp_path_factory):
     return model, path, weights, proc
 
 
+@pytest.mark.slow
 def test_export_writes_a_checked_file(exported):
     model, path, _, proc = exported
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -129,6 +128,7 @@ def test_export_writes_a_checked_file(exported):
     assert 'Exported "{}"'.format(path) in proc.stdout
 
 
+@pytest.mark.slow
 def test_printed_deployment_matches_the_config(exported):
     _, _, _, proc = exported
     out = proc.stdout
@@ -144,6 +144,7 @@ def test_printed_deployment_matches_the_config(exported):
                      r"= True\)", out)
 
 
+@pytest.mark.slow
 def test_metadata_and_graph(exported):
     model, path, weights, _ = exported
     proto = onnx.load(path)
@@ -165,6 +166,7 @@ def test_metadata_and_graph(exported):
     assert isinstance(dims[0], str) and dims[1:] == [3, 64, 32]
 
 
+@pytest.mark.slow
 def test_onnxruntime_equals_pytorch(exported, synthetic_root):
     """Random and real images, batches of 1 and 5, read from the file."""
     model, path, weights, proc = exported
@@ -201,6 +203,7 @@ def bdb_weights(synthetic_root, tmp_path_factory):
                            str(work / 'bdb.pth.tar'))
 
 
+@pytest.mark.slow
 def test_missing_load_weights_names_the_key(synthetic_root, tmp_path):
     proc = run_export(synthetic_root, 'pmm_resnet18', str(tmp_path / 'log'),
                       None, cwd=str(tmp_path))
@@ -209,6 +212,7 @@ def test_missing_load_weights_names_the_key(synthetic_root, tmp_path):
     assert not os.path.exists(tmp_path / 'log' / 'model.onnx')
 
 
+@pytest.mark.slow
 def test_missing_weights_file_names_the_file(synthetic_root, tmp_path):
     missing = str(tmp_path / 'nowhere' / 'model.pth.tar-9')
     proc = run_export(synthetic_root, 'pmm_resnet18', str(tmp_path / 'log'),
@@ -217,6 +221,7 @@ def test_missing_weights_file_names_the_file(synthetic_root, tmp_path):
     assert 'model.load_weights' in proc.stderr and missing in proc.stderr
 
 
+@pytest.mark.slow
 def test_weights_of_another_model_name_the_file(synthetic_root, tmp_path,
                                                 bdb_weights):
     proc = run_export(synthetic_root, 'pmm_resnet18', str(tmp_path / 'log'),
@@ -229,28 +234,95 @@ def test_weights_of_another_model_name_the_file(synthetic_root, tmp_path,
     assert not os.path.exists(tmp_path / 'log' / 'model.onnx')
 
 
-def test_a_failed_check_writes_nothing(synthetic_root, tmp_path, bdb_weights):
-    """--strict --tolerance 0 fails unless both runtimes agree to the last
-    bit; either way the outcome is consistent, and a failure keeps the old
-    file."""
+def _export_in_process(root, weights, target, *options):
+    """scripts/export.py's main, called in this process on bdb_resnet18 (the
+    TorchScript exporter, 4 query images checked at batch sizes 4 and 3):
+    its exit code."""
+    from pmm_torchreid.cli.export import main
+    return main(['--config-file', CONFIG, '--root', root, '-m', 'bdb_resnet18',
+                 '--exporter', 'torchscript', '--opset', '17',
+                 '--num-images', '4', '--batch-size', '3',
+                 '--output', str(target)] + list(options) +
+                overrides('bdb_resnet18', str(target.parent.parent / 'log'),
+                          weights))
+
+
+class _Shifted(object):
+    """An onnxruntime session whose features are all off by ``shift``: an
+    export that no longer reproduces PyTorch."""
+
+    def __init__(self, session, shift):
+        self.session, self.shift = session, shift
+
+    def run(self, names, feeds):
+        return [out + np.float32(self.shift)
+                for out in self.session.run(names, feeds)]
+
+
+@pytest.mark.parametrize('strict', [True, False])
+def test_a_failed_check_writes_nothing(synthetic_root, tmp_path, bdb_weights,
+                                       monkeypatch, capsys, strict):
+    """onnxruntime's features shifted by 1e-3 (far above the tolerance and
+    float32 rounding): exit code 1, an error naming the difference, the
+    tolerance and the file, the previous file kept byte for byte, and no
+    temporary file left."""
+    from pmm_torchreid.deploy import export as E
+    real_session = E.onnx_session
+    monkeypatch.setattr(E, 'onnx_session',
+                        lambda data: _Shifted(real_session(data), 1e-3))
+    monkeypatch.chdir(tmp_path)
     target = tmp_path / 'deploy' / 'model.onnx'
     target.parent.mkdir()
     target.write_bytes(b'the previous export')
-    proc = run_export(synthetic_root, 'bdb_resnet18', str(tmp_path / 'log'),
-                      bdb_weights, '--exporter', 'torchscript', '--opset', '17',
-                      '--strict', '--tolerance', '0', '--num-images', '4',
-                      '--batch-size', '3', '--output', str(target),
-                      cwd=str(tmp_path))
+    code = _export_in_process(synthetic_root, bdb_weights, target,
+                              '--tolerance', '1e-4',
+                              *(['--strict'] if strict else []))
+    out, err = capsys.readouterr()
+    assert code == 1, out[-2000:] + err[-2000:]
+    assert re.search(r'max abs difference 1\.0\de-03 at batch 4, 1\.0\de-03 '
+                     r'at batch 3 \(tolerance 0\.0001\)', out), out[-2000:]
+    assert err.startswith('Error: the exported model does not reproduce '
+                          'PyTorch: max abs difference 1.0')
+    assert '> --tolerance 0.0001' in err
+    assert '"{}" was not written'.format(target) in err
+    assert ('float64' in err) != strict  # the rounding rule, without --strict
+    assert target.read_bytes() == b'the previous export'
+    assert os.listdir(target.parent) == ['model.onnx']  # no .tmp left
+    assert 'Exported' not in out
+
+
+def test_a_passing_check_replaces_the_file(synthetic_root, tmp_path,
+                                           bdb_weights, monkeypatch, capsys):
+    """The same export, its check passing under --strict: exit code 0, and
+    the previous file replaced by a valid ONNX file of the network, with no
+    temporary file left."""
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / 'deploy' / 'model.onnx'
+    target.parent.mkdir()
+    target.write_bytes(b'the previous export')
+    code = _export_in_process(synthetic_root, bdb_weights, target,
+                              '--tolerance', '1e-4', '--strict')
+    out, err = capsys.readouterr()
+    assert code == 0, out[-2000:] + err[-2000:]
     found = re.search(r'max abs difference (\S+) at batch 4, (\S+) at batch 3',
-                      proc.stdout)
-    assert found, proc.stdout[-2000:] + proc.stderr[-2000:]
-    worst = max(float(found.group(1)), float(found.group(2)))
-    if worst > 0:
-        assert proc.returncode == 1
-        assert 'does not reproduce PyTorch' in proc.stderr
-        assert '--tolerance 0' in proc.stderr and str(target) in proc.stderr
-        assert target.read_bytes() == b'the previous export'
-    else:
-        assert proc.returncode == 0
-        onnx.checker.check_model(onnx.load(str(target)))
-    assert not [n for n in os.listdir(target.parent) if n.endswith('.tmp')]
+                      out)
+    assert found and max(map(float, found.groups())) <= 1e-4
+    assert 'Exported "{}"'.format(target) in out
+    assert os.listdir(target.parent) == ['model.onnx']
+    proto = onnx.load(str(target))
+    onnx.checker.check_model(proto)
+    assert [o.name for o in proto.graph.output] == ['features']
+    session = ort.InferenceSession(str(target),
+                                   providers=['CPUExecutionProvider'])
+    images = gallery_images(synthetic_root, 2)
+    with torch.no_grad():
+        ref = torch_model(synthetic_root, 'bdb_resnet18', bdb_weights)(images)
+    got = session.run(['features'], {'images': images.numpy()})[0]
+    assert np.abs(got - ref.numpy()).max() <= 1e-4
+
+
+def test_a_negative_tolerance_is_refused(tmp_path):
+    from pmm_torchreid.cli.export import main
+    with pytest.raises(ValueError, match='--tolerance -1.0: expected >= 0'):
+        main(['--tolerance', '-1', '--output', str(tmp_path / 'x.onnx')])
+    assert not os.listdir(tmp_path)

@@ -11,8 +11,7 @@ import sys
 import warnings
 
 import pytest
-
-from conftest import ROOT
+from helpers import ROOT
 
 PACKAGE = osp.join(ROOT, 'pmm_torchreid')
 BIN = osp.dirname(sys.executable)

@@ -7,47 +7,26 @@ injects the fault); all use one thread, so CPU results are bit-exact.
 import hashlib
 import os
 import os.path as osp
-import re
+import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
+from helpers import DRIVER, assert_same_checkpoints, final_metrics, main_args, script, start
 
 from pmm_torchreid.utils.checkpoint import load_checkpoint
 
-from conftest import ROOT
-
-FAST = [
-    'data.height', '64', 'data.width', '32', 'pmm.block_size', '[1, 1]',
-    'pmm.top_k', '2', 'train.batch_size', '16', 'data.workers', '0',
-    'train.print_freq', '100', 'test.eval_freq', '1',
-]
-ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
-DRIVER = osp.join(ROOT, 'tests', 'fault_driver.py')
+pytestmark = pytest.mark.slow
 
 
-def main_args(root, save_dir, *extra):
-    return ['--config-file', osp.join(ROOT, 'configs', 'pmm_demo.yaml'),
-            '--root', root, 'data.save_dir', save_dir] + FAST + list(extra)
+def run_main(args):
+    return script('main.py', *args).stdout
 
 
-def start(fault, marker, args):
-    return subprocess.Popen(
-        [sys.executable, DRIVER, fault, marker, '--'] + args, cwd=ROOT,
-        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def run_main(args, timeout=300):
-    proc = subprocess.run(
-        [sys.executable, osp.join('scripts', 'main.py')] + args, cwd=ROOT,
-        env=ENV, capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc.stdout
+def faulty(fault, marker, args):
+    """scripts/main.py under tests/fault_driver.py with ``fault``."""
+    return start([DRIVER, fault, marker, '--'] + args)
 
 
 def kill_at_marker(proc, marker, timeout=300):
@@ -70,43 +49,17 @@ def sha256(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def final_metrics(text):
-    return re.findall(r'mAP: ([\d.]+)%.*?Rank-1\s*: ([\d.]+)%', text, re.S)[-1]
-
-
-def assert_same_checkpoints(a, b):
-    assert a['epoch'] == b['epoch'] and a['rank1'] == b['rank1']
-    assert a['state_dict'].keys() == b['state_dict'].keys()
-    for key in a['state_dict']:
-        assert torch.equal(a['state_dict'][key], b['state_dict'][key]), key
-    for sa, sb in zip(a['optimizer']['state'].values(),
-                      b['optimizer']['state'].values()):
-        for key in sa:
-            assert torch.equal(torch.as_tensor(sa[key]),
-                               torch.as_tensor(sb[key])), key
-    assert a['scheduler'] == b['scheduler']
-    assert torch.equal(a['pmm_generator'], b['pmm_generator'])
-    assert torch.equal(a['rng_state']['torch'], b['rng_state']['torch'])
-
-
 @pytest.fixture(scope='module')
-def runs(synthetic_root, tmp_path_factory):
-    """An uninterrupted 2-epoch run, and the same run killed half way through
-    writing its epoch-2 checkpoint (both at once: one core each)."""
+def runs(synthetic_root, demo_run, tmp_path_factory):
+    """The uninterrupted 2-epoch demo run, and the same run killed half way
+    through writing its epoch-2 checkpoint."""
+    straight, straight_out = demo_run
     base = tmp_path_factory.mktemp('runs')
-    straight, killed = str(base / 'straight'), str(base / 'killed')
-    marker = str(base / 'marker')
-    straight_proc = subprocess.Popen(
-        [sys.executable, osp.join('scripts', 'main.py')] +
-        main_args(synthetic_root, straight, 'train.max_epoch', '2'),
-        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True
-    )
-    killed_proc = start('pause_mid_write:2', marker,
-                        main_args(synthetic_root, killed, 'train.max_epoch', '2'))
-    killed_out = kill_at_marker(killed_proc, marker)
-    straight_out, _ = straight_proc.communicate(timeout=300)
-    assert straight_proc.returncode == 0, straight_out[-3000:]
+    killed, marker = str(base / 'killed'), str(base / 'marker')
+    killed_out = kill_at_marker(
+        faulty('pause_mid_write:2', marker,
+               main_args(synthetic_root, killed, 'train.max_epoch', '2')),
+        marker)
     return synthetic_root, straight, straight_out, killed, killed_out
 
 
@@ -134,6 +87,8 @@ def test_resume_after_the_kill_equals_the_uninterrupted_run(runs):
         root, killed, 'train.max_epoch', '2', 'model.resume',
         osp.join(killed, 'model', 'model.pth.tar-1')))
     assert 'Restored the random-number states' in out
+    assert 'Last epoch = 1' in out
+    assert 'epoch: [2/2]' in out and 'epoch: [1/2]' not in out
     folder = osp.join(killed, 'model')  # saving tar-2 again cleared the debris
     assert sorted(os.listdir(folder)) == ['model.pth.tar-1', 'model.pth.tar-2']
     assert_same_checkpoints(
@@ -162,13 +117,15 @@ def test_without_the_rng_states_the_resumed_run_differs(runs, tmp_path):
 def test_kill_before_rename_keeps_the_old_file_of_that_name(runs, tmp_path):
     root, straight, _, _, _ = runs
     save_dir = str(tmp_path / 'log')
-    run_main(main_args(root, save_dir, 'train.max_epoch', '1'))
+    # the folder of a finished run (the uninterrupted run's epoch-1 file)
+    os.makedirs(osp.join(save_dir, 'model'))
     old = osp.join(save_dir, 'model', 'model.pth.tar-1')
+    shutil.copyfile(osp.join(straight, 'model', 'model.pth.tar-1'), old)
     before = sha256(old)
     marker = str(tmp_path / 'marker')
     # a second run into the same folder, with another seed, is killed when
     # its complete new model.pth.tar-1 waits to replace the old one
-    proc = start('pause_before_rename:model.pth.tar-1', marker,
+    proc = faulty('pause_before_rename:model.pth.tar-1', marker,
                  main_args(root, save_dir, 'train.max_epoch', '1',
                            'train.seed', '2'))
     kill_at_marker(proc, marker)
@@ -180,17 +137,16 @@ def test_kill_before_rename_keeps_the_old_file_of_that_name(runs, tmp_path):
     new = load_checkpoint(osp.join(save_dir, 'model', leftovers[0]))
     assert new['epoch'] == 1 and new['state_dict'].keys() == \
         load_checkpoint(old)['state_dict'].keys()  # complete, only not renamed
+    assert sha256(osp.join(save_dir, 'model', leftovers[0])) != before
 
 
 def test_diverging_run_stops_naming_stage_and_keeps_last_checkpoint(
         runs, tmp_path):
     root = runs[0]
     save_dir = str(tmp_path / 'log')
-    proc = subprocess.run(
-        [sys.executable, DRIVER, 'nan_at_epoch:2', str(tmp_path / 'unused'),
-         '--'] + main_args(root, save_dir, 'train.max_epoch', '3'),
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
-    )
+    proc = script(DRIVER, 'nan_at_epoch:2', str(tmp_path / 'unused'), '--',
+                  *main_args(root, save_dir, 'train.max_epoch', '3'),
+                  check=False)
     assert proc.returncode != 0
     last = osp.join(save_dir, 'model', 'model.pth.tar-1')
     assert 'FloatingPointError: stage 1 loss is not finite' in proc.stderr

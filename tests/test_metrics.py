@@ -348,6 +348,7 @@ def test_max_rank_above_gallery_size(capsys):
     assert 'at most 6' in str(got[0])
 
 
+@pytest.mark.slow
 def test_benchmark_script_agrees_with_torchreid_on_small_problems():
     """scripts/benchmark_eval.py end to end: a 300 x 3000 problem shaped like
     Market-1501 and a CUHK03-metric one, each compared with torchreid's

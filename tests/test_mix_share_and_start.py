@@ -1,23 +1,16 @@
 """How much of the map is mixed (``pmm.mix_ratio``) and from which epoch on
 (``pmm.mix_start_epoch``)."""
 import os.path as osp
-import subprocess
-import sys
-import types
 import warnings
 
 import pytest
 import torch
-from test_interrupted_runs import ENV, assert_same_checkpoints, main_args
+from helpers import ROOT, assert_same_checkpoints, batch, main_args, pmm_engine, script
 
 from pmm_torchreid import config as C
 from pmm_torchreid.config import checks
-from pmm_torchreid.engine import PMMEngine
-from pmm_torchreid.models import PMM
 from pmm_torchreid.models.guidance import HardMix, blocks_for_ratio, build_mixer, check_block_grid
 from pmm_torchreid.utils.checkpoint import load_checkpoint
-
-from conftest import ROOT
 
 
 # --------------------------------------------------------------------------
@@ -150,27 +143,14 @@ def test_build_mixer_passes_the_ratio_on():
 # the start epoch
 # --------------------------------------------------------------------------
 def _engine(mix, start):
-    torch.manual_seed(0)
-    model = PMM(4, backbone='resnet18', pretrained=False)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay put
-    fake = types.SimpleNamespace(train_loader=None, test_loader={})
-    engine = PMMEngine(fake, model, opt, use_gpu=False, mix=mix,
-                       block_size=(2, 1), top_k=2, seed=3,
-                       mix_start_epoch=start)
-    model.train()
-    return engine
-
-
-def _batch():
-    torch.manual_seed(1)
-    return {'img': torch.randn(8, 3, 64, 32),
-            'pid': torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])}
+    return pmm_engine(optimizer=lambda p: torch.optim.SGD(p, lr=0.0),
+                      mix=mix, seed=3, mix_start_epoch=start)  # weights stay
 
 
 def _step(engine, epoch):
     engine.epoch = epoch
     state = engine.generator.get_state()
-    summary = engine.forward_backward(_batch())
+    summary = engine.forward_backward(batch())
     return summary, not torch.equal(state, engine.generator.get_state())
 
 
@@ -200,6 +180,7 @@ def test_start_epoch_is_checked():
         checks.check_config(cfg)
 
 
+@pytest.mark.slow
 def test_resume_across_the_start_epoch_equals_the_straight_run(
         synthetic_root, tmp_path):
     """Epoch 1 unmixed, epoch 2 mixed: resuming at the switch from the
@@ -208,15 +189,11 @@ def test_resume_across_the_start_epoch_equals_the_straight_run(
     extra = ['train.max_epoch', '2', 'pmm.mix_start_epoch', '1']
 
     def run(save_dir, *more):
-        proc = subprocess.run(
-            [sys.executable, osp.join('scripts', 'main.py')] +
-            main_args(synthetic_root, save_dir, *extra) + list(more),
-            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        return proc.stdout
+        return script('main.py', *main_args(synthetic_root, save_dir, *extra),
+                      *more).stdout
 
     out = run(straight)
-    assert 'Mixing (HardMix(block=(1, 1), k=2)) starts with this epoch (2)' \
+    assert 'Mixing (HardMix(block=(1, 1), k=1)) starts with this epoch (2)' \
         in out
     first = load_checkpoint(osp.join(straight, 'model', 'model.pth.tar-1'))
     # epoch 1 drew no partner: the generator is where the seed put it

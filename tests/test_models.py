@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torchreid
 import torchvision
+from helpers import SHARED, images_and_labels
 from torchvision.models.resnet import Bottleneck
 
 import pmm_torchreid
@@ -17,13 +18,7 @@ from pmm_torchreid.models.backbones import build_backbone
 from pmm_torchreid.models.guidance import HardMix
 from pmm_torchreid.registry import register_into
 
-from conftest import SHARED
-
-
-def _batch(n_ids=3, per_id=2, height=64, width=32):
-    torch.manual_seed(0)
-    labels = torch.arange(n_ids).repeat_interleave(per_id)
-    return torch.randn(len(labels), 3, height, width), labels
+_batch = images_and_labels
 
 
 @pytest.mark.parametrize('backbone, channels', [('resnet18', 512),
@@ -147,12 +142,58 @@ def test_registration_is_idempotent_and_refuses_a_different_model():
     assert 'x_new' not in table  # nothing half-registered
 
 
-def test_data_parallel_passes_labels_through_forward():
-    model = nn.DataParallel(PMM(3, backbone='resnet18', pretrained=False))
+def _recorded_hard_mix(seed=1):
+    """A seeded HardMix that keeps the partner indices it draws in
+    ``rule.drawn``."""
+    rule = HardMix((2, 1), 1, torch.Generator().manual_seed(seed))
+    rule.drawn = []
+    draw = rule.partners
+    rule.partners = lambda labels: rule.drawn.append(draw(labels)) or \
+        rule.drawn[-1]
+    return rule
+
+
+def test_data_parallel_forward_is_the_models_with_per_sample_label_outputs():
+    """Without GPUs ``nn.DataParallel`` calls the module itself; what the
+    data-parallel path relies on is checked on that call: the wrapper gives
+    the unwrapped model's outputs for the same draws; the labels reach
+    forward (they pick the Grad-CAM class and the partners, each of another
+    identity); and every output the loss needs is a per-sample tensor with
+    the partners already turned into labels, so that gathering replicas
+    along dim 0 keeps them right."""
+    torch.manual_seed(0)
+    inner = PMM(3, backbone='resnet18', pretrained=False).train()
+    model = nn.DataParallel(inner)
     images, labels = _batch()
-    out = model.train()(images, labels, mixer=HardMix((2, 1), 1))
-    assert out['logits'][0].shape == (6, 3)
-    assert model.eval()(images).shape == (6, 1536)
+    rule = _recorded_hard_mix()
+    out = model(images, labels, mixer=rule)
+    alone = inner(images, labels, mixer=_recorded_hard_mix())
+    for key in ('logits', 'embeddings', 'masks', 'partner_labels',
+                'partner_weights'):
+        assert len(out[key]) == len(alone[key]) > 0, key
+        for got, want in zip(out[key], alone[key]):
+            assert torch.equal(got, want), key
+    assert len(rule.drawn) == 2
+    for s, negatives in enumerate(rule.drawn):
+        partner = out['partner_labels'][s]
+        assert partner.shape == labels.shape  # labels, not indices
+        assert torch.equal(partner, labels[negatives])
+        assert bool((partner != labels).all())  # another identity
+        assert torch.equal(out['partner_weights'][s], torch.zeros(6))
+    for key in ('logits', 'embeddings', 'masks'):
+        assert all(t.shape[0] == 6 for t in out[key]), key
+    # other labels on the same images: other Grad-CAM classes, other masks,
+    # and partners drawn from the new identities
+    relabelled = (labels + 1) % 3
+    other = model(images, relabelled, mixer=_recorded_hard_mix())
+    assert any(not torch.equal(a, b)
+               for a, b in zip(other['masks'], out['masks']))
+    assert all(bool((p != relabelled).all()) for p in other['partner_labels'])
+    with pytest.raises(ValueError, match='needs the labels'):
+        model(images, mixer=_recorded_hard_mix())
+    model.eval()
+    torch.testing.assert_close(model(images), inner(images), rtol=0, atol=0)
+    assert model(images).shape == (6, 1536)
 
 
 def test_pretrained_resnet_without_network_names_the_file(monkeypatch,

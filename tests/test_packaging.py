@@ -11,8 +11,7 @@ import sys
 import zipfile
 
 import pytest
-
-from conftest import ROOT
+from helpers import ROOT
 
 PACKAGE = osp.join(ROOT, 'pmm_torchreid')
 
@@ -36,6 +35,7 @@ def wheel(tmp_path_factory):
     return found[0]
 
 
+@pytest.mark.slow
 def test_the_wheel_holds_every_module_and_loose_requirements(wheel):
     import pmm_torchreid
     with zipfile.ZipFile(wheel) as zf:
@@ -60,6 +60,7 @@ def test_the_wheel_holds_every_module_and_loose_requirements(wheel):
     assert {'test', 'pictures', 'torchreid-deps'} <= set(extras)
 
 
+@pytest.mark.slow
 def test_the_installed_wheel_imports_from_elsewhere(wheel, tmp_path):
     target = tmp_path / 'site'
     proc = subprocess.run(
@@ -78,6 +79,7 @@ def test_the_installed_wheel_imports_from_elsewhere(wheel, tmp_path):
     assert proc.stdout.strip().startswith(str(target))
 
 
+@pytest.mark.slow
 def test_scripts_run_from_another_directory(tmp_path):
     for script in ('main.py', 'ablation.py', 'visualize_gradcam.py',
                    'check_dataset.py'):

@@ -69,7 +69,55 @@ def test_parts_are_drawn_next_to_the_images_which_stay_untouched(tiny):
     assert os.stat(os.path.join(parts, synthetic.MARKER)).st_mtime_ns == stamp
 
 
+def _grow(mask, steps):
+    """``mask`` dilated by ``steps`` pixels (4-neighbourhood)."""
+    mask = mask.copy()
+    for _ in range(steps):
+        grown = mask.copy()
+        grown[1:] |= mask[:-1]
+        grown[:-1] |= mask[1:]
+        grown[:, 1:] |= mask[:, :-1]
+        grown[:, :-1] |= mask[:, 1:]
+        mask = grown
+    return mask
+
+
+def _colour_agreement(pixels, labels, ident, cam):
+    """``(inside, ring)`` for the parts of one plain colour (shirt, hair,
+    trousers, face): the share of each part's inner pixels (a pixel away
+    from its edge) that have the part's colour, as the camera's gain and
+    noise leave it, and the same share on a ring 2 to 4 pixels outside it;
+    each the mean over the parts."""
+    colours = {'upper_clothes': synthetic.SHIRT[ident['shirt']],
+               'hair': synthetic.HAIR[ident['hair']],
+               'pants': synthetic.LEGS[ident['legs']],
+               'face': synthetic.SKIN[ident['skin']]}
+    gain, noise = np.array(cam[4]), cam[8]
+    inside, ring = [], []
+    for part, colour in colours.items():
+        expected = np.clip(np.array(colour) * gain, 0, 255)
+        close = (np.abs(pixels - expected) <= 0.1 * expected + 3 * noise + 8
+                 ).all(axis=-1)
+        where = labels == synthetic.PART_LABELS[part]
+        inner = ~_grow(~where, 1)
+        assert inner.sum() > 10, part
+        inside.append(close[inner].mean())
+        ring.append(close[_grow(where, 4) & ~_grow(where, 1)].mean())
+    return float(np.mean(inside)), float(np.mean(ring))
+
+
+def _columns(labels, side):
+    """Mean column of the pixels labelled as the person's ``side`` limbs."""
+    ids = [synthetic.PART_LABELS[side + '_' + p] for p in ('arm', 'leg', 'shoe')]
+    return float(np.nonzero(np.isin(labels, ids))[1].mean())
+
+
 def test_drawing_the_parts_does_not_change_the_image():
+    """The mask is drawn with the image's geometry: every part's pixels
+    have its colour in the image and the pixels around it have not; the
+    same mask shifted by a few pixels or flipped agrees far less, and the
+    person's right limbs are on the image's left (the figures face the
+    camera), which a mirrored mask would swap."""
     config = {k: int(getattr(SyntheticPersons, k)) for k in (
         'num_train_ids', 'num_test_ids', 'num_cams', 'imgs_per_cam', 'seed')}
     plan = synthetic._plan(config)
@@ -82,10 +130,18 @@ def test_drawing_the_parts_does_not_change_the_image():
                                       True)
         assert img.tobytes() == plain.tobytes()
         labels = np.asarray(mask)
-        pixels = np.asarray(img).astype(int)
-        # shirt pixels are the shirt's colour family, background elsewhere
-        assert (labels == synthetic.PART_LABELS['upper_clothes']).sum() > 100
+        pixels = np.asarray(img).astype(float)
         assert pixels.shape[:2] == labels.shape
+        assert (labels == synthetic.PART_LABELS['upper_clothes']).sum() > 100
+        inside, ring = _colour_agreement(pixels, labels, ident, cam)
+        assert inside >= 0.8 and ring <= 0.3, (name, inside, ring)
+        for moved in (np.roll(labels, 8, axis=0), np.roll(labels, 6, axis=1),
+                      labels[::-1]):
+            worse = _colour_agreement(pixels, moved, ident, cam)
+            assert worse[0] - worse[1] < inside - ring - 0.3, (name, worse)
+        assert _columns(labels, 'right') < _columns(labels, 'left') - 4, name
+        mirrored = labels[:, ::-1]
+        assert _columns(mirrored, 'right') > _columns(mirrored, 'left'), name
 
 
 def test_parts_of_a_dataset_from_another_generator_are_refused(tmp_path):

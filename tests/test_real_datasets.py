@@ -316,6 +316,7 @@ def test_cuhk03_config_loads_detected_images_and_new_protocol(tmp_path):
     assert counts[counts > 0].tolist() == [2] * 4
 
 
+@pytest.mark.slow
 def test_cuhk03_config_trains_and_evaluates_with_main(tmp_path):
     expected = fabricate_cuhk03(str(tmp_path))['detected']
     save_dir = str(tmp_path / 'log')
@@ -347,6 +348,7 @@ def test_cuhk03_config_trains_and_evaluates_with_main(tmp_path):
 # ---------------------------------------------------------------------------
 # CUHK01 (real images)
 # ---------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.skipif(not osp.isdir(CUHK01_CAMPUS),
                     reason='no shared CUHK01 images at ' + CUHK01_CAMPUS)
 def test_cuhk01_real_images_train_and_evaluate_with_main(tmp_path):

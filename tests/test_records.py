@@ -1,7 +1,6 @@
 """The run records on torchreid's own engines: curves.csv, results.json and
 the fast ranking, through scripts/main.py and in-process."""
 import json
-import os
 import os.path as osp
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torchreid
+from helpers import ENV, ROOT
 
 import pmm_torchreid  # noqa: F401  (registers the synthetic dataset)
 from pmm_torchreid.engine import records
@@ -17,11 +17,8 @@ from pmm_torchreid.engine.curves import read_curves
 from pmm_torchreid.engine.records import fast_ranking, with_run_records
 from pmm_torchreid.metrics import rank as metrics
 
-from conftest import ROOT
 
-ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
-
-
+@pytest.mark.slow
 def test_a_torchreid_engine_run_writes_curves_and_results(synthetic_root,
                                                           tmp_path):
     save_dir = str(tmp_path / 'log')
@@ -93,3 +90,76 @@ def test_evaluation_ranks_with_the_plugins_evaluate_rank(synthetic_root,
     assert engine_module.metrics.evaluate_rank is \
         torchreid.metrics.evaluate_rank
     assert isinstance(cmc, np.ndarray)
+
+
+def _cuhk03_engine():
+    """A recorded softmax engine whose "network" passes 1-d features
+    through, over one test set where the CUHK03 metric and the default one
+    disagree: each of 4 queries (camera 0) has its identity in the gallery
+    (camera 1) once near (0.1 away) and once far (6 away), and a distractor
+    identity of its own in between (3 away).  The default rank-1 is 100%;
+    the CUHK03 metric draws one gallery image per identity, so about half of
+    its draws put the far image, behind the distractor, first."""
+    import types
+
+    import torch.nn as nn
+    query, gallery = [], []
+    for p in range(4):
+        query.append((10.0 * p, p, 0))
+        gallery += [(10.0 * p + 0.1, p, 1), (10.0 * p + 6, p, 1),
+                    (10.0 * p + 3, 100 + p, 1)]
+
+    def loader(items):
+        return [{'img': torch.tensor([[x] for x, _, _ in items]),
+                 'pid': torch.tensor([p for _, p, _ in items]),
+                 'camid': torch.tensor([c for _, _, c in items])}]
+
+    net = nn.Linear(1, 1)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+        net.bias.zero_()
+    dm = types.SimpleNamespace(
+        train_loader=None, sources=['toy'], num_train_pids=2,
+        test_loader={'toy': {'query': loader(query),
+                             'gallery': loader(gallery)}})
+    Engine = with_run_records(torchreid.engine.ImageSoftmaxEngine)
+    engine = Engine(dm, net, optimizer=torch.optim.SGD(net.parameters(),
+                                                       lr=0.1), use_gpu=False)
+    feats = [torch.tensor([[x] for x, _, _ in s]) for s in (query, gallery)]
+    distmat = torchreid.metrics.compute_distance_matrix(*feats).numpy()
+    ids = [np.array([i[k] for i in s]) for k in (1, 2)
+           for s in (query, gallery)]
+    return engine, (distmat, ids[0], ids[1], ids[2], ids[3])
+
+
+def test_use_metric_cuhk03_reaches_the_plugins_ranking(monkeypatch):
+    engine, problem = _cuhk03_engine()
+    returned = []
+    real = metrics.evaluate_rank
+
+    def spy(*args, **kwargs):
+        returned.append(real(*args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(records, 'evaluate_rank', spy)
+    rank1 = {}
+    for cuhk03 in (True, False):
+        np.random.seed(7)  # the CUHK03 metric draws from NumPy's generator
+        rank1[cuhk03] = engine.test(save_dir='', use_metric_cuhk03=cuhk03,
+                                    ranks=[1, 5])
+    assert len(returned) == 2  # each evaluation ranked with the plugin's
+    (cmc, mAP), (cmc_default, mAP_default) = returned
+    # torchreid's own CUHK03 metric, same seed, on the same distances
+    np.random.seed(7)
+    want_cmc, want_mAP = torchreid.metrics.evaluate_rank(
+        *problem, use_metric_cuhk03=True, use_cython=False)
+    np.testing.assert_array_equal(cmc, want_cmc)
+    assert mAP == pytest.approx(want_mAP, abs=1e-12)
+    assert rank1[True] == want_cmc[0]
+    # ... and not the default metric, which the same engine gives without
+    want_default, _ = torchreid.metrics.evaluate_rank(*problem,
+                                                      use_cython=False)
+    np.testing.assert_array_equal(cmc_default, want_default)
+    assert rank1[False] == want_default[0] == 1.0
+    assert 0.2 < rank1[True] < 0.8
+    assert engine.results['toy']['rank1'] == pytest.approx(100.0)  # latest

@@ -9,12 +9,11 @@ import sys
 
 import pytest
 import torch
+from helpers import ROOT, SHARED
 
 import pmm_torchreid.models.backbones as backbones
 from pmm_torchreid.models.backbones import build_backbone
 from pmm_torchreid.utils.checkpoint import load_checkpoint, load_pretrained_weights
-
-from conftest import ROOT, SHARED
 
 
 class Payload(object):
@@ -42,6 +41,7 @@ def malicious_files(folder):
     return flag, files
 
 
+@pytest.mark.slow
 def test_the_payload_really_runs_when_unpickled_unsafely(tmp_path):
     # so that the tests below can fail: an unsafe load creates the flag
     flag, files = malicious_files(tmp_path)
@@ -67,6 +67,7 @@ def test_loading_refuses_every_malicious_file_and_runs_nothing(tmp_path):
         assert not osp.exists(flag)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('key', ['model.load_weights', 'model.resume'])
 def test_main_refuses_a_malicious_checkpoint(key, tmp_path, synthetic_root):
     flag, files = malicious_files(tmp_path)

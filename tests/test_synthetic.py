@@ -102,6 +102,7 @@ def _generate_after(barrier, counter, root):
     Tiny(root=root, verbose=False)
 
 
+@pytest.mark.slow
 def test_two_processes_generate_once_and_ignore_a_leftover(tmp_path):
     root = str(tmp_path / 'shared')
     leftover = os.path.join(root, '.tiny_synthetic.tmp-1-x', 'tiny_synthetic', 'train')
@@ -158,6 +159,7 @@ def test_foreign_or_half_folder_is_refused_and_kept(tmp_path, marker):
     assert (folder / 'train' / '0001_c1_00.png').exists()  # nothing deleted
 
 
+@pytest.mark.slow
 def test_generation_killed_with_sigkill_leaves_no_dataset(tmp_path, synthetic_root):
     import glob
     import signal

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, main_args, script
 from PIL import Image
 
 from pmm_torchreid.config import get_default_config
@@ -34,8 +35,6 @@ from pmm_torchreid.visualize import (
     upsample_cam,
     upsample_mask,
 )
-
-from conftest import ROOT
 
 FAST = [
     'data.height', '64', 'data.width', '32', 'pmm.block_size', '[1, 1]',
@@ -322,6 +321,7 @@ def test_vis_keys_are_checked():
 # --------------------------------------------------------------------------
 # the scripts, end to end on the synthetic dataset
 # --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_visualize_gradcam_script_writes_panels_sheet_and_overlap(
         synthetic_root, tmp_path):
     weights = str(tmp_path / 'untrained.pth.tar')
@@ -372,6 +372,7 @@ def test_visualize_gradcam_script_writes_panels_sheet_and_overlap(
     assert np.abs(tile - other).mean() > 12
 
 
+@pytest.mark.slow
 def test_visualize_gradcam_refuses_bad_indices(synthetic_root, tmp_path):
     cmd = [sys.executable, os.path.join('scripts', 'visualize_gradcam.py'),
            '--config-file', os.path.join('configs', 'pmm_demo.yaml'),
@@ -385,22 +386,18 @@ def test_visualize_gradcam_refuses_bad_indices(synthetic_root, tmp_path):
         proc.stderr
 
 
+@pytest.mark.slow
 def test_training_with_vis_writes_pictures_curves_and_tensorboard(
         synthetic_root, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     save_dir = str(tmp_path / 'log')
-    cmd = [sys.executable, os.path.join('scripts', 'main.py'),
-           '--config-file', os.path.join('configs', 'pmm_demo.yaml'),
-           '--root', synthetic_root, 'data.save_dir', save_dir,
-           'train.max_epoch', '1', 'pmm.vis_freq', '1', 'pmm.vis_num', '3'
-           ] + FAST
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=_env())
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = script('main.py', *main_args(
+        synthetic_root, save_dir, 'train.max_epoch', '1', 'pmm.vis_freq', '1',
+        'pmm.vis_num', '3'))
     folder = os.path.join(save_dir, 'gradcam', 'epoch-001')
     panels = sorted(glob.glob(os.path.join(folder, '0*.png')))
     assert len(panels) == 3
-    height, width = panel_size(64, 32, 3, True)
+    height, width = panel_size(32, 16, 3, True)
     for path in panels:
         assert _png(path) == ('PNG', 'RGB', (width, height))
     assert _png(os.path.join(folder, 'sheet.png'))[0] == 'PNG'
@@ -414,7 +411,8 @@ def test_training_with_vis_writes_pictures_curves_and_tensorboard(
     for s in (1, 2, 3):
         assert train[0]['loss_t{}'.format(s)] > 0
         assert 0 <= train[0]['acc{}'.format(s)] <= 100
-    assert train[0]['lr'] > 0 and train[0]['step'] == 50
+    steps = int(proc.stdout.split('epoch: [1/1][1/')[1].split(']')[0])
+    assert train[0]['lr'] > 0 and train[0]['step'] == steps
     assert len(test) == 1 and test[0]['dataset'] == 'pmm_synthetic'
     logged = proc.stdout.split('mAP: ')[-1].split('%')[0]
     assert test[0]['mAP'] == pytest.approx(float(logged), abs=0.05)
@@ -430,11 +428,7 @@ def test_training_with_vis_writes_pictures_curves_and_tensorboard(
 
     # plot_curves renders the CSV
     png = str(tmp_path / 'curves.png')
-    proc = subprocess.run([sys.executable,
-                           os.path.join('scripts', 'plot_curves.py'),
-                           save_dir, '-o', png], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env=_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    script('plot_curves.py', save_dir, '-o', png)
     assert _png(png)[0] == 'PNG' and _png(png)[2] == (1100, 750)
 
 

@@ -333,8 +333,8 @@ def check_export(model: nn.Module, session, images: torch.Tensor,
         >>> reference = {16: run_torch(model, images, 16),
         ...              1: run_torch(model, images, 1)}
         >>> check_export(model, onnx_session(proto.SerializeToString()),
-        ...              images, reference)['diffs']
-        {16: 1.1e-05, 1: 9.5e-06}
+        ...              images, reference)['diffs']  # doctest: +ELLIPSIS
+        {16: ..., 1: ...}
     """
     outputs = {s: run_onnx(session, images, s) for s in reference}
     diffs = {s: _max_abs(outputs[s], reference[s]) for s in reference}

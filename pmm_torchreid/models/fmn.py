@@ -98,7 +98,8 @@ class FMN(nn.Module):
     Examples::
 
         >>> model = FMN(num_classes=751, backbone='resnet18', pretrained=False)
-        >>> model.eval(); model(torch.randn(2, 3, 256, 128)).shape
+        >>> model = model.eval()
+        >>> model(torch.randn(2, 3, 256, 128)).shape
         torch.Size([2, 1024])
     """
 

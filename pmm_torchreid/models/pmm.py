@@ -53,7 +53,8 @@ class PMM(Trunk):
     Examples::
 
         >>> model = PMM(num_classes=751, backbone='resnet18', pretrained=False)
-        >>> model.eval(); model(torch.randn(2, 3, 384, 128)).shape
+        >>> model = model.eval()
+        >>> model(torch.randn(2, 3, 384, 128)).shape
         torch.Size([2, 1536])
     """
 

@@ -401,7 +401,9 @@ def with_sync_bn(model: nn.Module) -> nn.Module:
 
     Examples::
 
-        >>> net = with_sync_bn(PMM(751, backbone='resnet18'))
+        >>> net = with_sync_bn(PMM(751, backbone='resnet18',
+        ...                        pretrained=False))  # doctest: +ELLIPSIS
+        BatchNorm layers synchronised across the ... ranks (train.sync_bn)
         >>> any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
         False
     """
