@@ -28,6 +28,27 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
 warnings.filterwarnings('ignore', message='Cython evaluation')
 
 
+#: what this run collected before any -m/-k selection: the counts
+#: docs/DEVELOPING.md states (tests/test_suite.py compares them)
+COLLECTED = {}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(session, config, items):
+    tests = os.path.join(ROOT, 'tests')
+    COLLECTED.update(
+        whole=all(os.path.abspath(str(a)) in (tests, ROOT) for a in config.args),
+        tests=len(items), slow=sum(1 for i in items if i.get_closest_marker('slow')),
+        files=len({str(i.path) for i in items}))
+
+
+@pytest.fixture(scope='session')
+def collected():
+    """``{'whole', 'tests', 'slow', 'files'}`` of this run's collection
+    (``whole``: the run collected all of tests/)."""
+    return dict(COLLECTED)
+
+
 def once(tmp_path_factory, name, make):
     """The folder ``name`` filled by ``make(folder)`` once per test run.
 

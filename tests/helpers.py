@@ -137,3 +137,27 @@ def assert_same_checkpoints(a, b):
     assert a['rng_state'].keys() == b['rng_state'].keys()
     assert {'torch', 'numpy', 'python'} <= set(a['rng_state'])
     _same(a['rng_state'], b['rng_state'], 'rng_state')
+
+
+def in_process(main, argv, cwd=None, **kwargs):
+    """``main(argv, **kwargs)`` of a ``pmm_torchreid.cli`` module in this
+    process, from ``cwd``, for what a child process would cost in imports:
+    ``returncode``, ``stdout`` and ``stderr`` as a child's run gives them (an
+    exception is printed as the script's process would print it, exit code 1;
+    ``SystemExit`` passes through)."""
+    import contextlib
+    import io
+    import traceback
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd or here)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in argv], **kwargs)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(here)
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(),
+                                 stderr=err.getvalue())

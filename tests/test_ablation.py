@@ -1,19 +1,16 @@
 """scripts/ablation.py end to end on the synthetic data: two tiny settings,
 killed after the first run and rerun (finished runs are skipped), the table
 and the raw results."""
-import contextlib
 import csv
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import types
 
 import pytest
-from helpers import CONFIG, ENV, ROOT, SMALL
+from helpers import CONFIG, ENV, ROOT, SMALL, in_process
 
 MAIN = os.path.join(ROOT, 'scripts', 'main.py')
 
@@ -51,15 +48,10 @@ def children_of(out):
     return found
 
 
-def in_process(argv):
-    """scripts/ablation.py's main in this process: its exit code and what it
-    printed (stdout, stderr)."""
+def run_ablation(argv):
+    """scripts/ablation.py's main in this process (its runs are children)."""
     from pmm_torchreid.cli.ablation import main
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv, main_script=MAIN)
-    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(),
-                                 stderr=err.getvalue())
+    return in_process(main, argv, main_script=MAIN)
 
 
 @pytest.fixture(scope='module')
@@ -88,8 +80,8 @@ def killed_then_rerun(synthetic_root, tmp_path_factory):
         os.path.join(second, 'results.json'))
     # 2) rerun: the finished run is skipped, the other one runs; 3) once
     # more: nothing left to do (both in this process: the runs are children)
-    rerun, again = in_process(ablation_cmd(synthetic_root, out)[2:]), \
-        in_process(ablation_cmd(synthetic_root, out)[2:])
+    rerun, again = run_ablation(ablation_cmd(synthetic_root, out)[2:]), \
+        run_ablation(ablation_cmd(synthetic_root, out)[2:])
     return dict(out=out, first=first, second=second, killed_log=killed_log,
                 orphans=orphans, rerun=rerun, again=again,
                 second_done_when_killed=second_done_when_killed)
@@ -170,7 +162,7 @@ def test_other_recipe_in_the_same_folder_is_refused(killed_then_rerun,
     out = killed_then_rerun['out']
     before = sorted(os.listdir(out))
     with pytest.raises(SystemExit) as info:
-        in_process(ablation_cmd(synthetic_root, out)[2:-len(TINY)] + TINY[:-2] +
+        run_ablation(ablation_cmd(synthetic_root, out)[2:-len(TINY)] + TINY[:-2] +
                    ['loss.triplet.weight_x', '0.5'])
     message = str(info.value)
     assert 'holds runs of another recipe' in message

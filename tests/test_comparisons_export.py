@@ -4,8 +4,6 @@ tests/test_export.py: the eval-mode FMN and MagnifierNet networks export
 reproduces PyTorch on random and real images at batch sizes 1 and 5."""
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,12 +13,11 @@ onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')
 
-from helpers import ENV, ROOT  # noqa: E402
+from helpers import ROOT, in_process  # noqa: E402
 
 from pmm_torchreid import launch  # noqa: E402
 from pmm_torchreid.utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
-SCRIPT = os.path.join(ROOT, 'scripts', 'export.py')
 CONFIG = os.path.join(ROOT, 'configs', 'pmm_demo.yaml')
 #: model -> descriptor size
 MODELS = {'fmn_resnet18': 1024, 'magnifiernet_osnet_x0_25': 1536}
@@ -57,10 +54,10 @@ def exported(request, synthetic_root, tmp_path_factory):
     weights = str(work / 'weights' / 'model.pth.tar-1')
     save_checkpoint({'state_dict': net.state_dict(), 'epoch': 1}, weights)
     save_dir = str(work / 'log')
-    cmd = [sys.executable, SCRIPT, '--config-file', CONFIG, '--root',
-           synthetic_root, '-m', model] + overrides(save_dir, weights)
-    proc = subprocess.run(cmd, cwd=str(work), env=ENV, capture_output=True,
-                          text=True, timeout=600)
+    from pmm_torchreid.cli.export import main
+    proc = in_process(main, ['--config-file', CONFIG, '--root', synthetic_root,
+                             '-m', model] + overrides(save_dir, weights),
+                      cwd=str(work))
     return model, os.path.join(save_dir, 'model.onnx'), weights, proc
 
 

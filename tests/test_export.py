@@ -1,8 +1,9 @@
-"""scripts/export.py, run as a user runs it (a subprocess, from a folder that
-is not the repository): ONNX files of pmm_resnet18, pmm_osnet_x0_25 (the
-default dynamo exporter) and bdb_resnet18 (the TorchScript exporter) that
-onnxruntime runs like PyTorch, on random and real images at two batch sizes;
-the deployment facts it prints and stores; and its errors."""
+"""scripts/export.py, run as a user runs it, from a folder that is not the
+repository (its main in this process; once the script in a child process):
+ONNX files of pmm_resnet18, pmm_osnet_x0_25 (the default dynamo exporter)
+and bdb_resnet18 (the TorchScript exporter) that onnxruntime runs like
+PyTorch, on random and real images at two batch sizes; the deployment facts
+it prints and stores; and its errors."""
 import glob
 import json
 import os
@@ -18,7 +19,7 @@ onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')  # torch's default (dynamo) exporter needs it
 
-from helpers import ENV, ROOT  # noqa: E402
+from helpers import ENV, ROOT, in_process  # noqa: E402
 
 from pmm_torchreid import launch  # noqa: E402
 from pmm_torchreid.data import read_image  # noqa: E402
@@ -67,11 +68,17 @@ def make_checkpoint(root, model, path):
     return path
 
 
-def run_export(root, model, save_dir, weights, *options, cwd):
-    cmd = [sys.executable, SCRIPT, '--config-file', CONFIG, '--root', root,
-           '-m', model] + list(options) + overrides(model, save_dir, weights)
-    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+def run_export(root, model, save_dir, weights, *options, cwd, child=False):
+    """scripts/export.py's main run from ``cwd``, in this process (with
+    ``child``: the script itself, in a child process): its exit code and
+    what it printed (``returncode``, ``stdout``, ``stderr``)."""
+    from pmm_torchreid.cli.export import main
+    argv = ['--config-file', CONFIG, '--root', root, '-m', model] + \
+        list(options) + overrides(model, save_dir, weights)
+    if child:
+        return subprocess.run([sys.executable, SCRIPT] + argv, cwd=cwd, env=ENV,
+                              capture_output=True, text=True, timeout=300)
+    return in_process(main, argv, cwd)
 
 
 def torch_model(root, model, weights):
@@ -206,7 +213,7 @@ def bdb_weights(synthetic_root, tmp_path_factory):
 @pytest.mark.slow
 def test_missing_load_weights_names_the_key(synthetic_root, tmp_path):
     proc = run_export(synthetic_root, 'pmm_resnet18', str(tmp_path / 'log'),
-                      None, cwd=str(tmp_path))
+                      None, cwd=str(tmp_path), child=True)  # the script itself
     assert proc.returncode == 1
     assert 'model.load_weights is empty' in proc.stderr
     assert not os.path.exists(tmp_path / 'log' / 'model.onnx')

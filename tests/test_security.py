@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, SHARED
+from helpers import ROOT, SHARED, main_args, script
 
 import pmm_torchreid.models.backbones as backbones
 from pmm_torchreid.models.backbones import build_backbone
@@ -71,14 +71,8 @@ def test_loading_refuses_every_malicious_file_and_runs_nothing(tmp_path):
 @pytest.mark.parametrize('key', ['model.load_weights', 'model.resume'])
 def test_main_refuses_a_malicious_checkpoint(key, tmp_path, synthetic_root):
     flag, files = malicious_files(tmp_path)
-    proc = subprocess.run(
-        [sys.executable, osp.join('scripts', 'main.py'), '--config-file',
-         osp.join('configs', 'pmm_demo.yaml'), '--root', synthetic_root,
-         'data.save_dir', str(tmp_path / 'log'), 'data.workers', '0',
-         key, files[1]],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, OMP_NUM_THREADS='1')
-    )
+    proc = script('main.py', *main_args(synthetic_root, str(tmp_path / 'log'),
+                                        key, files[1]), check=False)
     assert proc.returncode != 0
     assert 'refused to load "{}"'.format(files[1]) in proc.stderr
     assert not osp.exists(flag)
