@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import torchreid
-from helpers import CONFIG, ENV, ROOT, SMALL, SMALL_QUERIES, script
+from helpers import CONFIG, ENV, ROOT, SMALL, SMALL_QUERIES, in_process
 
 pytestmark = pytest.mark.slow
 
@@ -184,8 +184,9 @@ def test_evaluation_only_with_visrank_needs_no_masks(magnifiernet,
 
 
 def test_visualize_refuses_bdb_with_a_message(synthetic_root, tmp_path):
-    proc = script('visualize_gradcam.py', '--config-file', CONFIG, '--root',
-                  synthetic_root, '-m', 'bdb_resnet18', 'data.save_dir',
-                  str(tmp_path), *TINY, check=False)
+    from pmm_torchreid.cli.pictures import main
+    proc = in_process(main, ['--config-file', CONFIG, '--root', synthetic_root,
+                             '-m', 'bdb_resnet18', 'data.save_dir', str(tmp_path)]
+                      + TINY)
     assert proc.returncode != 0
     assert 'need a PMM model' in proc.stderr and 'MagnifierNet' in proc.stderr

@@ -211,7 +211,7 @@ def test_a_hung_rank_stops_the_other_within_the_timeout(synthetic_root,
     # rank 1 sleeps at the start of epoch 1, iteration 2 (after one step
     # taken together); rank 0 waits in that step's gradient all-reduce and
     # must give up after train.dist_timeout, not wait for rank 1 forever
-    timeout = 15
+    timeout = 8
     marker = str(tmp_path / 'hung.marker')
     procs = launch_by_hand(
         [DRIVER, 'hang_at:1:2:1', marker, '--'] +

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, main_args, script
+from helpers import ROOT, in_process, main_args, script
 from PIL import Image
 
 from pmm_torchreid.config import get_default_config
@@ -372,18 +372,17 @@ def test_visualize_gradcam_script_writes_panels_sheet_and_overlap(
     assert np.abs(tile - other).mean() > 12
 
 
-@pytest.mark.slow
 def test_visualize_gradcam_refuses_bad_indices(synthetic_root, tmp_path):
-    cmd = [sys.executable, os.path.join('scripts', 'visualize_gradcam.py'),
-           '--config-file', os.path.join('configs', 'pmm_demo.yaml'),
-           '--root', synthetic_root, '--indices', '0', '400',
-           '--output', str(tmp_path / 'out'),  # ends the --indices list
-           'data.save_dir', str(tmp_path)] + FAST
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=_env())
+    from pmm_torchreid.cli.pictures import main
+    proc = in_process(main, [
+        '--config-file', os.path.join(ROOT, 'configs', 'pmm_demo.yaml'),
+        '--root', synthetic_root, '--indices', '0', '400',
+        '--output', str(tmp_path / 'out'),  # ends the --indices list
+        'data.save_dir', str(tmp_path)] + FAST)
     assert proc.returncode != 0
     assert '--indices [400]: the query set of pmm_synthetic has 400' in \
         proc.stderr
+    assert not (tmp_path / 'out').exists()
 
 
 @pytest.mark.slow
