@@ -116,6 +116,23 @@ def build_model(cfg, num_classes: int) -> nn.Module:
     )
 
 
+def check_data_parallel_amp(cfg, num_gpus: int) -> None:
+    """Refuses ``train.amp`` on several GPUs in one process.
+
+    ``nn.DataParallel`` runs each replica in a thread of its own, and a thread
+    starts outside the engine's autocast. It re-enters autocast without the
+    engine's dtype, which on CUDA means float16, and there is no gradient
+    scaler for it. Several GPUs train with ``train.amp`` under torchrun.
+    """
+    if cfg.train.amp and cfg.loss.name == 'pmm' and num_gpus > 1:
+        raise ValueError(
+            'config train.amp = True with {n} visible GPUs in one process: '
+            'nn.DataParallel would run its replicas in float16 without a '
+            'gradient scaler. Start one process per GPU instead (torchrun '
+            '--nproc_per_node {n} scripts/main.py ...), or use one GPU '
+            '(CUDA_VISIBLE_DEVICES=0), or set train.amp False'.format(n=num_gpus))
+
+
 def build_engine(cfg, datamanager, model, optimizer, scheduler,
                  seed: Optional[int] = None):
     """The engine for ``loss.name`` (with the run records); ``seed`` is the
@@ -133,6 +150,10 @@ def build_engine(cfg, datamanager, model, optimizer, scheduler,
         return RecordedPMMEngine(
             datamanager, model, optimizer, scheduler=scheduler, **kwargs
         )
+    if cfg.train.amp:
+        print('** train.amp has no effect with loss.name = {!r}: torchreid\'s '
+              'own engines train in float32 (only loss.name \'pmm\' trains '
+              'with autocast)'.format(cfg.loss.name))
     if cfg.loss.name == 'softmax':
         engine_cls = with_run_records(torchreid.engine.ImageSoftmaxEngine)
         return engine_cls(
@@ -244,6 +265,7 @@ def _run(cfg, started, built):
         if cfg.train.sync_bn:
             print('** train.sync_bn has no effect in a single process')
         if cfg.use_gpu:
+            check_data_parallel_amp(cfg, torch.cuda.device_count())
             model = nn.DataParallel(model).cuda()
 
     # the network itself: torchreid finds staged_lr's layers on it

@@ -14,10 +14,31 @@ from pmm_torchreid.models.guidance import HardMix, grad_cam
 def test_amp_settings_per_device(monkeypatch):
     assert amp_settings(False, 'cuda') == (None, False)
     assert amp_settings(True, 'cpu') == (None, False)  # a GPU setting only
-    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda: True)
-    assert amp_settings(True, 'cuda') == (torch.bfloat16, False)
-    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda: False)
+
+    def gpu(native, emulated=True):
+        """torch.cuda.is_bf16_supported of a GPU, with its real signature."""
+        def is_bf16_supported(including_emulation=True):
+            return native or (including_emulation and emulated)
+        return is_bf16_supported
+
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', gpu(native=True))
+    assert amp_settings(True, 'cuda') == (torch.bfloat16, False)  # A100, H100
+    # V100 / T4: bfloat16 only emulated (slow): float16 with a scaler
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', gpu(native=False))
     assert amp_settings(True, 'cuda') == (torch.float16, True)
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported',
+                        gpu(native=False, emulated=False))
+    assert amp_settings(True, 'cuda') == (torch.float16, True)
+
+    def old_torch(including_emulation=None):  # no such argument: TypeError
+        if including_emulation is not None:
+            raise TypeError('unexpected keyword argument')
+        return True
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', old_torch)
+    for capability, dtype in (((7, 0), torch.float16), ((8, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, 'get_device_capability',
+                            lambda *a, c=capability: c)
+        assert amp_settings(True, 'cuda')[0] is dtype
 
 
 _engine, _batch = pmm_engine, batch
@@ -134,3 +155,57 @@ def test_channels_last_on_for_resnets_on_a_gpu_only():
         # the same SGD step (lr 0.01) from the same weights
         assert float((other - p).abs().max()) <= 0.01 * (1e-3 * scale + 1e-5) \
             + 1e-6, name
+
+
+def test_the_mixed_target_stays_float32_under_autocast():
+    """Under bfloat16 autocast the logits are bfloat16; the soft target of a
+    mixed stage is not rounded with them (a bfloat16 row of 0.875 / 0.125
+    shares plus smoothing would not sum to 1)."""
+    from pmm_torchreid.engine.losses import mixed_cross_entropy, mixed_targets
+    torch.manual_seed(0)
+    logits = torch.randn(6, 751).bfloat16()
+    labels, partners = torch.arange(6), torch.arange(6).flip(0)
+    weight = torch.full((6,), 0.125)
+    target = mixed_targets(labels, partners, weight, 751, 0.1)
+    assert target.dtype == torch.float32
+    torch.testing.assert_close(target.sum(1), torch.ones(6), rtol=0, atol=1e-6)
+    want = -(target * torch.log_softmax(logits.float(), 1)).sum(1).mean()
+    got = mixed_cross_entropy(logits, labels, partners, weight, 0.1)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    rounded = -(target.bfloat16() * torch.log_softmax(logits, 1)).sum(1).mean()
+    assert not torch.equal(got, rounded.float())  # what bfloat16 would give
+
+
+def test_amp_on_several_gpus_in_one_process_is_refused():
+    from pmm_torchreid.launch import check_data_parallel_amp
+    cfg = C.get_default_config()
+    C.merge_file(cfg, ROOT + '/configs/pmm_market1501.yaml')
+    cfg.train.amp = True
+    check_data_parallel_amp(cfg, 1)  # one GPU: autocast in the engine
+    with pytest.raises(ValueError, match=r'train.amp = True with 2 visible GPUs '
+                       r'in one process.*torchrun --nproc_per_node 2'):
+        check_data_parallel_amp(cfg, 2)
+    cfg.train.amp = False
+    check_data_parallel_amp(cfg, 4)  # float32 replicas are fine
+    cfg.train.amp, cfg.loss.name = True, 'softmax'
+    check_data_parallel_amp(cfg, 4)  # torchreid's engines: no autocast at all
+
+
+def test_amp_with_torchreids_engines_says_it_does_nothing(capsys):
+    import types
+
+    from pmm_torchreid.launch import build_engine
+    cfg = C.get_default_config()
+    C.merge_file(cfg, ROOT + '/configs/pmm_demo.yaml')
+    cfg.use_gpu, cfg.train.amp, cfg.loss.name = False, True, 'softmax'
+    model = torch.nn.Linear(2, 2)
+    fake = types.SimpleNamespace(train_loader=None, test_loader={},
+                                 num_train_pids=2)
+    build_engine(cfg, fake, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                 None)
+    assert "train.amp has no effect with loss.name = 'softmax'" in \
+        capsys.readouterr().out
+    cfg.train.amp = False
+    build_engine(cfg, fake, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                 None)
+    assert 'train.amp' not in capsys.readouterr().out

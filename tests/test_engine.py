@@ -1,5 +1,6 @@
 """PMMEngine's training step, its losses, checkpoints, schedule and Cutout."""
 import os
+import types
 
 import numpy as np
 import pytest
@@ -344,3 +345,53 @@ def test_mixed_stages_take_mixed_targets_and_triplet_the_anchor_label(mix):
             batch_hard_triplet(emb, pids).item(), rel=1e-6)
         assert summary['acc{}'.format(s)] == pytest.approx(
             (logits.argmax(1) == pids).float().mean().item() * 100)
+
+
+def test_resuming_with_fewer_gpus_restores_those_there_are(monkeypatch):
+    """A checkpoint saved on 2 GPUs, resumed with 1 visible: the first GPU's
+    state is restored, with a warning that the run is not exact (it used to
+    stop with an IndexError)."""
+    import warnings
+
+    from pmm_torchreid.utils import checkpoint
+    state = checkpoint.capture_rng_state()
+    state['cuda'] = [torch.full((16,), 1, dtype=torch.uint8),
+                     torch.full((16,), 2, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'set_rng_state',
+                        lambda s, device: restored.append((int(s[0]), device)))
+    for visible, want in ((1, [(1, 0)]), (2, [(1, 0), (2, 1)]),
+                          (3, [(1, 0), (2, 1)])):
+        restored.clear()
+        monkeypatch.setattr(torch.cuda, 'device_count', lambda v=visible: v)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            checkpoint.restore_rng_state(state)
+        assert restored == want
+        messages = [str(w.message) for w in caught]
+        if visible == 2:
+            assert messages == []
+        else:
+            assert len(messages) == 1 and 'states of 2 GPU(s), {} are visible'.format(
+                visible) in messages[0]
+
+
+@pytest.mark.parametrize('stages', [1, 2, 3])
+def test_every_parameter_gets_a_gradient_in_a_step(stages):
+    """What DistributedDataParallel needs of a model: no parameter without a
+    gradient (with pmm.num_stages 1, the unused part trunk once stopped a
+    2-process run with "Expected to have finished reduction")."""
+    from pmm_torchreid.models import PMM
+    torch.manual_seed(0)
+    model = PMM(4, backbone='resnet18', pretrained=False, num_stages=stages)
+    assert (model.part_trunk is None) == (stages == 1)
+    engine = PMMEngine(types.SimpleNamespace(train_loader=None, test_loader={}),
+                       model, torch.optim.SGD(model.parameters(), lr=0.0),
+                       use_gpu=False, block_size=(2, 1), top_k=2, seed=1)
+    model.train()
+    engine.forward_backward(batch())
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+    model.eval()
+    assert model(batch()['img']).shape == (8, 512 * stages)

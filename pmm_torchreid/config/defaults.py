@@ -143,8 +143,9 @@ def add_pmm_config(cfg: CN) -> CN:
     # the warm-up staircase counts epochs from this number (1: the reference
     # code's 1-based count, so its first step lasts interval - 1 epochs)
     cfg.train.warmup_offset = 0
-    # mixed precision on a GPU: bfloat16 autocast (float16 + gradient scaler
-    # where bfloat16 is missing); Grad-CAMs stay float32; no effect on a CPU
+    # mixed precision on a GPU: bfloat16 autocast where the GPU has it natively
+    # (compute capability >= 8.0), float16 + gradient scaler elsewhere (V100,
+    # T4); Grad-CAMs stay float32; no effect on a CPU
     cfg.train.amp = False
     # runs on several processes (torchrun; pmm_torchreid/distributed.py):
     # BatchNorm statistics over every rank's share (SyncBatchNorm; GPUs only)

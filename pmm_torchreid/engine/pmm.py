@@ -31,10 +31,24 @@ __all__ = ['PMMEngine', 'RecordedPMMEngine', 'amp_settings']
 __all__ += ['MAX_QUIET_SHARE']  # defined with the config checks
 
 
+def native_cuda_bf16() -> bool:
+    """Whether the current GPU computes in bfloat16 natively (compute
+    capability 8.0 or later: A100, H100, RTX 30xx and later).
+
+    ``torch.cuda.is_bf16_supported()`` alone also counts emulation, which
+    runs bfloat16 slowly on V100s and T4s; those train in float16 with a
+    gradient scaler instead.
+    """
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # a torch without the argument: ask the hardware
+        return torch.cuda.get_device_capability() >= (8, 0)
+
+
 def amp_settings(amp: bool, device_type: str):
     """``(autocast dtype or None, use a gradient scaler)`` for ``train.amp``
-    on ``device_type``: bfloat16 on a GPU that has it, else float16 with a
-    scaler; nothing on the CPU (``train.amp`` is a GPU setting).
+    on ``device_type``: bfloat16 on a GPU that has it natively, else float16
+    with a scaler; nothing on the CPU (``train.amp`` is a GPU setting).
 
     Examples::
 
@@ -43,7 +57,7 @@ def amp_settings(amp: bool, device_type: str):
     """
     if not amp or device_type != 'cuda':
         return None, False
-    if torch.cuda.is_bf16_supported():
+    if native_cuda_bf16():
         return torch.bfloat16, False
     return torch.float16, True
 

@@ -72,6 +72,13 @@ class PMM(Trunk):
             PartHead(self.feature_channels, embedding_dim, num_classes)
             for _ in range(num_stages - 1)
         )
+        if num_stages == 1:
+            # stage I alone uses no part map: a part trunk would be parameters
+            # that never get a gradient, which DistributedDataParallel refuses
+            # ("Expected to have finished reduction ..."). It was built (the
+            # seeded initialisation of the heads is what it always was) and
+            # is dropped here.
+            self.part_trunk = None
         self.feature_dim = embedding_dim * num_stages
 
     def forward(

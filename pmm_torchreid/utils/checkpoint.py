@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from collections import OrderedDict
 from typing import Optional
 
@@ -93,7 +94,15 @@ def restore_rng_state(state: dict) -> None:
     )
     torch.set_rng_state(state['torch'])
     if state.get('cuda') is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+        saved, visible = list(state['cuda']), torch.cuda.device_count()
+        if len(saved) != visible:
+            warnings.warn(
+                'the checkpoint holds the random-number states of {} GPU(s), '
+                '{} are visible: restoring those of the first {}; the resumed '
+                'run is not an exact continuation'.format(
+                    len(saved), visible, min(len(saved), visible)))
+        for device, gpu_state in enumerate(saved[:visible]):
+            torch.cuda.set_rng_state(gpu_state, device)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
