@@ -2,6 +2,7 @@
 scripts/*.py, one runner, a PMM engine on no data, one batch, and the
 comparison of two checkpoints.  Test files import from here, never from
 each other."""
+import io
 import os
 import os.path as osp
 import re
@@ -139,16 +140,27 @@ def assert_same_checkpoints(a, b):
     _same(a['rng_state'], b['rng_state'], 'rng_state')
 
 
+class _Console(io.StringIO):
+    """What a program in this process prints to.  torchreid's ``Logger``
+    (which scripts/main.py puts on ``sys.stdout``) closes the stream it wraps
+    when it is closed or collected: this one stays readable."""
+
+    def close(self):
+        pass
+
+
 def in_process(main, argv, cwd=None, **kwargs):
     """``main(argv, **kwargs)`` of a ``pmm_torchreid.cli`` module in this
-    process, from ``cwd``, for what a child process would cost in imports:
+    process (one torch thread, as in a child), from ``cwd``, without what a
+    child process costs in imports:
     ``returncode``, ``stdout`` and ``stderr`` as a child's run gives them (an
     exception is printed as the script's process would print it, exit code 1;
     ``SystemExit`` passes through)."""
     import contextlib
-    import io
     import traceback
-    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    out, err, here = _Console(), _Console(), os.getcwd()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as ENV gives a child: bit-exact, one core
     os.chdir(cwd or here)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -159,5 +171,6 @@ def in_process(main, argv, cwd=None, **kwargs):
                 code = 1
     finally:
         os.chdir(here)
+        torch.set_num_threads(threads)
     return types.SimpleNamespace(returncode=code, stdout=out.getvalue(),
                                  stderr=err.getvalue())

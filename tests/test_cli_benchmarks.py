@@ -147,3 +147,57 @@ def test_cuhk01_splits_writes_the_recorded_partitions(tmp_path, capsys,
     assert _run_script('cuhk01_splits.py', '--root', tmp_path,
                        monkeypatch=monkeypatch) == 0
     assert target.stat().st_mtime_ns == before
+
+
+def test_a_forced_precision_is_the_one_the_step_uses():
+    """throughput(dtype=...) (--precision bf16 / fp16): the engine's step
+    runs under that autocast dtype, float16 with a gradient scaler."""
+    import torch
+
+    from pmm_torchreid.bench import training
+    seen = []
+    real = training.PMMEngine.forward_backward
+
+    def spy(self, data):  # the step's settings only: a float16 step on a
+        seen.append((self.amp_dtype, self.scaler is not None))  # CPU is slow
+        return {}
+    training.PMMEngine.forward_backward = spy
+    try:
+        for dtype in (torch.float16, torch.bfloat16, None):
+            train, extract = training.throughput(
+                'pmm_resnet18', 'hard_mix', dtype is not None, 'cpu', batch=8,
+                height=96, width=64, repeats=1, warmup=0, dtype=dtype)
+            assert train > 0 and extract > 0
+    finally:
+        training.PMMEngine.forward_backward = real
+    assert seen == [(torch.float16, True), (torch.bfloat16, False), (None, False)]
+
+
+def test_the_device_table_has_a_row_per_model_and_precision(monkeypatch, capsys):
+    """bench_device's table (what --device cuda prints), its arithmetic
+    checked on made-up throughputs: fp16 twice as fast as fp32, guided
+    steps 0.8 of unguided."""
+    import torch
+
+    from pmm_torchreid.bench import training
+    calls = []
+
+    def fake(name, mix, amp, device, *args, dtype=None, **kwargs):
+        calls.append((name, mix, amp, dtype))
+        speed = 100.0 * (2 if dtype is torch.float16 else 1) * \
+            (0.8 if mix == 'hard_mix' else 1)
+        return speed, 3 * speed
+    monkeypatch.setattr(training, 'throughput', fake)
+    results = training.bench_device('cpu', repeats=1, warmup=0,
+                                    precisions=('fp32', 'fp16'))
+    assert calls == [(m, mix, p == 'fp16', torch.float16 if p == 'fp16' else None)
+                     for m, mix in [('pmm_resnet50', 'hard_mix'), ('pmm_resnet50', 'none'),
+                                    ('bdb_resnet50', 'none')] for p in ('fp32', 'fp16')]
+    assert results[('pmm_resnet50', 'hard_mix', 'fp16')][:2] == (160.0, 480.0)
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()
+            if line.split()[:1] in (['pmm_resnet50'], ['bdb_resnet50'])]
+    assert [(r[2], r[4]) for r in rows] == [('fp32', '1.00x'), ('fp16', '2.00x')] * 3
+    assert 'peak GiB' in out
+    assert 'guided / unguided training throughput, fp32: 0.800' in out
+    assert 'guided / unguided training throughput, fp16: 0.800' in out

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import torchreid
-from helpers import SMALL_QUERIES, main_args, script
+from helpers import SMALL_QUERIES, in_process, main_args
 
 
 @pytest.mark.slow
@@ -32,10 +32,13 @@ def test_evaluate_with_visrank_writes_ranked_images(demo_run, synthetic_root,
                                                     tmp_path):
     save_dir, _ = demo_run
     vis_dir = str(tmp_path / 'eval')
-    out = script('main.py', *main_args(
+    from pmm_torchreid.cli.train import main
+    proc = in_process(main, main_args(  # scripts/main.py's main, in process
         synthetic_root, vis_dir, 'test.evaluate', 'True', 'test.visrank',
         'True', 'test.visrank_topk', '3', 'model.load_weights',
-        os.path.join(save_dir, 'model', 'model.pth.tar-2'))).stdout
+        os.path.join(save_dir, 'model', 'model.pth.tar-2')))
+    assert proc.returncode in (0, None), proc.stderr[-3000:]
+    out = proc.stdout
     assert 'Loaded pretrained weights' in out and 'mAP:' in out
     # the evaluation of the trained weights is the one the run printed
     train_log = glob.glob(os.path.join(save_dir, 'train.log-*'))[0]

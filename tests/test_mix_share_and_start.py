@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import ROOT, assert_same_checkpoints, batch, main_args, pmm_engine, script
+from helpers import ROOT, assert_same_checkpoints, batch, in_process, main_args, pmm_engine
 
 from pmm_torchreid import config as C
 from pmm_torchreid.config import checks
@@ -188,9 +188,12 @@ def test_resume_across_the_start_epoch_equals_the_straight_run(
     straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
     extra = ['train.max_epoch', '2', 'pmm.mix_start_epoch', '1']
 
-    def run(save_dir, *more):
-        return script('main.py', *main_args(synthetic_root, save_dir, *extra),
-                      *more).stdout
+    def run(save_dir, *more):  # scripts/main.py's main, in this process
+        from pmm_torchreid.cli.train import main
+        proc = in_process(main, main_args(synthetic_root, save_dir, *extra) +
+                          list(more))
+        assert proc.returncode in (0, None), proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc.stdout
 
     out = run(straight)
     assert 'Mixing (HardMix(block=(1, 1), k=1)) starts with this epoch (2)' \

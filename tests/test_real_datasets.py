@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+from helpers import ENV, ROOT, SHARED
 from PIL import Image
 
 import pmm_torchreid  # noqa: F401  (registers the PMM models)
@@ -29,9 +30,9 @@ from pmm_torchreid import config as C
 from pmm_torchreid import launch
 from pmm_torchreid.data import Cutout, build_datamanager
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+REPO = ROOT
 CUHK03_CONFIG = osp.join(REPO, 'configs', 'pmm_cuhk03.yaml')
-CUHK01_CAMPUS = osp.join(osp.dirname(REPO), 'shared', 'data', 'cuhk01', 'campus')
+CUHK01_CAMPUS = osp.join(SHARED, 'data', 'cuhk01', 'campus')
 
 
 main_script = launch
@@ -211,14 +212,10 @@ def test_fabricated_variants_are_distinguishable(tmp_path):
 # helpers for scripts/main.py runs
 # ---------------------------------------------------------------------------
 def run_main(args, timeout):
-    env = dict(os.environ)
-    # one intra-op thread unless told otherwise: these runs are small, and on a
-    # 2-core machine shared with other jobs torch's spinning OpenMP threads
-    # made them up to 10x slower (a 1-epoch CUHK01 run: 27 s vs 6 min)
-    env.setdefault('OMP_NUM_THREADS', '1')
-    env['PYTHONPATH'] = os.pathsep.join(
-        [REPO] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else [])
-    )
+    # one intra-op thread (on a 2-core machine shared with other jobs torch's
+    # spinning OpenMP threads made these runs up to 10x slower: a 1-epoch
+    # CUHK01 run took 27 s vs 6 min), and the CPU whatever GPUs there are
+    env = dict(ENV)
     proc = subprocess.run(
         [sys.executable, osp.join('scripts', 'main.py')] + list(args),
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

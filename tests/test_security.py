@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, SHARED, main_args, script
+from helpers import ROOT, SHARED, in_process, main_args
 
 import pmm_torchreid.models.backbones as backbones
 from pmm_torchreid.models.backbones import build_backbone
@@ -67,12 +67,14 @@ def test_loading_refuses_every_malicious_file_and_runs_nothing(tmp_path):
         assert not osp.exists(flag)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('key', ['model.load_weights', 'model.resume'])
 def test_main_refuses_a_malicious_checkpoint(key, tmp_path, synthetic_root):
+    """scripts/main.py's main, in this process: had it unpickled the file,
+    the payload would have run here and left its flag."""
+    from pmm_torchreid.cli.train import main
     flag, files = malicious_files(tmp_path)
-    proc = script('main.py', *main_args(synthetic_root, str(tmp_path / 'log'),
-                                        key, files[1]), check=False)
+    proc = in_process(main, main_args(synthetic_root, str(tmp_path / 'log'),
+                                      key, files[1]))
     assert proc.returncode != 0
     assert 'refused to load "{}"'.format(files[1]) in proc.stderr
     assert not osp.exists(flag)

@@ -32,7 +32,8 @@ from pmm_torchreid.models.guidance import (
     sample_negatives,
 )
 
-__all__ = ['ReferenceHardMix', 'bench_backbone', 'throughput', 'bench_device']
+__all__ = ['ReferenceHardMix', 'bench_backbone', 'throughput', 'bench_device',
+           'PRECISIONS']
 
 
 class ReferenceHardMix(HardMix):
@@ -102,11 +103,18 @@ def bench_backbone(backbone, batch, height, width, block, top_k, repeats,
     return med
 
 
+#: ``--precision`` of the GPU table -> (train.amp, forced autocast dtype)
+PRECISIONS = {'fp32': (False, None), 'amp': (True, None),
+              'bf16': (True, torch.bfloat16), 'fp16': (True, torch.float16)}
+
+
 def throughput(name, mix, amp, device, batch=64, height=384, width=128,
-               block=(3, 2), top_k=3, repeats=20, warmup=5):
+               block=(3, 2), top_k=3, repeats=20, warmup=5, dtype=None):
     """Training images/s of ``name`` with ``mix`` and ``amp`` on ``device``
     (the real engine step; channels-last for ResNets on CUDA), and the
-    images/s of feature extraction (eval mode, no gradients)."""
+    images/s of feature extraction (eval mode, no gradients).  ``dtype``
+    forces the autocast dtype of ``amp`` (float16 comes with a gradient
+    scaler) instead of what the GPU is given by default."""
     torch.manual_seed(0)
     cuda = device == 'cuda'
     ids = batch // 4
@@ -116,6 +124,10 @@ def throughput(name, mix, amp, device, batch=64, height=384, width=128,
     engine = PMMEngine(fake_dm, model, optimizer, use_gpu=cuda, mix=mix,
                        block_size=block, top_k=top_k, amp=amp,
                        channels_last=cuda and 'resnet' in name)
+    if amp and dtype is not None:
+        engine.amp_dtype = dtype
+        engine.scaler = torch.amp.GradScaler(engine.device_type) \
+            if dtype is torch.float16 else None
     images = torch.randn(batch, 3, height, width)
     data = {'img': images.pin_memory() if cuda else images,
             'pid': torch.arange(ids).repeat_interleave(batch // ids)}
@@ -148,29 +160,40 @@ def throughput(name, mix, amp, device, batch=64, height=384, width=128,
     return train, timed(extract, repeats)
 
 
-def bench_device(device, repeats, warmup, batch=64, height=384, width=128):
-    """The GPU table: training and extraction images/s, float32 vs AMP."""
+def bench_device(device, repeats, warmup, batch=64, height=384, width=128,
+                 precisions=('fp32', 'amp')):
+    """The GPU table: training and extraction images/s and the peak memory
+    of training, per precision (:data:`PRECISIONS`: ``amp`` is what
+    ``train.amp`` picks on this GPU; ``bf16``/``fp16`` force one)."""
     rows = [('pmm_resnet50', 'hard_mix'), ('pmm_resnet50', 'none'),
             ('bdb_resnet50', 'none')]
-    name = torch.cuda.get_device_name() if device == 'cuda' else 'cpu'
+    cuda = device == 'cuda'
+    name = torch.cuda.get_device_name() if cuda else 'cpu'
     print('torch {} | device {} | batch {} ({} ids x 4) | {}x{}'.format(
         torch.__version__, name, batch, batch // 4, height, width))
-    print('  {:<14} {:<9} {:>12} {:>12} {:>7} {:>13} {:>13}'.format(
-        'model', 'mix', 'fp32 img/s', 'AMP img/s', 'ratio', 'extract fp32',
-        'extract AMP'))
+    print('  {:<14} {:<9} {:<5} {:>12} {:>8} {:>13} {:>10}'.format(
+        'model', 'mix', 'prec', 'train img/s', 'vs fp32', 'extract img/s',
+        'peak GiB'))
     results = {}
     for model_name, mix in rows:
-        fp32 = throughput(model_name, mix, False, device, batch, height,
-                          width, repeats=repeats, warmup=warmup)
-        amp = throughput(model_name, mix, True, device, batch, height, width,
-                         repeats=repeats, warmup=warmup)
-        results[(model_name, mix)] = (fp32, amp)
-        print('  {:<14} {:<9} {:>12.1f} {:>12.1f} {:>6.2f}x {:>13.1f} '
-              '{:>13.1f}'.format(model_name, mix, fp32[0], amp[0],
-                                 amp[0] / fp32[0], fp32[1], amp[1]))
-    guided, plain = results[('pmm_resnet50', 'hard_mix')], \
-        results[('pmm_resnet50', 'none')]
-    print('  guided / unguided training throughput: fp32 {:.3f}, AMP '
-          '{:.3f}'.format(guided[0][0] / plain[0][0],
-                          guided[1][0] / plain[1][0]))
+        for prec in precisions:
+            amp, dtype = PRECISIONS[prec]
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            train, extract = throughput(model_name, mix, amp, device, batch,
+                                        height, width, repeats=repeats,
+                                        warmup=warmup, dtype=dtype)
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda \
+                else float('nan')
+            results[(model_name, mix, prec)] = (train, extract, peak)
+            base = results.get((model_name, mix, precisions[0]))[0]
+            print('  {:<14} {:<9} {:<5} {:>12.1f} {:>7.2f}x {:>13.1f} {:>10.2f}'
+                  .format(model_name, mix, prec, train, train / base, extract,
+                          peak))
+    for prec in precisions:
+        guided = results[('pmm_resnet50', 'hard_mix', prec)][0]
+        plain = results[('pmm_resnet50', 'none', prec)][0]
+        print('  guided / unguided training throughput, {}: {:.3f}'.format(
+            prec, guided / plain))
     return results

@@ -5,7 +5,8 @@ are :mod:`pmm_torchreid.bench.training`).
 
 With ``--device cuda`` it measures training throughput on a GPU instead:
 images/s of ``pmm_resnet50`` (``hard_mix`` and ``none``) and ``bdb_resnet50``
-at 384x128, batch 64, in float32 and with ``train.amp``, plus the images/s of
+at 384x128, batch 64, per ``--precision`` (float32, ``train.amp``, or a forced
+bfloat16 / float16), the peak GPU memory of training, plus the images/s of
 feature extraction for evaluation.
 """
 import argparse
@@ -13,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from pmm_torchreid.bench.training import bench_backbone, bench_device
+from pmm_torchreid.bench.training import PRECISIONS, bench_backbone, bench_device
 from pmm_torchreid.models.guidance import MIX_MODES
 
 
@@ -32,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help='torch threads (0: leave the default)')
     parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu',
                         help="'cuda': the GPU throughput table (fp32 vs AMP)")
+    parser.add_argument('--precision', nargs='+', default=['fp32', 'amp'],
+                        choices=list(PRECISIONS),
+                        help="with --device cuda: 'amp' is what train.amp "
+                        "picks on this GPU; 'bf16' and 'fp16' (with a "
+                        'gradient scaler) force one; the first is the base')
     parser.add_argument('--modes', nargs='+',
                         default=['none', 'hard_mix', 'reference'],
                         choices=list(MIX_MODES) + ['reference'],
@@ -51,7 +57,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                              'device here (torch {})'.format(
                                  torch.__version__))
         torch.backends.cudnn.benchmark = True
-        bench_device('cuda', max(args.repeats, 20), max(args.warmup, 5))
+        bench_device('cuda', max(args.repeats, 20), max(args.warmup, 5),
+                     precisions=tuple(args.precision))
         return
     if 'none' not in args.modes:
         args.modes.insert(0, 'none')
