@@ -35,11 +35,16 @@ COLLECTED = {}
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session, config, items):
+    import glob
     tests = os.path.join(ROOT, 'tests')
+    files = {str(i.path) for i in items}
     COLLECTED.update(
-        whole=all(os.path.abspath(str(a)) in (tests, ROOT) for a in config.args),
+        # all of tests/, and every test file gave tests (none skipped whole
+        # at import, none left out by --ignore)
+        whole=all(os.path.abspath(str(a)) in (tests, ROOT) for a in config.args)
+        and len(files) == len(glob.glob(os.path.join(tests, 'test_*.py'))),
         tests=len(items), slow=sum(1 for i in items if i.get_closest_marker('slow')),
-        files=len({str(i.path) for i in items}))
+        files=len(files))
 
 
 @pytest.fixture(scope='session')

@@ -166,6 +166,7 @@ def in_process(main, argv, cwd=None, **kwargs):
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 code = main([str(a) for a in argv], **kwargs)
+                code = 0 if code is None else code  # a script's exit status
             except Exception:
                 traceback.print_exc()
                 code = 1

@@ -160,6 +160,7 @@ def test_visualize_draws_the_masks(trained, synthetic_root, tmp_path):
             shares = [stats['share_' + r] for r in regions]
             # each share counts whole feature cells, the rest is background
             for value in shares + [stats['cell_agreement']]:
+                assert 0 <= value <= 1
                 assert value * cells == pytest.approx(round(value * cells))
             assert 0 <= sum(shares) <= 1
     from PIL import Image

@@ -31,7 +31,8 @@ def _documented(text, label):
 
 def test_the_documented_counts_are_what_pytest_collects(collected):
     if not collected.get('whole'):
-        pytest.skip('the counts are those of the whole suite: run pytest on tests/')
+        pytest.skip('the counts are those of the whole suite: run pytest on tests/ '
+                    'with every optional package installed')
     counts = {k: collected[k] for k in ('tests', 'slow', 'files')}
     text = open(DEVELOPING).read()
     got = {label: _documented(text, label) for label in counts}

@@ -37,7 +37,7 @@ from pmm_torchreid.visualize import (
 )
 
 FAST = [
-    'data.height', '64', 'data.width', '32', 'pmm.block_size', '[1, 1]',
+    'use_gpu', 'False', 'data.height', '64', 'data.width', '32', 'pmm.block_size', '[1, 1]',
     'pmm.top_k', '2', 'train.batch_size', '16', 'data.workers', '0',
     'train.print_freq', '10', 'test.eval_freq', '1',
 ]
