@@ -32,7 +32,7 @@ from pmm_torchreid.config import checks
 from pmm_torchreid.data.datamanager import build_datamanager
 from pmm_torchreid.engine.comparison import RecordedComparisonEngine
 from pmm_torchreid.engine.optim import build_lr_scheduler
-from pmm_torchreid.engine.pmm import RecordedPMMEngine
+from pmm_torchreid.engine.pmm import RecordedPMMEngine, precision_name
 from pmm_torchreid.engine.records import with_run_records
 from pmm_torchreid.models.factory import MODEL_FACTORY
 from pmm_torchreid.utils import distributed
@@ -255,11 +255,12 @@ def _run(cfg, started, built):
     if cfg.model.load_weights:
         load_pretrained_weights(model, cfg.model.load_weights)
 
+    if C.channels_last(cfg):  # every engine (torchreid's too): before DDP
+        print('train.channels_last: channels-last memory layout')
+        model = model.to(memory_format=torch.channels_last)
     if distributed.is_active():
         if cfg.use_gpu:
             model = model.cuda()  # this rank's GPU (set by distributed.init)
-            if cfg.loss.name == 'pmm' and C.engine_kwargs(cfg)['channels_last']:
-                model = model.to(memory_format=torch.channels_last)
         model = distributed.wrap_model(model, cfg)
     else:
         if cfg.train.sync_bn:
@@ -318,6 +319,9 @@ def write_results(cfg, engine, run_seconds: float,
         # held out of the training set (data.val_ids)
         'evaluated_on': 'validation' if cfg.data.val_ids else 'test',
         'val_ids': int(cfg.data.val_ids),
+        # how the steps computed (train.amp, train.channels_last)
+        'precision': precision_name(getattr(engine, 'amp_dtype', None)),
+        'channels_last': C.channels_last(cfg),
         'results': {name: dict(res) for name, res in engine.results.items()},
         'train_seconds': round(float(engine.train_seconds), 2),
         'run_seconds': round(float(run_seconds), 2),

@@ -7,13 +7,14 @@ from helpers import ROOT, batch, pmm_engine
 
 from pmm_torchreid import config as C
 from pmm_torchreid.engine import RecordedPMMEngine, amp_settings
+from pmm_torchreid.engine import pmm as engine_pmm
 from pmm_torchreid.models import PMM
 from pmm_torchreid.models.guidance import HardMix, grad_cam
 
 
 def test_amp_settings_per_device(monkeypatch):
     assert amp_settings(False, 'cuda') == (None, False)
-    assert amp_settings(True, 'cpu') == (None, False)  # a GPU setting only
+    assert amp_settings(False, 'cpu') == (None, False)
 
     def gpu(native, emulated=True):
         """torch.cuda.is_bf16_supported of a GPU, with its real signature."""
@@ -44,12 +45,55 @@ def test_amp_settings_per_device(monkeypatch):
 _engine, _batch = pmm_engine, batch
 
 
-def test_amp_has_no_effect_on_the_cpu(capsys):
+def cpu(avx512_bf16, amx):
+    """torch.cpu's feature checks of a CPU."""
+    return {'_is_avx512_bf16_supported': lambda: avx512_bf16,
+            '_is_amx_tile_supported': lambda: amx}
+
+
+@pytest.mark.parametrize('features, dtype', [
+    ((False, False), None),  # AVX2 (Zen 3): bfloat16 emulated, float32
+    ((True, False), torch.bfloat16),  # AVX512-BF16 (Zen 4, Cooper Lake)
+    ((False, True), torch.bfloat16),  # AMX (Sapphire Rapids)
+])
+def test_amp_on_the_cpu_is_bfloat16_where_native(monkeypatch, features,
+                                                  dtype):
+    for name, check in cpu(*features).items():
+        monkeypatch.setattr(torch.cpu, name, check)
+    assert engine_pmm.native_cpu_bf16() is (dtype is not None)
+    assert amp_settings(True, 'cpu') == (dtype, False)  # never a scaler
+
+
+def test_amp_without_native_bfloat16_trains_in_float32(monkeypatch, capsys):
+    for name, check in cpu(False, False).items():
+        monkeypatch.setattr(torch.cpu, name, check)
     plain = _engine().forward_backward(_batch())
     amp = _engine(amp=True)
-    assert 'no effect on the CPU' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert 'no native bfloat16' in out and 'training in float32' in out
     assert amp.amp_dtype is None and amp.scaler is None
     assert amp.forward_backward(_batch()) == plain
+
+
+def test_amp_with_native_bfloat16_autocasts_the_step(monkeypatch, capsys):
+    """On a CPU with native bfloat16 the step runs under bfloat16 autocast
+    (a convolution's output is bfloat16) and says so; stage I's losses (no
+    mix before them) stay near float32's (this untrained net's logits are
+    large, so bfloat16's rounding moves its cross-entropy by about 10 %)."""
+    for name, check in cpu(True, False).items():
+        monkeypatch.setattr(torch.cpu, name, check)
+    plain = _engine().forward_backward(_batch())
+    amp = _engine(amp=True)
+    assert 'bfloat16 autocast on the CPU' in capsys.readouterr().out
+    assert amp.amp_dtype is torch.bfloat16 and amp.scaler is None
+    seen = []
+    amp.model.backbone[0].register_forward_hook(
+        lambda module, inputs, output: seen.append(output.dtype))
+    summary = amp.forward_backward(_batch())
+    assert seen == [torch.bfloat16]
+    for key in ('loss_x1', 'loss_t1'):
+        assert summary[key] == pytest.approx(plain[key], rel=0.2), key
+    assert summary['loss'] != plain['loss']
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])

@@ -5,6 +5,7 @@ from pmm_torchreid.config.checks import check_config, check_paths
 from pmm_torchreid.config.defaults import add_comparison_config, add_pmm_config, get_default_config
 from pmm_torchreid.config.files import ConfigKeyError, dump_differences, merge_file, merge_list
 from pmm_torchreid.config.kwargs import (
+                                           channels_last,
                                            comparison_engine_kwargs,
                                            engine_kwargs,
                                            engine_run_kwargs,
@@ -32,5 +33,6 @@ __all__ = [
     'mixed_blocks', 'merge_file', 'merge_list', 'ConfigKeyError',
     'imagedata_kwargs', 'model_kwargs', 'optimizer_kwargs',
     'lr_scheduler_kwargs', 'engine_kwargs', 'comparison_engine_kwargs',
-    'engine_run_kwargs', 'dump_differences', 'check_config', 'check_paths'
+    'engine_run_kwargs', 'dump_differences', 'check_config', 'check_paths',
+    'channels_last'
 ]

@@ -143,10 +143,15 @@ def add_pmm_config(cfg: CN) -> CN:
     # the warm-up staircase counts epochs from this number (1: the reference
     # code's 1-based count, so its first step lasts interval - 1 epochs)
     cfg.train.warmup_offset = 0
-    # mixed precision on a GPU: bfloat16 autocast where the GPU has it natively
-    # (compute capability >= 8.0), float16 + gradient scaler elsewhere (V100,
-    # T4); Grad-CAMs stay float32; no effect on a CPU
+    # mixed precision: bfloat16 autocast where the device has it natively (GPUs
+    # of compute capability >= 8.0; CPUs with AVX512-BF16 or AMX), float16 +
+    # gradient scaler on older GPUs (V100, T4), float32 on other CPUs;
+    # Grad-CAMs, block choices and mixed targets stay float32
     cfg.train.amp = False
+    # channels-last (NHWC) memory layout of the model and the images: 'auto'
+    # (config.kwargs.channels_last: the layout measured faster for the
+    # backbone and device, docs/SPEED.md), True or False
+    cfg.train.channels_last = 'auto'
     # runs on several processes (torchrun; pmm_torchreid/distributed.py):
     # BatchNorm statistics over every rank's share (SyncBatchNorm; GPUs only)
     cfg.train.sync_bn = False

@@ -11,7 +11,48 @@ from yacs.config import CfgNode as CN
 
 from pmm_torchreid.config.defaults import get_default_config
 
-__all__ = ['merge_file', 'merge_list', 'dump_differences', 'ConfigKeyError']
+__all__ = ['merge_file', 'merge_list', 'dump_differences', 'ConfigKeyError',
+           'AUTO_BOOL_KEYS', 'auto_bool']
+
+
+#: keys that take ``'auto'``, True or False.  yacs keeps one type per key, so
+#: they are stored as the strings ``'auto'``, ``'True'`` and ``'False'``
+AUTO_BOOL_KEYS = ('train.channels_last',)
+
+
+def auto_bool(key: str, value) -> str:
+    """``value`` of an :data:`AUTO_BOOL_KEYS` key as stored: ``'auto'``,
+    ``'True'`` or ``'False'`` (a bool, or any capitalisation of the three).
+
+    Examples::
+
+        >>> auto_bool('train.channels_last', True), auto_bool('k', 'AUTO')
+        ('True', 'auto')
+
+    Raises:
+        ValueError: naming the key and the value.
+    """
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str):
+        spelled = {'auto': 'auto', 'true': 'True', 'false': 'False'}
+        if value.strip().lower() in spelled:
+            return spelled[value.strip().lower()]
+    raise ValueError("config {} = {!r}: expected 'auto', True or False".format(
+        key, value))
+
+
+def _auto_bools_in_tree(tree: CN, where: str) -> None:
+    for full in AUTO_BOOL_KEYS:
+        node = tree
+        *parents, leaf = full.split('.')
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            try:
+                node[leaf] = auto_bool(full, node[leaf])
+            except ValueError as error:
+                raise ValueError('{}: {}'.format(where, error)) from None
 
 
 def _all_keys(cfg: CN, prefix: str = '') -> List[str]:
@@ -87,7 +128,10 @@ def merge_file(cfg: CN, path: str) -> CN:
         raise FileNotFoundError('config file "{}" does not exist'.format(path))
     where = 'config file "{}"'.format(path)
     try:
-        cfg.merge_from_file(path)
+        with open(path) as f:
+            loaded = cfg.load_cfg(f)
+        _auto_bools_in_tree(loaded, where)
+        cfg.merge_from_other_cfg(loaded)
     except yaml.YAMLError as error:
         raise ValueError('{} is not valid yaml: {}'.format(where, error)) \
             from None
@@ -104,6 +148,15 @@ def merge_list(cfg: CN, opts: Sequence[str]) -> CN:
             'command-line overrides come as KEY VALUE pairs; got an odd '
             'number of items: {}'.format(opts)
         )
+    for i in range(0, len(opts), 2):
+        if opts[i] in AUTO_BOOL_KEYS:
+            value = opts[i + 1]
+            if isinstance(value, str) and value.strip() in ('True', 'False'):
+                value = value.strip() == 'True'
+            try:
+                opts[i + 1] = repr(auto_bool(opts[i], value))
+            except ValueError as error:
+                raise ValueError('command line: {}'.format(error)) from None
     try:
         cfg.merge_from_list(opts)
     except (KeyError, ValueError, AssertionError, AttributeError) as error:

@@ -8,13 +8,13 @@ from typing import Tuple
 from yacs.config import CfgNode as CN
 
 from pmm_torchreid.models.backbones import feature_map_size
-from pmm_torchreid.models.factory import model_backbone
+from pmm_torchreid.models.factory import MODEL_FACTORY, model_backbone
 from pmm_torchreid.models.families import family_of
 from pmm_torchreid.models.guidance import BlockChoice, check_block_grid
 
 __all__ = ['resolved_top_k', 'mixed_blocks', 'imagedata_kwargs', 'model_kwargs',
            'optimizer_kwargs', 'lr_scheduler_kwargs', 'engine_kwargs',
-           'comparison_engine_kwargs', 'engine_run_kwargs']
+           'comparison_engine_kwargs', 'engine_run_kwargs', 'channels_last']
 
 
 def resolved_top_k(cfg: CN) -> int:
@@ -118,10 +118,23 @@ def engine_kwargs(cfg: CN) -> dict:
     kwargs.update(use_gpu=cfg.use_gpu, seed=cfg.train.seed,
                   block_size=tuple(cfg.pmm.block_size),
                   mix_ratio=cfg.pmm.mix_ratio or None, amp=cfg.train.amp,
-                  # channels-last convolutions pay off for ResNets on GPUs
-                  channels_last=bool(cfg.use_gpu) and model_backbone(
-                      cfg.model.name).startswith('resnet'))
+                  channels_last=channels_last(cfg))
     return kwargs
+
+
+def channels_last(cfg: CN) -> bool:
+    """Whether the run trains in the channels-last memory layout:
+    ``train.channels_last`` when True or False; for ``'auto'`` on a GPU, for
+    ResNet backbones (faster convolutions with tensor cores), and on the CPU
+    never (float32 NCHW, until the accuracy check of docs/SPEED.md decides)."""
+    value = cfg.train.channels_last
+    if value != 'auto':
+        return value == 'True'
+    if not cfg.use_gpu:
+        return False
+    name = cfg.model.name
+    backbone = model_backbone(name) if name in MODEL_FACTORY else name
+    return backbone.startswith('resnet')
 
 
 def comparison_engine_kwargs(cfg: CN) -> dict:

@@ -45,21 +45,47 @@ def native_cuda_bf16() -> bool:
         return torch.cuda.get_device_capability() >= (8, 0)
 
 
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX,
+    as oneDNN needs for its bfloat16 convolutions and matmuls).
+
+    Elsewhere (AVX2 CPUs, e.g. AMD Zen 3) torch emulates bfloat16 on the CPU:
+    a PMM training step then runs about 10x SLOWER than in float32 (measured
+    on a Zen 3 EPYC, docs/SPEED.md), so ``train.amp`` trains in float32.
+    """
+    cpu = getattr(torch, 'cpu', None)
+    checks = ('_is_avx512_bf16_supported', '_is_amx_tile_supported')
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
 def amp_settings(amp: bool, device_type: str):
     """``(autocast dtype or None, use a gradient scaler)`` for ``train.amp``
-    on ``device_type``: bfloat16 on a GPU that has it natively, else float16
-    with a scaler; nothing on the CPU (``train.amp`` is a GPU setting).
+    on ``device_type``: on a GPU bfloat16 where it is native, else float16
+    with a scaler; on the CPU bfloat16 where it is native (no scaler: the
+    exponent range is float32's), else nothing (float32).
 
     Examples::
 
-        >>> amp_settings(True, 'cpu')
+        >>> amp_settings(False, 'cpu')
         (None, False)
     """
-    if not amp or device_type != 'cuda':
+    if not amp:
+        return None, False
+    if device_type == 'cpu':
+        return (torch.bfloat16, False) if native_cpu_bf16() else (None, False)
+    if device_type != 'cuda':
         return None, False
     if native_cuda_bf16():
         return torch.bfloat16, False
     return torch.float16, True
+
+
+def precision_name(amp_dtype) -> str:
+    """What a step computes in: ``'float32'``, ``'bfloat16 autocast'`` or
+    ``'float16 autocast'`` (for logs and results.json)."""
+    if amp_dtype is None:
+        return 'float32'
+    return '{} autocast'.format(str(amp_dtype).replace('torch.', ''))
 
 
 class PMMEngine(torchreid.engine.Engine):
@@ -120,14 +146,15 @@ class PMMEngine(torchreid.engine.Engine):
             the stage overlap. Default is 0 (off).
         vis_num (int, optional): number of training images pictured.
             Default is 8.
-        amp (bool, optional): mixed precision on a GPU: bfloat16 autocast
-            (float16 with a gradient scaler on GPUs without bfloat16). The
-            Grad-CAMs are still taken in float32 (:func:`~pmm_torchreid.
-            guidance.grad_cam`). No effect on the CPU. Default is False.
+        amp (bool, optional): mixed precision (:func:`amp_settings`):
+            bfloat16 autocast on a GPU or CPU that has it natively, float16
+            with a gradient scaler on older GPUs, float32 on CPUs without
+            native bfloat16. The Grad-CAMs and block choices are still
+            computed in float32 (:func:`~pmm_torchreid.models.guidance.
+            grad_cam`), and so are the mixed targets. Default is False.
         channels_last (bool, optional): channels-last memory format for the
-            model and the images (faster convolutions on recent GPUs; the
-            launcher turns it on for ResNet backbones on CUDA). Default is
-            False.
+            model and the images (``train.channels_last``; see
+            :func:`pmm_torchreid.config.channels_last`). Default is False.
 
     This class is the method; :data:`RecordedPMMEngine` (what
     ``scripts/main.py`` builds) adds the run records of
@@ -207,7 +234,15 @@ class PMMEngine(torchreid.engine.Engine):
         self.device_type = 'cuda' if self.use_gpu else 'cpu'
         self.amp_dtype, use_scaler = amp_settings(amp, self.device_type)
         if amp and self.amp_dtype is None:
-            print('** train.amp has no effect on the CPU: training in float32')
+            print('** train.amp: this CPU has no native bfloat16 (neither '
+                  'AVX512-BF16 nor AMX, and emulated bfloat16 is about 10x '
+                  'slower than float32): training in float32')
+        elif amp:
+            print('train.amp: {} on the {}{}, Grad-CAMs and block choices in '
+                  'float32'.format(precision_name(self.amp_dtype),
+                                   'GPU' if self.device_type == 'cuda' else
+                                   'CPU', ' with a gradient scaler'
+                                   if use_scaler else ''))
         self.scaler = torch.amp.GradScaler(self.device_type) \
             if use_scaler else None
         self.channels_last = bool(channels_last)
