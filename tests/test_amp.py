@@ -153,18 +153,63 @@ def test_bfloat16_masks_agree_with_float32_on_a_fixed_batch():
     assert cells >= 0.99
 
 
-def test_channels_last_on_for_resnets_on_a_gpu_only():
+def test_channels_last_auto_chooses_per_backbone_and_device():
     cfg = C.get_default_config()
     C.merge_file(cfg, ROOT + '/configs/pmm_market1501.yaml')
+    assert cfg.train.channels_last == 'auto'
     cfg.use_gpu = True
     assert C.engine_kwargs(cfg)['channels_last'] is True
     cfg.model.name = 'pmm_osnet_x0_25'
     assert C.engine_kwargs(cfg)['channels_last'] is False
+    cfg.model.name = 'resnet50'  # a torchreid model: its own name
+    assert C.channels_last(cfg) is True
     cfg.model.name, cfg.use_gpu = 'pmm', False
     assert C.engine_kwargs(cfg)['channels_last'] is False
-    # and the step runs with it (the CPU has the memory format too): the
-    # model and its input are channels-last, and the step is the contiguous
-    # one to float tolerance (same weights, batch and partner draws)
+
+
+@pytest.mark.parametrize('value, stored', [
+    ('True', 'True'), ('true', 'True'), ('False', 'False'), ('auto', 'auto'),
+    ('AUTO', 'auto')])
+def test_channels_last_from_the_command_line(value, stored):
+    cfg = C.get_default_config()
+    C.merge_list(cfg, ['train.channels_last', value])
+    assert cfg.train.channels_last == stored
+    cfg.use_gpu = False
+    assert C.channels_last(cfg) is {'True': True, 'False': False,
+                                    'auto': False}[stored]
+    # a bool set in a file can be set back to 'auto' (one type per key)
+    C.merge_list(cfg, ['train.channels_last', 'auto'])
+    assert cfg.train.channels_last == 'auto'
+
+
+def test_channels_last_from_a_file_and_bad_values(tmp_path):
+    path = tmp_path / 'cl.yaml'
+    path.write_text('train:\n  channels_last: True\n  max_epoch: 3\n')
+    cfg = C.get_default_config()
+    C.merge_file(cfg, str(path))
+    assert cfg.train.channels_last == 'True' and cfg.train.max_epoch == 3
+    cfg.use_gpu = False
+    assert C.engine_kwargs(cfg)['channels_last'] is True
+    path.write_text('train:\n  channels_last: 1\n')
+    with pytest.raises(ValueError, match=r'cl.yaml.*train.channels_last = 1: '
+                       r"expected 'auto', True or False"):
+        C.merge_file(C.get_default_config(), str(path))
+    with pytest.raises(ValueError, match=r"command line: config "
+                       r"train.channels_last = 'maybe': expected"):
+        C.merge_list(C.get_default_config(), ['train.channels_last', 'maybe'])
+    # the dump of a config reads back the same
+    cfg = C.get_default_config()
+    C.merge_list(cfg, ['train.channels_last', 'False'])
+    (tmp_path / 'dump.yaml').write_text(cfg.dump())
+    again = C.get_default_config()
+    C.merge_file(again, str(tmp_path / 'dump.yaml'))
+    assert again.train.channels_last == 'False'
+
+
+def test_channels_last_step_matches_the_contiguous_step():
+    """The model and its input are channels-last, and the step is the
+    contiguous one to float tolerance (same weights, batch and partner
+    draws)."""
     engines = {fmt: _engine(channels_last=fmt) for fmt in (False, True)}
     conv = engines[True].model.backbone[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last)

@@ -11,7 +11,8 @@ import pytest
 import torch
 from helpers import ROOT
 
-from pmm_torchreid.cli import benchmark_eval, stress_checkpoints
+from pmm_torchreid.bench import fast_path
+from pmm_torchreid.cli import benchmark_eval, benchmark_fast_path, stress_checkpoints
 from pmm_torchreid.metrics.problems import SIZES, _split, make_problem
 
 
@@ -60,6 +61,8 @@ def _run_script(name, *args, monkeypatch):
 def test_the_benchmark_scripts_print_their_help(capsys, monkeypatch):
     options = {'benchmark.py': ['--backbones', '--repeats', '--device',
                                 '--modes'],
+               'benchmark_fast_path.py': ['--models', '--variants',
+                                          '--force-bf16'],
                'stress_checkpoints.py': ['--kills', '--megabytes',
                                          '--unsafe'],
                'cuhk01_splits.py': ['--root', '--record']}
@@ -104,6 +107,60 @@ def test_benchmark_times_each_mode_against_none(capsys, monkeypatch):
     ratio = float(rows[1][3].rstrip('x'))
     assert low['hard_mix'] / high['none'] - 5e-4 <= ratio <= \
         high['hard_mix'] / low['none'] + 5e-4
+
+
+TINY = fast_path.Preset(batch=8, height=32, width=16, block=(1, 1), top_k=1,
+                        threads=1, recipe='tiny')
+
+
+@pytest.mark.parametrize('name', ['pmm_resnet18', 'osnet_x0_25'])
+def test_fast_path_variants_train_in_their_layout_and_precision(name):
+    """Each variant's step (the plugin's engine, or torchreid's triplet
+    engine for ``osnet_x0_25``) trains its model in its memory layout and
+    autocast dtype, from the same initial weights."""
+    seen = {}
+    for variant, (cl, dtype) in fast_path.VARIANTS.items():
+        engine, step = fast_path._engine(name, TINY, cl, dtype, num_classes=4)
+        model = engine.model
+        convs = [m for m in model.modules()
+                 if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1 and
+                 m.groups == 1 and m.kernel_size != (1, 1)]
+        assert convs and all(
+            c.weight.is_contiguous(memory_format=torch.channels_last) is cl
+            for c in convs), variant
+        before = convs[0].weight.detach().clone()
+        seen[variant] = (before, [])
+        convs[0].register_forward_hook(
+            lambda m, i, o, out=seen[variant][1]: out.append(o.dtype))
+        generator = torch.Generator().manual_seed(0)
+        step({'img': torch.randn(8, 3, 32, 16, generator=generator),
+              'pid': torch.arange(2).repeat_interleave(4)})
+        assert set(seen[variant][1]) == {dtype or torch.float32}, variant
+        assert not torch.equal(convs[0].weight.detach(), before), variant
+    first = seen['fp32'][0]
+    assert all(torch.equal(w.contiguous(), first) for w, _ in seen.values())
+
+
+def test_fast_path_benchmark_skips_emulated_bfloat16(capsys, monkeypatch):
+    monkeypatch.setattr(fast_path, 'native_cpu_bf16', lambda: False)
+    monkeypatch.setitem(fast_path.PRESETS, 'pmm_resnet18', TINY)
+    threads = torch.get_num_threads()
+    try:
+        assert benchmark_fast_path.main([
+            '--models', 'pmm_resnet18', '--repeats', '1', '--warmup', '0',
+            '--variants', 'fp32', 'cl', 'cl+bf16']) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert 'native bfloat16 (AVX512-BF16 or AMX): no' in out
+    assert 'skipped cl+bf16: this CPU has no native bfloat16' in out
+    rows = [line.split() for line in out.splitlines()
+            if line.startswith('  ') and line.split()[0] in
+            fast_path.VARIANTS]
+    assert [r[0] for r in rows] == ['fp32', 'cl']
+    assert rows[0][3] == '1.00x'
+    step = float(rows[1][1])
+    assert float(rows[1][2]) == pytest.approx(1 / step, rel=0.05, abs=0.02)
 
 
 def test_cuhk01_splits_writes_the_recorded_partitions(tmp_path, capsys,

@@ -30,9 +30,17 @@ def test_a_torchreid_engine_run_writes_curves_and_results(synthetic_root,
          'loss.triplet.weight_x', '1.0', 'data.height', '32',
          'data.width', '16', 'train.batch_size', '16', 'data.workers', '0',
          'train.max_epoch', '1', 'train.print_freq', '100',
-         'data.save_dir', save_dir, 'use_gpu', 'False'],
+         'data.save_dir', save_dir, 'use_gpu', 'False',
+         'train.channels_last', 'True'],  # torchreid's engines have it too
         cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert 'train.channels_last: channels-last memory layout' in proc.stdout
+    state = torch.load(osp.join(save_dir, 'model', 'model.pth.tar-1'),
+                       weights_only=True)['state_dict']
+    convs = [v for v in state.values()  # not 1x1 or depthwise: unambiguous
+             if v.dim() == 4 and v.shape[1] > 1 and v.shape[-1] > 1]
+    assert convs and all(v.is_contiguous(memory_format=torch.channels_last)
+                         and not v.is_contiguous() for v in convs)
     rows = read_curves(osp.join(save_dir, 'curves.csv'))
     train = [r for r in rows if r['kind'] == 'train']
     test = [r for r in rows if r['kind'] == 'test']
@@ -47,6 +55,8 @@ def test_a_torchreid_engine_run_writes_curves_and_results(synthetic_root,
         pytest.approx(test[0]['mAP'], abs=1e-3)
     assert test[0]['mAP'] == pytest.approx(logged, abs=0.05)
     assert record['evaluated_on'] == 'test' and record['loss'] == 'triplet'
+    assert record['channels_last'] is True
+    assert record['precision'] == 'float32'
 
 
 def test_evaluation_ranks_with_the_plugins_evaluate_rank(synthetic_root,

@@ -50,7 +50,8 @@ def _auto_bools_in_tree(tree: CN, where: str) -> None:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and leaf in node:
             try:
-                node[leaf] = auto_bool(full, node[leaf])
+                # quoted: yacs reads the file's strings as Python literals
+                node[leaf] = repr(auto_bool(full, node[leaf]))
             except ValueError as error:
                 raise ValueError('{}: {}'.format(where, error)) from None
 
