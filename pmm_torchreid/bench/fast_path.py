@@ -29,7 +29,8 @@ import torchreid
 from pmm_torchreid.engine.pmm import PMMEngine, native_cpu_bf16
 from pmm_torchreid.models.factory import MODEL_FACTORY
 
-__all__ = ['PRESETS', 'VARIANTS', 'Preset', 'bench_fast_path', 'step_times']
+__all__ = ['PRESETS', 'VARIANTS', 'Preset', 'bench_fast_path', 'step_times',
+           'profile_step', 'print_profile']
 
 
 class Preset(types.SimpleNamespace):
@@ -156,3 +157,54 @@ def bench_fast_path(models: Sequence[str], variants: Sequence[str],
                 v, med[v], 1 / med[v], med[measured[0]] / med[v]))
         results[name] = med
     return results
+
+
+#: the parts of a step :func:`profile_step` reports, by the op names the
+#: profiler gives (self times); the optimizer by its record-function range
+PARTS = (('convolutions', ('conv',)), ('batch norm', ('batch_norm',)),
+         ('matmuls (heads, losses, Grad-CAM)', ('aten::mm', 'aten::addmm',
+                                                'aten::bmm')))
+
+
+def profile_step(name: str, preset: Preset, variant: str, steps: int = 3,
+                 warmup: int = 2) -> Dict[str, float]:
+    """Where ``steps`` training steps of ``name`` in ``variant`` spend their
+    CPU time (torch.profiler, self times): milliseconds per step for each of
+    :data:`PARTS`, the optimizer step, everything else, and the total."""
+    from torch.profiler import ProfilerActivity, profile
+    _, step = _engine(name, preset, *VARIANTS[variant], num_classes=400)
+    ids = preset.batch // 4
+    data = {'img': torch.randn(preset.batch, 3, preset.height, preset.width,
+                               generator=torch.Generator().manual_seed(1)),
+            'pid': torch.arange(ids).repeat_interleave(4)}
+    for _ in range(warmup):
+        step(data)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(data)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    parts = {}
+    for part, keys in PARTS:
+        parts[part] = sum(e.self_cpu_time_total for e in events
+                          if any(k in e.key for k in keys)
+                          and not e.key.startswith('Optimizer'))
+    optimizer = sum(e.cpu_time_total for e in events
+                    if e.key.startswith('Optimizer.step'))
+    parts['optimizer step'] = optimizer
+    parts['everything else'] = total - sum(parts.values())
+    parts['total'] = total
+    return {k: v / 1000.0 / steps for k, v in parts.items()}
+
+
+def print_profile(name: str, preset: Preset, variant: str,
+                  steps: int = 3) -> Dict[str, float]:
+    """Prints :func:`profile_step` as a table (ms per step and share)."""
+    torch.set_num_threads(preset.threads)
+    parts = profile_step(name, preset, variant, steps)
+    print('\n{} | {} | {} thread(s) | torch.profiler, self CPU time per step'
+          .format(name, variant, torch.get_num_threads()))
+    for part, ms in parts.items():
+        print('  {:<36} {:>9.1f} ms {:>6.1f} %'.format(
+            part, ms, 100.0 * ms / parts['total']))
+    return parts

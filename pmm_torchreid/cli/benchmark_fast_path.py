@@ -8,7 +8,7 @@ jobs on the same cores change the speed-ups.
 import argparse
 from typing import Optional, Sequence
 
-from pmm_torchreid.bench.fast_path import PRESETS, VARIANTS, bench_fast_path
+from pmm_torchreid.bench.fast_path import PRESETS, VARIANTS, bench_fast_path, print_profile
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,11 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--force-bf16', action='store_true',
                         help='measure bfloat16 on a CPU without it natively '
                         '(emulated: slow)')
+    parser.add_argument('--profile', action='store_true',
+                        help='instead: where the step of each model and '
+                        'variant spends its time (torch.profiler)')
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.profile:
+        for name in args.models:
+            for variant in args.variants:
+                print_profile(name, PRESETS[name], variant)
+        return 0
     bench_fast_path(args.models, args.variants, args.repeats, args.warmup,
                     force_bf16=args.force_bf16, threads=args.threads)
     return 0
