@@ -78,6 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def adapt_mix_to_model(cfg, args: argparse.Namespace) -> None:
+    """A model chosen on the command line (``-m`` or ``model.name``) that
+    trains without a mixing rule (BDB, FMN, MagnifierNet) gets ``pmm.mix
+    'none'`` when the config file's rule was for PMM and the command line did
+    not set ``pmm.mix`` itself (then the check refuses the contradiction)."""
+    opts = list(args.opts or [])
+    typed = {opts[i] for i in range(0, len(opts) - 1, 2)}
+    chosen = bool(args.model) or 'model.name' in typed
+    if chosen and 'pmm.mix' not in typed and cfg.pmm.mix != 'none' and \
+            C.takes_no_mix(cfg.model.name):
+        print('{} trains without a mixing rule: pmm.mix {!r} (the config '
+              'file\'s, for PMM) becomes \'none\''.format(cfg.model.name,
+                                                          cfg.pmm.mix))
+        cfg.pmm.mix = 'none'
+
+
 def setup_config(args: argparse.Namespace):
     """defaults -> yaml -> flags -> KEY VALUE pairs -> checks -> freeze."""
     cfg = C.get_default_config()
@@ -95,6 +111,7 @@ def setup_config(args: argparse.Namespace):
         cfg.model.name = args.model
     if args.opts:
         C.merge_list(cfg, args.opts)
+    adapt_mix_to_model(cfg, args)
     checks.check_config(cfg)
     cfg.freeze()
     return cfg

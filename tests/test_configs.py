@@ -351,3 +351,28 @@ def test_recipe_differences_ignore_keys_added_since_at_their_defaults():
     assert C.dump_differences(now, cfg.dump()) == ['train.lr']
     # a key the plugin no longer has always differs
     assert C.dump_differences(now, older) == ['magnifiernet.regions']
+
+
+@pytest.mark.parametrize('model', ['bdb_resnet18', 'fmn_resnet18',
+                                   'magnifiernet_resnet18'])
+@pytest.mark.parametrize('how', ['-m', 'model.name'])
+def test_a_model_chosen_on_the_command_line_gets_the_mix_it_needs(
+        model, how, capsys):
+    """The demo config's ``hard_mix`` is PMM's: another family chosen on the
+    command line trains with 'none' and says so in one line; a mix the user
+    typed is theirs, so a contradiction is still refused."""
+    demo = osp.join(REPO, 'configs', 'pmm_demo.yaml')
+    chosen = ['-m', model] if how == '-m' else ['model.name', model]
+    cfg = setup_config('--config-file', demo, *chosen)
+    assert cfg.model.name == model and cfg.pmm.mix == 'none'
+    out = capsys.readouterr().out
+    assert "{} trains without a mixing rule: pmm.mix 'hard_mix' (the config " \
+        "file's, for PMM) becomes 'none'".format(model) in out
+    with pytest.raises(ValueError, match=r"config pmm.mix = 'hard_mix': "
+                       r"expected 'none' for"):
+        setup_config('--config-file', demo, *chosen, 'pmm.mix', 'hard_mix')
+    # PMM models keep the file's rule, and nothing is said
+    capsys.readouterr()
+    assert setup_config('--config-file', demo, '-m',
+                        'pmm_osnet_x0_25').pmm.mix == 'hard_mix'
+    assert 'trains without a mixing rule' not in capsys.readouterr().out
