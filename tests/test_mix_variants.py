@@ -3,6 +3,7 @@ mixed-target cross-entropy, exactly, on hand-made tensors."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import batch, pmm_engine
 
 from pmm_torchreid.engine.losses import mixed_cross_entropy, mixed_targets, smoothed_cross_entropy
 from pmm_torchreid.models.guidance import (
@@ -12,6 +13,7 @@ from pmm_torchreid.models.guidance import (
     CutMix,
     CutoutMix,
     HardMix,
+    RandomMix,
     build_mixer,
     random_block_mask,
     replaced_fraction,
@@ -67,9 +69,10 @@ def _run(rule, k=1):
 
 
 def test_every_variant_is_a_pmm_mix_mode():
-    assert set(MIX_MODES) == {'hard_mix', 'cutout', 'cutmix', 'a_cutmix',
-                              'batch_drop', 'none'}
-    for mode, cls in [('hard_mix', HardMix), ('cutout', CutoutMix),
+    assert set(MIX_MODES) == {'hard_mix', 'random_mix', 'cutout', 'cutmix',
+                              'a_cutmix', 'batch_drop', 'none'}
+    for mode, cls in [('hard_mix', HardMix), ('random_mix', RandomMix),
+                      ('cutout', CutoutMix),
                       ('cutmix', CutMix), ('a_cutmix', ACutMix),
                       ('batch_drop', BatchDrop)]:
         rule = build_mixer(mode, (2, 1), 3)
@@ -129,6 +132,55 @@ def test_cutmix_pastes_k_random_blocks_of_a_negative_with_area_weights():
     masks = [CutMix(BLOCK, 2, torch.Generator().manual_seed(s))(
         part, None, None, LABELS).mask for s in range(5)]
     assert any(not torch.equal(m[0], m[1]) for m in masks)
+
+
+def test_random_mix_pastes_random_blocks_of_a_negative_and_keeps_the_label():
+    """A-Hard-Mix without the guidance: CutMix's blocks and partners (same
+    draws), a negative's features, the sample's own label, the share
+    honoured; the Grad-CAM inputs are never looked at."""
+    part = _part()
+    out = RandomMix(BLOCK, k=2, generator=torch.Generator().manual_seed(3))(
+        part, None, None, LABELS)  # no Grad-CAM inputs: random blocks
+    cut = CutMix(BLOCK, k=2, generator=torch.Generator().manual_seed(3))(
+        part, None, None, LABELS)
+    assert (LABELS[out.negatives] != LABELS).all()
+    assert torch.equal(out.negatives, cut.negatives)
+    assert torch.equal(out.mask, cut.mask)
+    assert torch.equal(out.features, cut.features)
+    assert torch.equal(out.features,
+                       torch.where(out.mask.bool(), part, part[out.negatives]))
+    assert torch.equal(out.partner_weight, torch.zeros(4))  # label kept
+    # the share: a ratio of the grid's 4 blocks, per sample
+    for ratio, blocks in ((0.25, 1), (0.5, 2), (0.75, 3)):
+        mask = RandomMix(BLOCK, ratio=ratio, generator=torch.Generator()
+                         .manual_seed(0))(part, None, None, LABELS).mask
+        replaced = (mask[:, 0] == 0).flatten(1).sum(1)
+        assert replaced.tolist() == [blocks * 2] * 4  # blocks of 2 cells
+    # random: over draws the blocks move, and they are not HardMix's
+    masks = [RandomMix(BLOCK, 1, torch.Generator().manual_seed(s))(
+        part, None, None, LABELS).mask for s in range(6)]
+    assert len({tuple(m[0].flatten().tolist()) for m in masks}) > 1
+
+
+def test_random_mix_trains_with_the_anchors_label_only():
+    """Through the engine: the mixed stages' cross-entropy is the plain
+    label-smoothed one (no partner share in the target)."""
+    engine = pmm_engine(mix='random_mix')
+    seen = {}
+    model = engine.model
+    real = model.forward
+
+    def keep(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen['out'] = out
+        return out
+    model.forward = keep
+    summary = engine.forward_backward(batch())
+    out = seen['out']
+    assert len(out['partner_weights']) == 2
+    assert all(torch.equal(w, torch.zeros_like(w))
+               for w in out['partner_weights'])
+    assert all(torch.isfinite(torch.tensor(v)) for v in summary.values())
 
 
 def test_cutmix_needs_no_grad_cam():

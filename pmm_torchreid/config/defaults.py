@@ -120,7 +120,8 @@ def add_pmm_config(cfg: CN) -> CN:
     """Adds the plugin's keys to a torchreid config (in place) and returns it."""
     cfg.pmm = CN()
     # 'hard_mix' (the paper), 'none' (no guidance; BDB models) or an ablation
-    # variant: 'cutout', 'cutmix', 'a_cutmix', 'batch_drop'
+    # variant: 'random_mix' (random blocks, label kept), 'cutout', 'cutmix',
+    # 'a_cutmix', 'batch_drop'
     cfg.pmm.mix = 'hard_mix'
     cfg.pmm.block_size = [3, 2]  # block height, width on the feature map
     cfg.pmm.top_k = DEFAULT_TOP_K  # blocks replaced per sample (guidance.py)

@@ -113,8 +113,8 @@ class PMMEngine(torchreid.engine.Engine):
         mix (str, optional): ``'hard_mix'`` (the paper), ``'none'`` (the same
             network without guidance; also the setting for a
             :class:`~pmm_torchreid.models.BDB` model, which drops its own
-            block) or an ablation variant, ``'cutout'``, ``'cutmix'``,
-            ``'a_cutmix'`` or ``'batch_drop'`` (see
+            block) or an ablation variant, ``'random_mix'``, ``'cutout'``,
+            ``'cutmix'``, ``'a_cutmix'`` or ``'batch_drop'`` (see
             :mod:`pmm_torchreid.models.guidance`). For the variants that mix labels,
             the mixed stages' cross-entropy takes the mixed targets; the
             triplet loss always uses the anchor's label. Default is

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 
 __all__ = [
     'grad_cam', 'block_mask', 'random_block_mask', 'replaced_fraction',
-    'sample_negatives', 'hard_mix', 'Mixed', 'MixRule', 'HardMix', 'CutoutMix',
-    'CutMix', 'ACutMix', 'BatchDrop', 'MIX_RULES', 'MIX_MODES', 'build_mixer',
+    'sample_negatives', 'hard_mix', 'Mixed', 'MixRule', 'HardMix', 'RandomMix',
+    'CutoutMix', 'CutMix', 'ACutMix', 'BatchDrop', 'MIX_RULES', 'MIX_MODES',
+    'build_mixer',
     'check_block_grid', 'blocks_for_ratio', 'BlockChoice', 'with_partners'
 ]
 
@@ -465,6 +466,31 @@ class HardMix(MixRule):
                      part_map.new_zeros(part_map.shape[0]))
 
 
+class RandomMix(MixRule):
+    """A-Hard-Mix without the guidance, the control that isolates it: ``k``
+    blocks drawn at random for each sample take the features of a random
+    sample of another identity, and the label stays the sample's own (the
+    paste of :class:`CutMix`, the target of :class:`HardMix`).
+
+    Examples::
+
+        >>> rule = RandomMix(block=(1, 1), k=2,
+        ...                  generator=torch.Generator().manual_seed(0))
+        >>> part = torch.arange(4.).view(2, 1, 2, 1).expand(2, 3, 2, 1)
+        >>> out = rule(part, None, None, torch.tensor([0, 1]))
+        >>> out.negatives.tolist(), out.partner_weight.tolist()
+        ([1, 0], [0.0, 0.0])
+    """
+
+    name = 'random_mix'
+
+    def __call__(self, part_map, cam_map, cam_logits, labels):
+        mask = self.random_mask(part_map)
+        negatives = self.partners(labels)
+        return Mixed(hard_mix(part_map, mask, negatives), mask, negatives,
+                     part_map.new_zeros(part_map.shape[0]))
+
+
 class CutoutMix(MixRule):
     """The ``k`` most salient blocks (as in A-Hard-Mix) are set to zero."""
 
@@ -539,7 +565,7 @@ def with_partners(
 
 
 MIX_RULES = {rule.name: rule for rule in
-             (HardMix, CutoutMix, CutMix, ACutMix, BatchDrop)}
+             (HardMix, RandomMix, CutoutMix, CutMix, ACutMix, BatchDrop)}
 
 #: Values accepted by ``pmm.mix``.
 MIX_MODES = tuple(MIX_RULES) + ('none', )
