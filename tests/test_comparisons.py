@@ -525,7 +525,7 @@ def _setup(*opts):
 
 
 @pytest.mark.parametrize('opts, match', [
-    (['-m', 'fmn_resnet18'], "pmm.mix = 'hard_mix'"),
+    (['-m', 'fmn_resnet18', 'pmm.mix', 'hard_mix'], "pmm.mix = 'hard_mix'"),
     (['-m', 'magnifiernet_resnet18', 'pmm.mix', 'none', 'pmm.vis_freq', '2'],
      'pmm.vis_freq'),
     (['-m', 'magnifiernet_resnet18', 'pmm.mix', 'none',

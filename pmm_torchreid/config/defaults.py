@@ -149,9 +149,9 @@ def add_pmm_config(cfg: CN) -> CN:
     # gradient scaler on older GPUs (V100, T4), float32 on other CPUs;
     # Grad-CAMs, block choices and mixed targets stay float32
     cfg.train.amp = False
-    # channels-last (NHWC) memory layout of the model and the images: 'auto'
-    # (config.kwargs.channels_last: the layout measured faster for the
-    # backbone and device, docs/SPEED.md), True or False
+    # channels-last (NHWC) memory layout of the model and the images: True,
+    # False or 'auto' (ResNets on a GPU; never on the CPU, where True trains
+    # 1.4-1.5x faster but did not pass the accuracy check: docs/SPEED.md)
     cfg.train.channels_last = 'auto'
     # runs on several processes (torchrun; pmm_torchreid/distributed.py):
     # BatchNorm statistics over every rank's share (SyncBatchNorm; GPUs only)

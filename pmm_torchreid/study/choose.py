@@ -31,6 +31,7 @@ import time
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torchreid
 import yaml
 from yacs.config import CfgNode as CN
 
@@ -345,7 +346,6 @@ def read_validation(save_dir: str, val_ids: int) -> Optional[dict]:
 def count_train_ids(cfg: CN) -> int:
     """The identities of ``cfg``'s source dataset's training set (the
     dataset is read as a run reads it; its folder must exist)."""
-    import torchreid  # the package registered pmm_synthetic on import
     check_paths(cfg)
     dataset = torchreid.data.datasets.init_image_dataset(
         cfg.data.sources[0], transform=None, mode='train', root=cfg.data.root,
