@@ -25,6 +25,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 import torchreid
+from torch.profiler import ProfilerActivity, profile
 
 from pmm_torchreid.engine.pmm import PMMEngine, native_cpu_bf16
 from pmm_torchreid.models.factory import MODEL_FACTORY
@@ -171,7 +172,6 @@ def profile_step(name: str, preset: Preset, variant: str, steps: int = 3,
     """Where ``steps`` training steps of ``name`` in ``variant`` spend their
     CPU time (torch.profiler, self times): milliseconds per step for each of
     :data:`PARTS`, the optimizer step, everything else, and the total."""
-    from torch.profiler import ProfilerActivity, profile
     _, step = _engine(name, preset, *VARIANTS[variant], num_classes=400)
     ids = preset.batch // 4
     data = {'img': torch.randn(preset.batch, 3, preset.height, preset.width,

@@ -27,6 +27,7 @@ import os
 import os.path as osp
 import shlex
 import statistics
+import tempfile
 import time
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -650,7 +651,6 @@ class Chooser(object):
     @staticmethod
     def _check_dump(text: str, cfg: CN) -> None:
         """The yaml reads back (through merge_file) as ``cfg``."""
-        import tempfile
         fd, path = tempfile.mkstemp(suffix='.yaml')
         try:
             with os.fdopen(fd, 'w') as f:
