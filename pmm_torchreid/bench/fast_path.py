@@ -12,7 +12,7 @@ baseline), under the same autocast the launcher gives it.
 
 bfloat16 is measured only where the CPU computes it natively
 (:func:`pmm_torchreid.engine.pmm.native_cpu_bf16`); elsewhere torch emulates
-it about ten times slower than float32 and the variant is skipped with a
+it about nine times slower than float32 and the variant is skipped with a
 line that says so (``force_bf16`` measures it anyway).
 """
 from __future__ import annotations
@@ -139,7 +139,7 @@ def bench_fast_path(models: Sequence[str], variants: Sequence[str],
         measured = [v for v in variants if v not in skipped]
         if skipped:
             print('  skipped {}: this CPU has no native bfloat16 (emulated '
-                  'bfloat16 runs about 10x slower than float32; '
+                  'bfloat16 runs about 9x slower than float32; '
                   '--force-bf16 measures it anyway)'.format(
                       ', '.join(skipped)))
     results = {}

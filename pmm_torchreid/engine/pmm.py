@@ -50,7 +50,7 @@ def native_cpu_bf16() -> bool:
     as oneDNN needs for its bfloat16 convolutions and matmuls).
 
     Elsewhere (AVX2 CPUs, e.g. AMD Zen 3) torch emulates bfloat16 on the CPU:
-    a PMM training step then runs about 10x SLOWER than in float32 (measured
+    a PMM training step then runs about 9x SLOWER than in float32 (measured
     on a Zen 3 EPYC, docs/SPEED.md), so ``train.amp`` trains in float32.
     """
     cpu = getattr(torch, 'cpu', None)
@@ -235,7 +235,7 @@ class PMMEngine(torchreid.engine.Engine):
         self.amp_dtype, use_scaler = amp_settings(amp, self.device_type)
         if amp and self.amp_dtype is None:
             print('** train.amp: this CPU has no native bfloat16 (neither '
-                  'AVX512-BF16 nor AMX, and emulated bfloat16 is about 10x '
+                  'AVX512-BF16 nor AMX, and emulated bfloat16 is about 9x '
                   'slower than float32): training in float32')
         elif amp:
             print('train.amp: {} on the {}{}, Grad-CAMs and block choices in '
