@@ -40,18 +40,18 @@ class Preset(types.SimpleNamespace):
     and the config it stands for."""
 
 
+#: the CPU study's size (configs/ablation_cuhk01.yaml: 4 of 32 blocks)
+_STUDY = dict(batch=32, height=128, width=64, block=(1, 1), top_k=4,
+              threads=1)
+
 #: the recipes the targets are stated for (the config each row stands for)
 PRESETS = {
-    'pmm_osnet_x0_25': Preset(batch=32, height=128, width=64, block=(1, 1),
-                              top_k=4, threads=1,
-                              recipe='configs/ablation_cuhk01.yaml, 1 thread'),
-    'bdb_osnet_x0_25': Preset(batch=32, height=128, width=64, block=(1, 1),
-                              top_k=4, threads=1,
-                              recipe='configs/ablation_cuhk01.yaml, 1 thread'),
-    'osnet_x0_25': Preset(batch=32, height=128, width=64, block=(1, 1),
-                          top_k=4, threads=1,
-                          recipe='the study baseline (torchreid triplet '
-                          'engine), 1 thread'),
+    'pmm_osnet_x0_25': Preset(recipe='configs/ablation_cuhk01.yaml, 1 thread',
+                              **_STUDY),
+    'bdb_osnet_x0_25': Preset(recipe='configs/ablation_cuhk01.yaml, 1 thread',
+                              **_STUDY),
+    'osnet_x0_25': Preset(recipe='the study baseline (torchreid triplet '
+                          'engine), 1 thread', **_STUDY),
     'pmm_resnet18': Preset(batch=32, height=128, width=64, block=(2, 1),
                            top_k=4, threads=2,
                            recipe='configs/pmm_demo.yaml, 2 threads'),
