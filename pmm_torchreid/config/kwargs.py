@@ -127,7 +127,7 @@ def channels_last(cfg: CN) -> bool:
     ``train.channels_last`` when True or False; for ``'auto'`` on a GPU, for
     ResNet backbones (faster convolutions with tensor cores); on the CPU
     never: channels-last trains the CPU recipe 1.4-1.5x faster, but BDB lost
-    validation mAP in all four seeds of the accuracy check, so it is opt-in
+    validation mAP in all five seeds of the accuracy check, so it is opt-in
     (``train.channels_last True``; docs/SPEED.md)."""
     value = cfg.train.channels_last
     if value != 'auto':
