@@ -16,6 +16,9 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib
+import importlib.util
 import json
 import os
 import os.path as osp
@@ -34,13 +37,14 @@ from pmm_torchreid.engine.comparison import RecordedComparisonEngine
 from pmm_torchreid.engine.optim import build_lr_scheduler
 from pmm_torchreid.engine.pmm import RecordedPMMEngine, precision_name
 from pmm_torchreid.engine.records import with_run_records
+from pmm_torchreid.models.descriptors import set_descriptor
 from pmm_torchreid.models.factory import MODEL_FACTORY
 from pmm_torchreid.utils import distributed
 from pmm_torchreid.utils.checkpoint import load_pretrained_weights, resume_from_checkpoint, unwrap
 from pmm_torchreid.utils.io import atomic_write
 
 __all__ = ['build_parser', 'setup_config', 'build_model', 'build_engine',
-           'main', 'write_results', 'read_results']
+           'main', 'write_results', 'read_results', 'import_user_module']
 
 #: when this module was imported; :func:`main` takes an earlier start time
 STARTED = time.time()
@@ -72,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         '-m', '--model', type=str, default='', help='model name (model.name)'
     )
     parser.add_argument(
+        '--register', action='append', default=[], metavar='FILE_OR_MODULE',
+        help='a Python file (my_datasets.py) or module to import before the '
+        'config is checked, e.g. one that registers your own dataset with '
+        'torchreid.data.register_image_dataset (docs/OWN_DATA.md); repeatable'
+    )
+    parser.add_argument(
         'opts', default=None, nargs=argparse.REMAINDER,
         help='modify config options using the command-line (KEY VALUE pairs)'
     )
@@ -94,8 +104,52 @@ def adapt_mix_to_model(cfg, args: argparse.Namespace) -> None:
         cfg.pmm.mix = 'none'
 
 
+def import_user_module(spec: str):
+    """Imports the user's code named by ``--register``: a Python file (a
+    path, or a name ending in ``.py``) or an importable module name; returns
+    the module.  A file is imported once per process (under a private module
+    name made from its absolute path), so a second run in the same process
+    does not register its datasets twice.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ModuleNotFoundError: no module of that name.
+    """
+    if spec.endswith('.py') or os.sep in spec or '/' in spec:
+        path = osp.abspath(osp.expanduser(spec))
+        if not osp.isfile(path):
+            raise FileNotFoundError(
+                '--register {}: no such file ({})'.format(spec, path))
+        name = '_pmm_register_{}_{}'.format(
+            osp.splitext(osp.basename(path))[0],
+            hashlib.sha1(path.encode()).hexdigest()[:10])
+        if name in sys.modules:
+            return sys.modules[name]
+        module = importlib.util.module_from_spec(
+            importlib.util.spec_from_file_location(name, path))
+        sys.modules[name] = module
+        try:
+            module.__spec__.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]  # a failed file can be fixed and re-run
+            raise
+        return module
+    try:
+        return importlib.import_module(spec)
+    except ModuleNotFoundError as error:
+        if error.name != spec.split('.')[0] and error.name != spec:
+            raise  # the module exists; something it imports does not
+        raise ModuleNotFoundError(
+            '--register {}: no module named {!r} on sys.path; give the path '
+            'of a Python file instead (e.g. --register my_datasets.py)'.format(
+                spec, error.name), name=error.name) from error
+
+
 def setup_config(args: argparse.Namespace):
-    """defaults -> yaml -> flags -> KEY VALUE pairs -> checks -> freeze."""
+    """--register imports -> defaults -> yaml -> flags -> KEY VALUE pairs ->
+    checks -> freeze."""
+    for spec in getattr(args, 'register', None) or []:
+        import_user_module(spec)
     cfg = C.get_default_config()
     if args.config_file:
         C.merge_file(cfg, args.config_file)
@@ -126,7 +180,10 @@ def build_model(cfg, num_classes: int) -> nn.Module:
                 'model.name = {!r} is not a plugin model; expected one of '
                 '{}'.format(name, sorted(MODEL_FACTORY))
             )
-        return MODEL_FACTORY[name](**kwargs)
+        model = MODEL_FACTORY[name](**kwargs)
+        set_descriptor(model, cfg.test.descriptor, name)
+        return model
+    set_descriptor(None, cfg.test.descriptor, name)  # 'all' only
     return torchreid.models.build_model(
         name, kwargs['num_classes'], loss=kwargs['loss'],
         pretrained=kwargs['pretrained'], use_gpu=cfg.use_gpu
@@ -339,6 +396,8 @@ def write_results(cfg, engine, run_seconds: float,
         # how the steps computed (train.amp, train.channels_last)
         'precision': precision_name(getattr(engine, 'amp_dtype', None)),
         'channels_last': C.channels_last(cfg),
+        # what the evaluation compared (test.descriptor)
+        'descriptor': cfg.test.descriptor,
         'results': {name: dict(res) for name, res in engine.results.items()},
         'train_seconds': round(float(engine.train_seconds), 2),
         'run_seconds': round(float(run_seconds), 2),

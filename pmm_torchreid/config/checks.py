@@ -18,6 +18,7 @@ from yacs.config import CfgNode as CN
 
 from pmm_torchreid.config.kwargs import mixed_blocks
 from pmm_torchreid.data.parsing import LABEL_SETS
+from pmm_torchreid.models.descriptors import DESCRIPTORS
 from pmm_torchreid.models.factory import MODEL_FACTORY
 from pmm_torchreid.models.families import family_of, is_bdb_model, is_magnifiernet_model
 from pmm_torchreid.models.guidance import MIX_MODES
@@ -53,9 +54,14 @@ DATASET_LAYOUTS = {
         'cuhk03/cuhk03_new_protocol_config_labeled.mat',
     ]],
     'cuhk01': [['cuhk01/campus'], ['cuhk01/CUHK01.zip']],
+    # torchreid reads the four lists even with data.combineall False
     'msmt17': [
-        ['msmt17/MSMT17_V1/train', 'msmt17/MSMT17_V1/test'],
-        ['msmt17/MSMT17_V2/mask_train_v2', 'msmt17/MSMT17_V2/mask_test_v2'],
+        ['msmt17/MSMT17_V1/' + p for p in (
+            'train', 'test', 'list_train.txt', 'list_val.txt',
+            'list_query.txt', 'list_gallery.txt')],
+        ['msmt17/MSMT17_V2/' + p for p in (
+            'mask_train_v2', 'mask_test_v2', 'list_train.txt', 'list_val.txt',
+            'list_query.txt', 'list_gallery.txt')],
     ],
 }
 
@@ -96,8 +102,9 @@ def check_config(cfg: CN) -> None:
         for name in names:
             if name not in datasets:
                 fail('data.' + key, names, 'image datasets registered with '
-                     'torchreid; {!r} is not one of {}'.format(
-                         name, sorted(datasets)))
+                     'torchreid; {!r} is not one of {} (your own dataset: '
+                     'register it in a file given with --register, '
+                     'docs/OWN_DATA.md)'.format(name, sorted(datasets)))
     for key in ('height', 'width'):
         if cfg.data[key] < 16:
             fail('data.' + key, cfg.data[key], 'at least 16 pixels')
@@ -174,6 +181,14 @@ def check_config(cfg: CN) -> None:
              'a number of epochs >= 1, or -1 (only at the end)')
     if cfg.test.dist_metric not in ('euclidean', 'cosine'):
         fail('test.dist_metric', cfg.test.dist_metric, "'euclidean' or 'cosine'")
+    if cfg.test.descriptor not in DESCRIPTORS:
+        fail('test.descriptor', cfg.test.descriptor, ' or '.join(
+            repr(d) for d in DESCRIPTORS))
+    if cfg.test.descriptor != DESCRIPTORS[0] and \
+            family_of(cfg.model.name) is None:
+        fail('test.descriptor', cfg.test.descriptor,
+             "'all' for torchreid's own model {!r} (it has one descriptor; "
+             "'global' is for the plugin's networks)".format(cfg.model.name))
     if cfg.test.visrank and not cfg.test.evaluate:
         fail('test.visrank', True, 'test.evaluate True as well (torchreid '
              'draws ranked results only in evaluation-only runs)')
@@ -263,8 +278,9 @@ def check_pmm_config(cfg: CN) -> None:
             '({:.1f} %) of the part map in every sample. On CUHK01 '
             'validation a 37.5 % share kept stages II and III from learning '
             '(2 % training accuracy after 10 epochs) and 25 % was behind '
-            '12.5 % on every split; about 9-12.5 % is recommended '
-            '(docs/RESULTS.md, "Validation")'.format(
+            '12.5 % on every split. The share that wins depends on the data: '
+            'choose it on your validation identities with scripts/choose.py '
+            '(docs/METHOD.md, "Choosing the share on your own data")'.format(
                 k, blocks, 100.0 * k / blocks), UserWarning)
 
 

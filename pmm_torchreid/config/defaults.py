@@ -111,6 +111,9 @@ def _torchreid_defaults() -> CN:
     cfg.test.eval_freq = -1  # evaluate every N epochs (-1: at the end)
     cfg.test.start_eval = 0  # first epoch that may be evaluated
     cfg.test.rerank = False  # k-reciprocal re-ranking (test only)
+    # the plugin's networks: 'all' (every stage's embedding, concatenated) or
+    # 'global' (stage I's alone; pmm_torchreid.models.descriptors)
+    cfg.test.descriptor = 'all'
     cfg.test.visrank = False  # save ranked results (needs test.evaluate)
     cfg.test.visrank_topk = 10  # gallery images per ranked result
     return cfg

@@ -95,6 +95,8 @@ class BDB(Trunk):
                 'BDB drops its own block in the part branch and takes no '
                 'mixing rule ({!r}); train it with pmm.mix \'none\''.format(
                     mixer))
+        if not self.training and self.descriptor == 'global':
+            return self.global_descriptor(x)
         fmap = self.backbone(x)
         g_logits, g_emb = self.global_head(fmap)
         p_logits, p_emb = self.part_head(self.batch_drop(self.part_trunk(fmap)))

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pmm_torchreid.models.backbones import build_backbone
+from pmm_torchreid.models.descriptors import Descriptors
 from pmm_torchreid.models.heads import GlobalHead, init_kaiming, start_from_embedding
 
 __all__ = ['FMN', 'FeatureMask', 'LOW_LEVEL_SPLIT', 'split_backbone']
@@ -77,7 +78,7 @@ class FeatureMask(nn.Module):
         return torch.sigmoid(self.body(high))
 
 
-class FMN(nn.Module):
+class FMN(Descriptors, nn.Module):
     """Feature Mask Network (Ding et al., 2017).
 
     Args:
@@ -142,6 +143,8 @@ class FMN(nn.Module):
         if mixer is not None:
             raise ValueError('FMN takes no mixing rule ({!r}); train it with '
                              "pmm.mix 'none'".format(mixer))
+        if not self.training and self.descriptor == 'global':
+            return self.global_descriptor(x)
         low, high, mask = self.maps(x)
         g_logits, g_emb = self.global_head(high)
         m_logits, m_emb = self.masked_head(low * mask)

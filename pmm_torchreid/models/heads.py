@@ -11,6 +11,7 @@ import torch.nn as nn
 from torchvision.models.resnet import Bottleneck
 
 from pmm_torchreid.models.backbones import Backbone, build_backbone
+from pmm_torchreid.models.descriptors import Descriptors
 
 __all__ = ['init_kaiming', 'GlobalHead', 'PartHead', 'Trunk',
            'start_from_embedding']
@@ -116,7 +117,7 @@ class PartHead(nn.Module):
 # --------------------------------------------------------------------------
 
 
-class Trunk(nn.Module):
+class Trunk(Descriptors, nn.Module):
     """What PMM and BDB share: the backbone, stage I (the global head, from
     the backbone's pretrained embedding when it has one) and the part trunk
     (a fresh Bottleneck on the backbone map)."""

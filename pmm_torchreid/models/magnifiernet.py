@@ -250,6 +250,8 @@ class MagnifierNet(Trunk):
             raise ValueError('MagnifierNet occludes its own regions and takes '
                              "no mixing rule ({!r}); train it with pmm.mix "
                              "'none'".format(mixer))
+        if not self.training and self.descriptor == 'global':
+            return self.global_descriptor(x)
         fmap = self.backbone(x)
         g_logits, g_emb = self.global_head(fmap)
         part = self.part_trunk(fmap)

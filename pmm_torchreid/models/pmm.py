@@ -88,6 +88,8 @@ class PMM(Trunk):
         mixer: Optional[Callable] = None
     ):
         if not self.training:
+            if self.descriptor == 'global':
+                return self.global_descriptor(x)
             fmap, part = self.forward_features(x)
             return torch.cat([emb for _, emb in self.stage_outputs(fmap, part)],
                              dim=1)
