@@ -304,6 +304,7 @@ def _run(cfg, started, built):
         torch.backends.cudnn.benchmark = True
 
     datamanager = build_datamanager(**C.imagedata_kwargs(cfg))
+    checks.check_ranks(cfg, datamanager.test_dataset)  # before any training
     if distributed.is_active() and not cfg.test.evaluate:
         distributed.use_distributed_train_loader(datamanager, cfg)
     if not cfg.test.evaluate and len(datamanager.train_loader) == 0:

@@ -5,7 +5,8 @@ scripts/main.py (config file, flags, KEY VALUE overrides), builds the source
 and target datasets with torchreid, decodes each train/query/gallery image
 exactly as training would (PIL, RGB), and reports every file that fails at the
 end (:mod:`pmm_torchreid.data.check`).  Exit status: 0 when all images decode,
-1 when some do not, 2 on a bad configuration or a missing dataset.
+1 when some do not, 2 on a bad configuration, a missing dataset or one that
+cannot list its images (e.g. a misnamed file of your own data).
 """
 from __future__ import annotations
 
@@ -33,16 +34,18 @@ def main(argv=None) -> int:
     try:
         cfg = launch.setup_config(args)
         checks.check_paths(cfg)
-    except (KeyError, ValueError, FileNotFoundError) as error:
+        start = time.time()
+        # a dataset that cannot list its images (a misnamed file, a bad CSV
+        # row of one's own data) is a bad dataset, not a crash
+        lists = dataset_images(
+            list(cfg.data.sources) + list(cfg.data.targets), cfg.data.root,
+            cfg.data.split_id, cuhk03_labeled=cfg.cuhk03.labeled_images,
+            cuhk03_classic_split=cfg.cuhk03.classic_split,
+            market1501_500k=cfg.market1501.use_500k_distractors)
+    except (KeyError, ValueError, ImportError, FileNotFoundError) as error:
         print('error: {}'.format(error.args[0] if error.args else error),
               file=sys.stderr)
         return 2
-    start = time.time()
-    lists = dataset_images(
-        list(cfg.data.sources) + list(cfg.data.targets), cfg.data.root,
-        cfg.data.split_id, cuhk03_labeled=cfg.cuhk03.labeled_images,
-        cuhk03_classic_split=cfg.cuhk03.classic_split,
-        market1501_500k=cfg.market1501.use_500k_distractors)
     paths, bad = check_dataset(lists, workers=args.workers)
     for (name, split), items in lists.items():
         count = sum(p in bad for p in items)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import os.path as osp
 import warnings
+from collections import Counter
 
 from yacs.config import CfgNode as CN
 
@@ -26,7 +27,7 @@ from pmm_torchreid.models.regions import NUM_REGIONS
 from pmm_torchreid.utils.errors import fail
 from pmm_torchreid.utils.torchreid_internals import dataset_table, model_table
 
-__all__ = ['check_config', 'check_paths', 'check_pmm_config',
+__all__ = ['check_config', 'check_paths', 'check_ranks', 'check_pmm_config',
            'check_comparison_config', 'DATASET_LAYOUTS', 'MAX_QUIET_SHARE',
            'fail']
 
@@ -383,3 +384,50 @@ def check_paths(cfg: CN) -> None:
                     name, cfg.data.root, folder
                 )
             )
+
+
+#: the length of the CMC curve torchreid's engine asks for
+CMC_LENGTH = 50
+
+
+def check_ranks(cfg: CN, test_dataset: dict) -> None:
+    """Checks, once the data are listed and before training, that torchreid's
+    evaluation will work on every target's query and gallery
+    (``test_dataset``: a data manager's ``{name: {'query': [...],
+    'gallery': [...]}}``).
+
+    torchreid's CMC curve is 50 long, or as long as the gallery without the
+    query's own-camera images of its identity if that is shorter; it fails
+    when those lengths differ between queries, and when ``test.ranks`` asks
+    for a rank beyond the curve (after the evaluation, possibly hours into
+    training).  Only small galleries (a few dozen images) run into this.
+
+    Raises:
+        ValueError: naming the dataset, its gallery and what to change.
+    """
+    if cfg.cuhk03.use_metric_cuhk03:
+        return  # one gallery image per identity: a curve of its own
+    for name, sets in test_dataset.items():
+        gallery = sets['gallery']
+        per_id = Counter(item[1] for item in gallery)
+        own_camera = Counter((item[1], item[2]) for item in gallery)
+        longest = min(CMC_LENGTH, len(gallery))
+        lengths = {min(longest, len(gallery) - own_camera[item[1], item[2]])
+                   for item in sets['query']
+                   if per_id[item[1]] > own_camera[item[1], item[2]]}
+        if len(lengths) > 1:
+            raise ValueError(
+                'the gallery of {!r} is too small for torchreid\'s evaluation: '
+                '{} images, and without each query\'s own-camera images of its '
+                'identity {} to {} remain, so the CMC curves (50 long at most) '
+                'differ in length and torchreid cannot average them; give it '
+                'more gallery images (at least 50 beyond the own-camera '
+                'images of any identity; docs/OWN_DATA.md)'.format(
+                    name, len(gallery), min(lengths), max(lengths)))
+        length = lengths.pop() if lengths else longest
+        if max(cfg.test.ranks) > length:
+            fail('test.ranks', list(cfg.test.ranks), 'ranks up to {}: the '
+                 'gallery of {!r} gives a CMC curve of {} (torchreid would '
+                 'fail printing the results); e.g. test.ranks "[{}]"'.format(
+                     length, name, length, ', '.join(
+                         str(r) for r in cfg.test.ranks if r <= length) or 1))
