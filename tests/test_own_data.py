@@ -414,3 +414,40 @@ def test_check_ranks_refuses_curves_of_different_lengths():
     checks.check_ranks(cfg, {'x': {'query': query[1:], 'gallery': gallery}})
     cfg.cuhk03['use_metric_cuhk03'] = True  # a curve of its own: not checked
     checks.check_ranks(cfg, {'x': {'query': query, 'gallery': gallery}})
+
+
+def test_the_runners_pass_register_to_every_run(tmp_path, registry, capsys):
+    from pmm_torchreid.cli import ablation as cli_ablation  # lazy: one test
+    from pmm_torchreid.cli import choose as cli_choose  # lazy: one test
+    root = tmp_path / 'data'
+    shop(root)
+    code = tmp_path / 'shop_datasets.py'
+    code.write_text('import torchreid\n'
+                    'from pmm_torchreid.data.folder import folder_dataset\n'
+                    "torchreid.data.register_image_dataset('shop', "
+                    "folder_dataset('shop'))\n")
+    config = osp.join(ROOT, 'configs', 'pmm_demo.yaml')
+    data = ['data.sources', "['shop']", 'data.targets', "['shop']"]
+    ablation = ['--config-file', config, '--root', str(root), '--out',
+                str(tmp_path / 'ablation'), '--settings', 'pmm_resnet18:none',
+                '--seeds', '1', '--dry-run']
+    choose = ['--config-file', config, '--root', str(root), '--key',
+              'pmm.mix_ratio', '--values', '0.1', '0.2', '--val-ids', '2',
+              '--out', str(tmp_path / 'choice'), '--dry-run']
+    script = osp.join(ROOT, 'scripts', 'main.py')
+    # without the file the runners cannot check the plan: the name is unknown
+    with pytest.raises(SystemExit, match=r"'shop' is not one of"):
+        cli_ablation.main(ablation + data, main_script=script)
+    with pytest.raises(SystemExit, match=r"--register nowhere.py: no such "
+                       r"file"):
+        cli_choose.main(choose + ['--register', 'nowhere.py'] + data)
+    capsys.readouterr()
+    assert cli_ablation.main(ablation + ['--register', str(code)] + data,
+                             main_script=script) == 0
+    assert cli_choose.main(choose + ['--register', str(code)] + data) == 0
+    commands = [shlex.split(line) for line in
+                capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(commands) == 1 + 2 * 2  # 1 ablation run, 2 values x 2 seeds
+    for cmd in commands:
+        at = cmd.index('--register')
+        assert cmd[at + 1] == str(code) and cmd.count('--register') == 1

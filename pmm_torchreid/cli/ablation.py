@@ -13,7 +13,13 @@ comparison systems ``fmn_*`` and ``magnifiernet_*``), ``osnet_x0_25``
 import argparse
 from typing import Optional, Sequence
 
-from pmm_torchreid.study.ablation import Ablation, AblationError, Setting, check_settings
+from pmm_torchreid.study.ablation import (
+    Ablation,
+    AblationError,
+    Setting,
+    check_settings,
+    register_user_code,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
                         'results.csv from the finished runs of --settings in '
                         '--out (also when the recipe check would refuse the '
                         'folder, e.g. for another --reference)')
+    parser.add_argument('--register', action='append', default=[],
+                        metavar='FILE_OR_MODULE',
+                        help='imported here and by every run (scripts/main.py '
+                        '--register), e.g. the file that registers your own '
+                        'dataset (docs/OWN_DATA.md); repeatable')
     parser.add_argument('opts', nargs=argparse.REMAINDER,
                         help='KEY VALUE overrides for every run')
     return parser
@@ -69,10 +80,12 @@ def main(argv: Optional[Sequence[str]] = None,
         if args.reference and args.reference not in args.settings:
             raise AblationError('--reference {!r} is not one of --settings '
                                 '{}'.format(args.reference, args.settings))
+        register = register_user_code(args.register)
         check_settings(settings, args.config_file, args.opts)
         study = Ablation(main_script, args.config_file, args.out, settings,
                          args.splits, args.seeds, args.opts, root=args.root,
-                         threads=args.threads, reference=args.reference)
+                         threads=args.threads, reference=args.reference,
+                         register=register)
         if args.dry_run:
             for cmd in study.commands():
                 print(' '.join(cmd))

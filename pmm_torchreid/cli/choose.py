@@ -13,7 +13,7 @@ import argparse
 import shlex
 from typing import Optional, Sequence
 
-from pmm_torchreid.study.ablation import AblationError
+from pmm_torchreid.study.ablation import AblationError, register_user_code
 from pmm_torchreid.study.choose import DEFAULT_SEEDS, Chooser
 
 __all__ = ['build_parser', 'main']
@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                         'leave the default')
     parser.add_argument('--dry-run', action='store_true',
                         help='print the commands, run nothing')
+    parser.add_argument('--register', action='append', default=[],
+                        metavar='FILE_OR_MODULE',
+                        help='imported here and by every run (scripts/main.py '
+                        '--register), e.g. the file that registers your own '
+                        'dataset (docs/OWN_DATA.md); repeatable')
     parser.add_argument('opts', nargs=argparse.REMAINDER,
                         help='KEY VALUE overrides for every run')
     return parser
@@ -69,9 +74,11 @@ def main(argv: Optional[Sequence[str]] = None,
         raise SystemExit('error: --jobs must be >= 1, got {}'.format(
             args.jobs))
     try:
+        register = register_user_code(args.register)
         chooser = Chooser(args.config_file, args.out, args.key, args.values,
                           args.val_ids, args.seeds, args.opts, root=args.root,
-                          main_script=main_script, threads=args.threads)
+                          main_script=main_script, threads=args.threads,
+                          register=register)
         if args.dry_run:
             for cmd in chooser.commands():
                 print(shlex.join(cmd))

@@ -38,7 +38,7 @@ from typing import IO, Dict, List, Optional, Sequence, Tuple
 from pmm_torchreid.config.checks import check_config
 from pmm_torchreid.config.defaults import get_default_config
 from pmm_torchreid.config.files import dump_differences, merge_file, merge_list
-from pmm_torchreid.launch import read_results
+from pmm_torchreid.launch import import_user_module, read_results
 from pmm_torchreid.models.families import takes_no_mix, uses_pmm_engine
 from pmm_torchreid.utils.io import atomic_write
 
@@ -117,6 +117,25 @@ class Setting(object):
 # --------------------------------------------------------------------------
 # the recipe
 # --------------------------------------------------------------------------
+def register_user_code(specs: Sequence[str]) -> List[str]:
+    """Imports each ``--register`` file or module here (so that the plan's
+    configs are checked with the user's datasets) and returns them as the
+    runs will take them: files as absolute paths, module names as given.
+
+    Raises:
+        AblationError: a file or module that cannot be imported, naming it.
+    """
+    given = []
+    for spec in specs:
+        try:
+            import_user_module(spec)
+        except (ImportError, OSError) as error:
+            raise AblationError(str(error).strip('"')) from None
+        is_file = spec.endswith('.py') or os.sep in spec or '/' in spec
+        given.append(osp.abspath(osp.expanduser(spec)) if is_file else spec)
+    return given
+
+
 def check_settings(settings: Sequence[Setting], config_file: str,
                    opts: Sequence[str]) -> None:
     """Every setting's merged config passes :func:`check_config` (the whole
@@ -197,10 +216,13 @@ def last_checkpoint(save_dir: str) -> Optional[str]:
 
 def command(main_script: str, config_file: str, root: str, setting: Setting,
             split: int, seed: int, save_dir: str,
-            opts: Sequence[str] = ()) -> List[str]:
+            opts: Sequence[str] = (), register: Sequence[str] = ()) -> List[str]:
     """``[sys.executable, main_script, ...]``: one run, resumed from its last
-    checkpoint if it has one."""
+    checkpoint if it has one; ``register``: what each run imports first
+    (scripts/main.py's ``--register``, e.g. the user's own dataset)."""
     cmd = [sys.executable, main_script, '--config-file', config_file]
+    for spec in register:
+        cmd += ['--register', spec]
     if root:
         cmd += ['--root', root]
     cmd += setting.options()
@@ -375,8 +397,10 @@ class Ablation(object):
     def __init__(self, main_script: str, config_file: str, out: str,
                  settings: Sequence[Setting], splits: Sequence[int],
                  seeds: Sequence[int], opts: Sequence[str] = (),
-                 root: str = '', threads: int = 0, reference: str = ''):
+                 root: str = '', threads: int = 0, reference: str = '',
+                 register: Sequence[str] = ()):
         self.main_script, self.config_file = main_script, config_file
+        self.register = list(register)
         self.out, self.root, self.opts = out, root, list(opts)
         self.settings, self.splits = list(settings), list(splits)
         self.threads, self.reference = threads, reference
@@ -391,7 +415,7 @@ class Ablation(object):
     def command(self, setting: Setting, split: int, seed: int) -> List[str]:
         return command(self.main_script, self.config_file, self.root, setting,
                        split, seed, self.run_dir(setting, split, seed),
-                       self.opts)
+                       self.opts, self.register)
 
     def commands(self) -> List[List[str]]:
         """The command of every planned run (what a dry run prints)."""

@@ -412,7 +412,7 @@ class Chooser(object):
                  values: Sequence[str], val_ids: int,
                  seeds: Sequence[int] = DEFAULT_SEEDS, opts: Sequence[str] = (),
                  root: str = '', main_script: Optional[str] = None,
-                 threads: int = 0):
+                 threads: int = 0, register: Sequence[str] = ()):
         self.config_file, self.out, self.key = config_file, out, key
         self.val_ids, self.seeds = int(val_ids), list(seeds)
         self.opts, self.root = list(opts), root
@@ -475,7 +475,7 @@ class Chooser(object):
         self.split = int(cfg.data.split_id)
         self.study = _Runs(main_script, config_file, out, self.settings,
                            [self.split], self.seeds, self.run_opts, root=root,
-                           threads=threads)
+                           threads=threads, register=register)
         self.plan = OrderedDict(key=key, values=self.texts,
                                 val_ids=self.val_ids)
         self.study.recipe['choose'] = self.plan
