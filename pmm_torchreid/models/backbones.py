@@ -1,6 +1,8 @@
 """Backbones: ImageNet ResNets (layer4 at stride 1) and torchreid's OSNet-x0.25,
 each cut before its pooling, so that an N x 3 x H x W image batch gives an
 N x C x H/16 x W/16 map; and the map size a backbone gives at an input size.
+:mod:`pmm_torchreid.models.torchreid_backbones` adds torchreid's other
+networks to :data:`BACKBONES` (their maps have stride 16 or 32).
 
 Weights are fetched on first use and verified: torchvision's ResNet weights
 by their published hash, OSNet-x0.25's by :data:`OSNET_X0_25_SHA256`.
@@ -27,7 +29,9 @@ class Backbone(NamedTuple):
     """What a backbone builder gives.
 
     Attributes:
-        body (nn.Module): images N x 3 x H x W -> map N x C x H/16 x W/16.
+        body (nn.Module): images N x 3 x H x W -> map N x C x H/s x W/s, with
+            s the backbone's stride (16 here; 32 for some of torchreid's
+            networks): :func:`feature_map_size` gives the exact size.
         channels (int): C.
         embedding (nn.Module or None): a pretrained embedding layer that the
             network had on top of the average-pooled map (OSNet's ``fc``:
@@ -155,7 +159,9 @@ def _osnet_x0_25(pretrained: bool) -> Backbone:
                     net.fc if pretrained else None)
 
 
-#: name -> function(pretrained) returning a :class:`Backbone`.
+#: name -> function(pretrained) returning a :class:`Backbone`; importing
+#: :mod:`pmm_torchreid.models` also adds torchreid's networks
+#: (:data:`~pmm_torchreid.models.torchreid_backbones.TORCHREID_BACKBONES`).
 BACKBONES: Dict[str, Callable[[bool], Backbone]] = {
     'resnet50': lambda pretrained: _resnet('resnet50', pretrained),
     'resnet18': lambda pretrained: _resnet('resnet18', pretrained),

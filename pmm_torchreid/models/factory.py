@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from pmm_torchreid.models.backbones import BACKBONES
 from pmm_torchreid.models.families import FAMILIES
+from pmm_torchreid.models.torchreid_backbones import TORCHREID_BACKBONES
 
 __all__ = ['NETWORKS', 'DEFAULT_BACKBONE', 'MODEL_FACTORY', 'model_backbone']
 
@@ -33,8 +34,10 @@ def _factory(network: type, backbone: str, name: str) -> Callable[..., nn.Module
 
 
 #: The plugin's networks by name prefix; each comes on every backbone of
-#: :data:`~pmm_torchreid.models.backbones.BACKBONES` as ``<prefix>_<backbone>``, and
-#: as plain ``<prefix>`` on :data:`DEFAULT_BACKBONE` (the papers' ResNet-50).
+#: :data:`~pmm_torchreid.models.backbones.BACKBONES` (the plugin's own and
+#: torchreid's networks, :mod:`pmm_torchreid.models.torchreid_backbones`) as
+#: ``<prefix>_<backbone>``, and as plain ``<prefix>`` on
+#: :data:`DEFAULT_BACKBONE` (the papers' ResNet-50).
 #: FMN and MagnifierNet are comparison systems (:mod:`pmm_torchreid.models.fmn`,
 #: :mod:`pmm_torchreid.models.magnifiernet`).
 NETWORKS = {name: family.network for name, family in FAMILIES.items()}
@@ -42,6 +45,8 @@ DEFAULT_BACKBONE = 'resnet50'
 
 
 def _model_factory() -> Dict[str, Callable[..., nn.Module]]:
+    # importing torchreid_backbones added its backbones to BACKBONES
+    assert set(TORCHREID_BACKBONES) <= set(BACKBONES)
     table = {}
     for prefix, network in NETWORKS.items():
         for backbone in BACKBONES:

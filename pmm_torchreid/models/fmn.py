@@ -12,12 +12,15 @@ the README, "Comparison systems"):
 
 - the backbone is split after its stride-16 stage: the **low-level map**
   ``L`` is ResNet's ``layer3`` output (the paper's res4; 1024 channels on
-  ResNet-50, 256 on ResNet-18) or OSNet's ``conv3`` output (96 channels); the
+  ResNet-50, 256 on ResNet-18), OSNet's ``conv3`` output (96 channels on
+  OSNet-x0.25) or, on torchreid's other networks, the output of their last
+  stage at stride 16 (:mod:`pmm_torchreid.models.torchreid_backbones`); the
   **high-level map** ``H`` is the full backbone's output (``layer4`` at stride
   1, or ``conv5``), the same map PMM and BDB use;
 - **mask**: ``M = sigmoid(conv1x1(relu(bn(conv1x1(H)))))``, N x 1 x h x w in
-  [0, 1], resized (bilinear) to ``L``'s size when the two differ (they do not
-  on these backbones: every stage after stride 16 keeps the size);
+  [0, 1], resized (bilinear) to ``L``'s size when the two differ (they do
+  not on the stride-16 backbones; on ``resnet50_stride32`` and MobileNetV2
+  ``H`` has half ``L``'s size);
 - **masked branch**: ``L * M`` -> average pooling -> 1x1 conv + BN + ReLU ->
   512-d -> classifier; **global branch**: ``H`` -> the same head (PMM's
   stage I, :class:`~pmm_torchreid.models.GlobalHead`, from OSNet's pretrained
@@ -39,12 +42,17 @@ import torch.nn.functional as F
 from pmm_torchreid.models.backbones import build_backbone
 from pmm_torchreid.models.descriptors import Descriptors
 from pmm_torchreid.models.heads import GlobalHead, init_kaiming, start_from_embedding
+from pmm_torchreid.models.torchreid_backbones import TORCHREID_BACKBONES
 
 __all__ = ['FMN', 'FeatureMask', 'LOW_LEVEL_SPLIT', 'split_backbone']
 
 #: backbone -> how many modules of its ``body`` (an ``nn.Sequential``) give
-#: the low-level map: ResNet's conv1 .. layer3, OSNet's conv1 .. conv3.
-LOW_LEVEL_SPLIT = {'resnet50': 7, 'resnet18': 7, 'osnet_x0_25': 4}
+#: the low-level map: ResNet's conv1 .. layer3, OSNet's conv1 .. conv3, and
+#: the stride-16 stage of torchreid's networks
+#: (:data:`~pmm_torchreid.models.torchreid_backbones.TORCHREID_BACKBONES`).
+LOW_LEVEL_SPLIT = {'resnet50': 7, 'resnet18': 7, 'osnet_x0_25': 4,
+                   **{name: spec.low_level
+                      for name, spec in TORCHREID_BACKBONES.items()}}
 
 
 def split_backbone(name: str, body: nn.Sequential):
@@ -83,8 +91,10 @@ class FMN(Descriptors, nn.Module):
 
     Args:
         num_classes (int): number of training identities.
-        backbone (str): ``'resnet50'`` (the paper), ``'resnet18'`` or
-            ``'osnet_x0_25'``. Default is ``'resnet50'``.
+        backbone (str): ``'resnet50'`` (the paper), ``'resnet18'``,
+            ``'osnet_x0_25'`` or one of torchreid's networks
+            (:data:`~pmm_torchreid.models.backbones.BACKBONES`). Default is
+            ``'resnet50'``.
         pretrained (bool): ImageNet weights for the backbone. Default is True.
         embedding_dim (int): size of each branch's embedding. Default is 512.
         mask_hidden (int): channels of the mask predictor. Default is 256.

@@ -12,7 +12,8 @@ Semantic Diversity (SD) loss against overlap between the regions'
 representations.  How this module builds it (the choices are listed in the
 README, "Comparison systems"):
 
-- **backbone map** ``F`` (stride 16), as for PMM and BDB;
+- **backbone map** ``F`` (stride 16, or 32 on ``resnet50_stride32`` and
+  MobileNetV2), as for PMM and BDB;
 - **global branch**: ``F`` -> average pooling -> 1x1 conv + BN + ReLU ->
   512-d -> classifier (PMM's stage I head);
 - **semantic regularization branch** (SRB): ``P = Bottleneck(F)`` (BDB's part

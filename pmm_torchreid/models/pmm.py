@@ -23,8 +23,10 @@ class PMM(Trunk):
 
     Args:
         num_classes (int): number of training identities.
-        backbone (str): ``'resnet50'`` (the paper), ``'resnet18'`` or
-            ``'osnet_x0_25'``. Default is ``'resnet50'``.
+        backbone (str): ``'resnet50'`` (the paper), ``'resnet18'``,
+            ``'osnet_x0_25'`` or one of torchreid's networks
+            (:data:`~pmm_torchreid.models.backbones.BACKBONES`). Default is
+            ``'resnet50'``.
         pretrained (bool): load ImageNet weights into the backbone. Default
             is True.
         embedding_dim (int): size of each stage's embedding. Default is 512.

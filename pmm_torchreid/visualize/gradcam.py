@@ -17,8 +17,8 @@ The pieces, smallest first:
   much the stages overlap: PMM's claim is that they attend to different,
   complementary regions, so the overlap should be low.
 
-Every backbone works (the part map has stride 16 for all of them), on CPU or
-GPU.
+Every backbone works (the maps are resized onto the image, whatever the
+backbone's stride), on CPU or GPU.
 """
 from __future__ import annotations
 
