@@ -175,3 +175,41 @@ def in_process(main, argv, cwd=None, **kwargs):
         torch.set_num_threads(threads)
     return types.SimpleNamespace(returncode=code, stdout=out.getvalue(),
                                  stderr=err.getvalue())
+
+
+def export_pairs(model, save_dir, weights=None, height=64, width=32,
+                 mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)):
+    """The KEY VALUE pairs of a small scripts/export.py run: ``height`` x
+    ``width``, no ImageNet weights, a mean and std that are not the defaults
+    (so their use is checked), cosine distance on normalised features, the
+    mixing rule the model trains with, and ``model.load_weights``."""
+    pairs = ['data.height', str(height), 'data.width', str(width),
+             'model.pretrained', 'False', 'data.workers', '0',
+             'data.check_images', 'False', 'data.norm_mean', str(list(mean)),
+             'data.norm_std', str(list(std)), 'test.dist_metric', 'cosine',
+             'test.normalize_feature', 'True',
+             'pmm.mix', 'none' if model.startswith('bdb') else 'hard_mix',
+             'data.save_dir', save_dir]
+    return pairs + (['model.load_weights', weights] if weights else [])
+
+
+def make_export_checkpoint(root, model, path):
+    """A checkpoint of a freshly built ``model`` (seeded, 100 identities)
+    whose BatchNorm layers hold non-trivial statistics, so that an export
+    folding them into the convolutions is checked too: ``path``."""
+    from pmm_torchreid import launch  # lazy: most tests never export
+    from pmm_torchreid.utils.checkpoint import save_checkpoint  # lazy: as above
+    args = launch.build_parser().parse_args(
+        ['--config-file', CONFIG, '--root', root, '-m', model] +
+        export_pairs(model, osp.dirname(path)))
+    torch.manual_seed(0)
+    net = launch.build_model(launch.setup_config(args), 100)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    save_checkpoint({'state_dict': net.state_dict(), 'epoch': 1}, path)
+    return path

@@ -63,6 +63,8 @@ def test_the_benchmark_scripts_print_their_help(capsys, monkeypatch):
                                 '--modes'],
                'benchmark_fast_path.py': ['--models', '--variants',
                                           '--force-bf16'],
+               'benchmark_export.py': ['--weights', '--descriptors',
+                                       '--formats', '--threads'],
                'stress_checkpoints.py': ['--kills', '--megabytes',
                                          '--unsafe'],
                'cuhk01_splits.py': ['--root', '--record']}

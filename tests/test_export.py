@@ -19,11 +19,11 @@ onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')  # torch's default (dynamo) exporter needs it
 
-from helpers import ENV, ROOT, in_process  # noqa: E402
+from helpers import ENV, ROOT, export_pairs, in_process, make_export_checkpoint  # noqa: E402
 
 from pmm_torchreid import launch  # noqa: E402
 from pmm_torchreid.data import read_image  # noqa: E402
-from pmm_torchreid.utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from pmm_torchreid.utils.checkpoint import load_checkpoint  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, 'scripts', 'export.py')
 CONFIG = os.path.join(ROOT, 'configs', 'pmm_demo.yaml')
@@ -34,14 +34,9 @@ MODELS = {'pmm_resnet18': 'dynamo', 'pmm_osnet_x0_25': 'dynamo',
           'bdb_resnet18': 'torchscript'}
 
 
-def overrides(model, save_dir, weights=None):
-    pairs = ['data.height', '64', 'data.width', '32', 'model.pretrained',
-             'False', 'data.workers', '0', 'data.check_images', 'False',
-             'data.norm_mean', str(MEAN), 'data.norm_std', str(STD),
-             'test.dist_metric', 'cosine', 'test.normalize_feature', 'True',
-             'pmm.mix', 'none' if model.startswith('bdb') else 'hard_mix',
-             'data.save_dir', save_dir]
-    return pairs + (['model.load_weights', weights] if weights else [])
+#: the KEY VALUE pairs of a small export run, and a checkpoint to export
+overrides = export_pairs
+make_checkpoint = make_export_checkpoint
 
 
 def build_cfg(root, model, save_dir, weights=None):
@@ -49,23 +44,6 @@ def build_cfg(root, model, save_dir, weights=None):
         ['--config-file', CONFIG, '--root', root, '-m', model] +
         overrides(model, save_dir, weights))
     return launch.setup_config(args)
-
-
-def make_checkpoint(root, model, path):
-    """A checkpoint of a freshly built model whose BatchNorm layers hold
-    non-trivial statistics (so that folding them into the convolutions is
-    checked too)."""
-    torch.manual_seed(0)
-    net = launch.build_model(build_cfg(root, model, os.path.dirname(path)), 100)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-    save_checkpoint({'state_dict': net.state_dict(), 'epoch': 1}, path)
-    return path
 
 
 def run_export(root, model, save_dir, weights, *options, cwd, child=False):
@@ -333,3 +311,27 @@ def test_a_negative_tolerance_is_refused(tmp_path):
     with pytest.raises(ValueError, match='--tolerance -1.0: expected >= 0'):
         main(['--tolerance', '-1', '--output', str(tmp_path / 'x.onnx')])
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.slow
+def test_the_global_descriptor_exports_stage_one(synthetic_root, tmp_path):
+    weights = make_checkpoint(synthetic_root, 'bdb_resnet18',
+                              str(tmp_path / 'w' / 'model.pth.tar-1'))
+    target = tmp_path / 'deploy' / 'global.onnx'
+    proc = run_export(synthetic_root, 'bdb_resnet18', str(tmp_path / 'log'),
+                      weights, '--descriptor', 'global', '--exporter',
+                      'torchscript', '--opset', '17', '--num-images', '4',
+                      '--output', str(target), cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r'output +features float32 \[batch, 512\]', proc.stdout)
+    meta = {p.key: p.value for p in onnx.load(str(target)).metadata_props}
+    assert meta['descriptor'] == 'global' and meta['feature_dim'] == '512'
+    # what the file computes is stage I of the trained network
+    import onnxruntime  # lazy: with onnx, only for the export tests
+    net = torch_model(synthetic_root, 'bdb_resnet18', weights)
+    images = torch.randn(3, 3, 64, 32)
+    with torch.no_grad():
+        stage_one = net.global_head(net.backbone(images))[1].numpy()
+    got = onnxruntime.InferenceSession(str(target)).run(
+        None, {'images': images.numpy()})[0]
+    assert got.shape == (3, 512) and abs(got - stage_one).max() < 1e-4

@@ -4,11 +4,15 @@
 - :func:`load_export_weights`: the strict weight load (every tensor the
   descriptor depends on must be in the file).
 - :func:`export_onnx`: the network as one function ``images -> features``
-  (:class:`Descriptor`), exported in memory and its graph checked.
+  (:class:`Descriptor`, optionally L2-normalising the features inside the
+  graph), exported in memory and its graph checked.
 - :func:`check_export`: onnxruntime against PyTorch on real images at two
   batch sizes (:func:`query_images`, :func:`run_torch`, :func:`run_onnx`).
 - :func:`deployment_info` / :func:`format_deployment`: the preprocessing and
-  distance a deployment needs (stored as the model's ``metadata_props``).
+  distance a deployment needs (stored as the model's ``metadata_props``, and
+  as the OpenVINO IR's ``rt_info``: :mod:`pmm_torchreid.deploy.openvino_ir`).
+- :func:`parse_size` / :data:`PROFILES`: the input size of an export
+  (``--size HxW``, ``--profile boxmot``).
 
 onnx, onnxruntime and onnxscript are optional dependencies (the ``[onnx]``
 extra): they are imported only when an export runs.
@@ -26,6 +30,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from pmm_torchreid.data.images import read_image
 from pmm_torchreid.data.queries import query_set
@@ -38,7 +43,8 @@ __all__ = [
     'Descriptor', 'check_exporter', 'export_onnx', 'check_graph',
     'query_images', 'batches', 'run_torch', 'run_onnx', 'onnx_session',
     'check_export', 'check_summary', 'failure_message', 'add_metadata',
-    'deployment_info', 'format_deployment', 'import_onnx'
+    'deployment_info', 'format_deployment', 'import_onnx', 'PROFILES',
+    'IMAGENET_MEAN', 'IMAGENET_STD', 'parse_size', 'distance_formula'
 ]
 
 #: names of the graph's input and output
@@ -53,6 +59,15 @@ MIN_DYNAMO_OPSET = 18
 #: changed the computation is orders of magnitude further)
 FLOAT32_FACTOR = 4
 EXPORTERS = ('dynamo', 'torchscript')
+#: torchvision's ImageNet statistics (torchreid's default data.norm_mean/std)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: ``--profile NAME`` -> (height, width, the mean and std the consumer
+#: applies itself, or None when it reads them from the metadata).  BoxMOT's
+#: re-ID backends resize every crop to 256 x 128 (except for the model types
+#: they special-case by file name) and normalise with the ImageNet mean and
+#: std, whatever the file says.
+PROFILES = {'boxmot': (256, 128, (IMAGENET_MEAN, IMAGENET_STD))}
 
 
 class ExportCheckError(RuntimeError):
@@ -139,14 +154,22 @@ def load_export_weights(model: nn.Module, path: str, model_name: str = '') -> in
 # --------------------------------------------------------------------------
 class Descriptor(nn.Module):
     """The eval-mode network as one function ``images -> features`` (so the
-    exported graph has exactly one input and one output)."""
+    exported graph has exactly one input and one output).
 
-    def __init__(self, model: nn.Module):
+    With ``normalize``, the features are divided by their L2 norm inside the
+    graph (``torch.nn.functional.normalize``: ``x / max(||x||, 1e-12)``), so
+    every output row has unit length."""
+
+    def __init__(self, model: nn.Module, normalize: bool = False):
         super().__init__()
         self.model = model
+        self.normalize = bool(normalize)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+        features = self.model(images)
+        if self.normalize:
+            features = F.normalize(features, p=2, dim=1)
+        return features
 
 
 def check_exporter(exporter: str, opset: int) -> None:
@@ -163,12 +186,14 @@ def check_exporter(exporter: str, opset: int) -> None:
 
 
 def export_onnx(model: nn.Module, height: int, width: int,
-                opset: int = DEFAULT_OPSET, exporter: str = 'dynamo'):
+                opset: int = DEFAULT_OPSET, exporter: str = 'dynamo',
+                normalize: bool = False):
     """Exports the eval-mode ``model`` to an in-memory ONNX model.
 
     Input ``images`` (float32, batch x 3 x ``height`` x ``width``) -> output
     ``features`` (float32, batch x D), with a dynamic batch dimension named
-    ``batch``.
+    ``batch``; with ``normalize``, each row L2-normalised in the graph
+    (:class:`Descriptor`).
 
     Args:
         model (nn.Module): in eval mode; ``model(images)`` gives one tensor.
@@ -177,6 +202,8 @@ def export_onnx(model: nn.Module, height: int, width: int,
         exporter (str): ``'dynamo'`` (``torch.onnx.export(dynamo=True)``,
             torch.export-based; opset >= 18) or ``'torchscript'`` (the
             deprecated TorchScript-based exporter). Default is ``'dynamo'``.
+        normalize (bool): L2-normalise the features in the graph. Default is
+            False.
 
     Returns:
         onnx.ModelProto: checked by ``onnx.checker`` with the opset asked for.
@@ -198,7 +225,7 @@ def export_onnx(model: nn.Module, height: int, width: int,
         raise ValueError('export_onnx: the model is in training mode; call '
                          'model.eval() first (the descriptor is eval-mode)')
     check_exporter(exporter, opset)
-    wrapper = Descriptor(model).eval()
+    wrapper = Descriptor(model, normalize).eval()
     example = torch.zeros(2, 3, height, width)  # batch 2: no 0/1 specialising
     names = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                  opset_version=opset)
@@ -362,16 +389,18 @@ def check_summary(check: dict) -> str:
 
 
 def failure_message(check: dict, tolerance: float, strict: bool,
-                    output: str) -> str:
-    """What :class:`ExportCheckError` says of a failed :func:`check_export`."""
+                    output: str, runtime: str = 'onnxruntime') -> str:
+    """What :class:`ExportCheckError` says of a failed :func:`check_export`
+    (``runtime``: what ran the exported model)."""
     return (
         'the exported model does not reproduce PyTorch: max abs '
         'difference {:.3e} > --tolerance {:g} ({}){}; "{}" was not '
         'written (a file already there is left as it was)'.format(
             check['max_abs_diff'], tolerance, check_summary(check),
-            '' if strict else ', and onnxruntime is {:.2e} from '
+            '' if strict else ', and {} is {:.2e} from '
             'PyTorch\'s float64 features, more than {} times PyTorch\'s '
-            'float32 {:.2e}'.format(check['onnx_vs_float64'], FLOAT32_FACTOR,
+            'float32 {:.2e}'.format(runtime, check['onnx_vs_float64'],
+                                    FLOAT32_FACTOR,
                                     check['torch_vs_float64']),
             output))
 
@@ -379,26 +408,90 @@ def failure_message(check: dict, tolerance: float, strict: bool,
 # --------------------------------------------------------------------------
 # what a deployment needs
 # --------------------------------------------------------------------------
-def deployment_info(cfg, feature_dim: int, weights: str) -> 'OrderedDict':
+def parse_size(text: str) -> tuple:
+    """``'256x128'`` -> ``(256, 128)`` (height, width; ``x`` or ``X``).
+
+    Raises:
+        ValueError: not two positive integers joined by ``x``.
+    """
+    parts = str(text).lower().split('x')
+    try:
+        height, width = (int(p) for p in parts)
+    except ValueError:
+        height = width = 0
+    if height < 1 or width < 1:
+        raise ValueError('--size {!r}: expected HEIGHTxWIDTH in pixels, e.g. '
+                         '256x128'.format(text))
+    return height, width
+
+
+def distance_formula(dist_metric: str, normalize_feature: bool,
+                     output_normalized: bool) -> str:
+    """The distance of two output rows ``a`` and ``b``, as the config's
+    evaluation computes it (torchreid: ``test.normalize_feature``
+    L2-normalises the features, then ``test.dist_metric`` compares them;
+    ``'euclidean'`` is the squared Euclidean distance).
+
+    With ``output_normalized`` (``--normalize``) the rows are unit vectors:
+    the squared Euclidean distance is then ``2 - 2 a.b``, which ranks as the
+    cosine distance (and not as an evaluation of raw features with
+    ``test.normalize_feature = False`` would)."""
+    if dist_metric == 'cosine':
+        if output_normalized:
+            return 'cosine distance 1 - a.b (a, b: unit vectors)'
+        return 'cosine distance 1 - a.b / (|a| |b|)'
+    if output_normalized:
+        return ('squared Euclidean |a - b|^2 = 2 - 2 a.b (a, b: unit '
+                'vectors; ranks as the cosine distance)')
+    if normalize_feature:
+        return ('squared Euclidean of the L2-normalised vectors '
+                '|a/|a| - b/|b||^2 = 2 - 2 a.b / (|a| |b|)')
+    return 'squared Euclidean |a - b|^2 of the raw vectors'
+
+
+def deployment_info(cfg, feature_dim: int, weights: str,
+                    normalize: bool = False) -> 'OrderedDict':
     """The facts a deployment needs, as strings (stored as the ONNX model's
-    ``metadata_props``; lists and booleans in JSON)."""
+    ``metadata_props`` and the OpenVINO IR's ``rt_info``; lists and booleans
+    in JSON).
+
+    The input: ``input_shape`` (``["batch", 3, H, W]``), ``input_size``
+    (``[H, W]``), ``layout`` NCHW, ``input_dtype`` float32; an image becomes
+    it by a ``resize`` (bilinear, of the PIL image) to H x W, its
+    ``color_order`` (RGB) 8-bit pixels (``pixel_range`` [0, 255]) times
+    ``pixel_scale`` (1/255), then ``(x - norm_mean) / norm_std`` per channel.
+    The output: ``output_shape`` (``["batch", D]``), ``feature_dim`` D, the
+    ``descriptor`` (``test.descriptor``) and ``output_normalized`` (whether
+    the graph L2-normalises each row: ``normalize``).  The distance:
+    ``dist_metric`` and ``normalize_feature`` (the config's evaluation) and
+    ``distance`` (:func:`distance_formula`: the same on the output rows).
+    """
+    height, width = int(cfg.data.height), int(cfg.data.width)
     return OrderedDict([
         ('model_name', cfg.model.name),
         ('weights_file', osp.basename(weights)),
         ('weights_sha256', sha256(weights)),
         ('input_name', INPUT_NAME),
-        ('input_shape', json.dumps(['batch', 3, int(cfg.data.height),
-                                    int(cfg.data.width)])),
+        ('input_shape', json.dumps(['batch', 3, height, width])),
+        ('input_size', json.dumps([height, width])),
+        ('layout', 'NCHW'),
         ('input_dtype', 'float32'),
         ('color_order', 'RGB'),
         ('resize', 'bilinear'),
+        ('pixel_range', json.dumps([0, 255])),
         ('pixel_scale', '1/255'),
         ('norm_mean', json.dumps([float(v) for v in cfg.data.norm_mean])),
         ('norm_std', json.dumps([float(v) for v in cfg.data.norm_std])),
         ('output_name', OUTPUT_NAME),
         ('output_shape', json.dumps(['batch', int(feature_dim)])),
+        ('feature_dim', str(int(feature_dim))),
+        ('descriptor', str(cfg.test.get('descriptor', 'all'))),
+        ('output_normalized', json.dumps(bool(normalize))),
         ('dist_metric', cfg.test.dist_metric),
         ('normalize_feature', json.dumps(bool(cfg.test.normalize_feature))),
+        ('distance', distance_formula(cfg.test.dist_metric,
+                                      bool(cfg.test.normalize_feature),
+                                      bool(normalize))),
     ])
 
 
@@ -421,9 +514,9 @@ def format_deployment(info: Dict[str, str]) -> str:
         distance = 'cosine distance, 1 - cos(a, b)'
     return '\n'.join([
         'Deployment:',
-        '  input    {} {} {}  (N x 3 x H x W, any N >= 1)'.format(
+        '  input    {} {} {}  ({}: N x 3 x H x W, any N >= 1)'.format(
             info['input_name'], info['input_dtype'],
-            info['input_shape'].replace('"', '')),
+            info['input_shape'].replace('"', ''), info.get('layout', 'NCHW')),
         '  resize   to H x W = {} x {}, {} (torchvision Resize of the PIL '
         'image; the aspect ratio is not kept)'.format(height, width,
                                                      info['resize']),
@@ -437,6 +530,12 @@ def format_deployment(info: Dict[str, str]) -> str:
         'test.normalize_feature = {})'.format(
             distance, 'L2-normalised' if normalize else 'raw',
             info['dist_metric'], normalize),
+        '  features {}; descriptor {!r}'.format(
+            'L2-normalised in the graph (unit length)'
+            if json.loads(info.get('output_normalized', 'false'))
+            else 'raw (not normalised in the graph)',
+            info.get('descriptor', 'all')),
+        '  compare  output rows a, b by {}'.format(info.get('distance', '?')),
     ])
 
 
