@@ -203,7 +203,14 @@ def make_export_checkpoint(root, model, path):
         ['--config-file', CONFIG, '--root', root, '-m', model] +
         export_pairs(model, osp.dirname(path)))
     torch.manual_seed(0)
-    net = launch.build_model(launch.setup_config(args), 100)
+    net = perturb_batchnorm(launch.build_model(launch.setup_config(args), 100))
+    save_checkpoint({'state_dict': net.state_dict(), 'epoch': 1}, path)
+    return path
+
+
+def perturb_batchnorm(net):
+    """Gives every BatchNorm layer of ``net`` statistics and an affine part
+    off their defaults (from torch's global generator); returns ``net``."""
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
@@ -211,5 +218,17 @@ def make_export_checkpoint(root, model, path):
                 m.running_var.uniform_(0.5, 1.5)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.1)
-    save_checkpoint({'state_dict': net.state_dict(), 'epoch': 1}, path)
-    return path
+    return net
+
+
+def exported_model(root, model, weights):
+    """The eval-mode network of an export test (:func:`export_pairs`) with
+    the weights of ``weights``."""
+    from pmm_torchreid import launch  # lazy: most tests never export
+    from pmm_torchreid.utils.checkpoint import load_checkpoint  # lazy: as above
+    args = launch.build_parser().parse_args(
+        ['--config-file', CONFIG, '--root', root, '-m', model] +
+        export_pairs(model, '.', weights))
+    net = launch.build_model(launch.setup_config(args), 100)
+    net.load_state_dict(load_checkpoint(weights, 'cpu')['state_dict'])
+    return net.eval()

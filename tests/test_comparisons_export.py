@@ -13,7 +13,7 @@ onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')
 
-from helpers import ROOT, in_process  # noqa: E402
+from helpers import ROOT, in_process, perturb_batchnorm  # noqa: E402
 
 from pmm_torchreid import launch  # noqa: E402
 from pmm_torchreid.utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -43,14 +43,7 @@ def exported(request, synthetic_root, tmp_path_factory):
     model = request.param
     work = tmp_path_factory.mktemp('export-' + model)
     torch.manual_seed(0)
-    net = build(synthetic_root, model)
-    with torch.no_grad():  # non-trivial BatchNorm statistics and gates
-        for m in net.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
+    net = perturb_batchnorm(build(synthetic_root, model))  # non-trivial
     weights = str(work / 'weights' / 'model.pth.tar-1')
     save_checkpoint({'state_dict': net.state_dict(), 'epoch': 1}, weights)
     save_dir = str(work / 'log')

@@ -17,13 +17,11 @@ pytest.importorskip('onnx')
 pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')  # torch's default (dynamo) exporter needs it
 
-from helpers import CONFIG, export_pairs, in_process, make_export_checkpoint  # noqa: E402
+from helpers import CONFIG, export_pairs, exported_model, in_process, make_export_checkpoint  # noqa: E402
 
-from pmm_torchreid import launch  # noqa: E402
 from pmm_torchreid.data import read_image  # noqa: E402
 from pmm_torchreid.deploy import export as E  # noqa: E402
 from pmm_torchreid.deploy import openvino_ir as OV  # noqa: E402
-from pmm_torchreid.utils.checkpoint import load_checkpoint  # noqa: E402
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]  # export_pairs' (not ImageNet's)
 #: every key of the deployment facts, in both formats
@@ -105,12 +103,7 @@ def test_the_ir_reproduces_pytorchs_normalised_features(exported,
     """Random and real images, batches of 1 and 5, read from the files."""
     proc, xml, weights = exported
     assert proc.returncode == 0, proc.stderr[-3000:]
-    args = launch.build_parser().parse_args(
-        ['--config-file', CONFIG, '--root', synthetic_root, '-m',
-         'pmm_resnet18'] + export_pairs('pmm_resnet18', '.', weights))
-    net = launch.build_model(launch.setup_config(args), 100)
-    net.load_state_dict(load_checkpoint(weights, 'cpu')['state_dict'])
-    net.eval()
+    net = exported_model(synthetic_root, 'pmm_resnet18', weights)
     model = compiled(xml)
     torch.manual_seed(1)
     sets = {'random': torch.randn(5, 3, 64, 32),

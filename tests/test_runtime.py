@@ -21,11 +21,17 @@ pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')  # torch's default (dynamo) exporter needs it
 pytest.importorskip('openvino')
 
-from helpers import CONFIG, ENV, ROOT, export_pairs, in_process, make_export_checkpoint  # noqa: E402
+from helpers import (  # noqa: E402
+    CONFIG,
+    ENV,
+    ROOT,
+    export_pairs,
+    exported_model,
+    in_process,
+    make_export_checkpoint,
+)
 
-from pmm_torchreid import launch  # noqa: E402
 from pmm_torchreid.deploy import runtime as R  # noqa: E402
-from pmm_torchreid.utils.checkpoint import load_checkpoint  # noqa: E402
 
 RUNTIME = os.path.join(ROOT, 'pmm_torchreid', 'deploy', 'runtime.py')
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]  # export_pairs'
@@ -142,12 +148,7 @@ def test_the_embedder_gives_pytorchs_features(exports, synthetic_root):
     """Files and arrays of other sizes, in uneven batches (2, 2, 2 and 4,
     2), against the model on torchreid's test transform of the same crops."""
     weights, paths = exports
-    args = launch.build_parser().parse_args(
-        ['--config-file', CONFIG, '--root', synthetic_root, '-m',
-         'pmm_resnet18'] + export_pairs('pmm_resnet18', '.', weights))
-    net = launch.build_model(launch.setup_config(args), 100)
-    net.load_state_dict(load_checkpoint(weights, 'cpu')['state_dict'])
-    net.eval()
+    net = exported_model(synthetic_root, 'pmm_resnet18', weights)
     items = crops(synthetic_root)
     transform = eval_transform()
     with torch.no_grad():

@@ -22,7 +22,7 @@ from pmm_torchreid.utils.checkpoint import load_checkpoint
 from pmm_torchreid.utils.io import sha256
 
 __all__ = ['Backbone', 'BACKBONES', 'build_backbone', 'feature_map_size',
-           'fetch_osnet_x0_25_weights']
+           'fetch_osnet_x0_25_weights', 'gdown_weights']
 
 
 class Backbone(NamedTuple):
@@ -101,6 +101,38 @@ def _torch_home() -> str:
     )
 
 
+def gdown_weights(url: str, path: str, verify: Callable[[str], None]) -> None:
+    """Downloads ``url`` to ``path`` with ``gdown`` (as torchreid does),
+    through a temporary file that ``verify(tmp)`` must accept (it raises
+    otherwise) before it becomes ``path``; nothing is left behind on failure.
+
+    Raises:
+        RuntimeError: naming the file, the folder and the URL
+            (:func:`_checkpoint_hint`).
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + '.download'
+    try:
+        import gdown  # lazy: needed only to download weights
+        gdown.download(url, tmp, quiet=False)
+        if not os.path.isfile(tmp):
+            raise RuntimeError('gdown wrote no file')
+        verify(tmp)
+        os.replace(tmp, path)
+    except Exception as error:  # no network, bad hash, not weights, ...
+        raise _checkpoint_hint(path, url, error) from error
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _check_osnet_x0_25_hash(tmp: str) -> None:
+    actual = sha256(tmp)
+    if actual != OSNET_X0_25_SHA256:
+        raise RuntimeError('downloaded file has SHA-256 {}, expected '
+                           '{}'.format(actual, OSNET_X0_25_SHA256))
+
+
 def fetch_osnet_x0_25_weights() -> str:
     """Path of the verified ImageNet OSNet-x0.25 weights, downloading them
     (with ``gdown``, as torchreid does) only when they are not cached.
@@ -112,23 +144,7 @@ def fetch_osnet_x0_25_weights() -> str:
     """
     path = os.path.join(_torch_home(), 'checkpoints', 'osnet_x0_25_imagenet.pth')
     if not os.path.isfile(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + '.download'
-        try:
-            import gdown  # lazy: needed only to download weights
-            gdown.download(OSNET_X0_25_URL, tmp, quiet=False)
-            if not os.path.isfile(tmp):
-                raise RuntimeError('gdown wrote no file')
-            actual = sha256(tmp)
-            if actual != OSNET_X0_25_SHA256:
-                raise RuntimeError('downloaded file has SHA-256 {}, expected '
-                                   '{}'.format(actual, OSNET_X0_25_SHA256))
-            os.replace(tmp, path)
-        except Exception as error:  # no network, bad hash, ...
-            raise _checkpoint_hint(path, OSNET_X0_25_URL, error) from error
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        gdown_weights(OSNET_X0_25_URL, path, _check_osnet_x0_25_hash)
     actual = sha256(path)
     if actual != OSNET_X0_25_SHA256:
         raise RuntimeError(

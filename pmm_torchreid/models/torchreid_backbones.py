@@ -51,7 +51,13 @@ import torch
 import torch.nn as nn
 import torchreid
 
-from pmm_torchreid.models.backbones import BACKBONES, Backbone, _checkpoint_hint, _torch_home
+from pmm_torchreid.models.backbones import (
+    BACKBONES,
+    Backbone,
+    _checkpoint_hint,
+    _torch_home,
+    gdown_weights,
+)
 from pmm_torchreid.utils.checkpoint import load_checkpoint
 
 __all__ = ['TorchreidBackbone', 'TORCHREID_BACKBONES', 'torchreid_network',
@@ -172,21 +178,9 @@ def torchreid_weights_location(name: str) -> Tuple[str, str]:
 
 def _gdown(url: str, path: str) -> None:
     """Downloads ``url`` to ``path`` (torchreid's way, with gdown), keeping
-    the file only when it loads as plain weights."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + '.download'
-    try:
-        import gdown  # lazy: needed only to download weights
-        gdown.download(url, tmp, quiet=False)
-        if not os.path.isfile(tmp):
-            raise RuntimeError('gdown wrote no file')
-        load_checkpoint(tmp)  # an HTML page (e.g. a quota notice) is refused
-        os.replace(tmp, path)
-    except Exception as error:  # no network, not a weights file, ...
-        raise _checkpoint_hint(path, url, error) from error
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    the file only when it loads as plain weights (an HTML page, e.g. a quota
+    notice, is refused)."""
+    gdown_weights(url, path, load_checkpoint)
 
 
 def _imagenet_state(name: str) -> Tuple[dict, str]:
