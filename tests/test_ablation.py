@@ -142,7 +142,8 @@ def test_raw_results_and_table(killed_then_rerun):
         table = f.read()
     lines = [l for l in table.splitlines() if l.startswith('|')]
     assert lines[0] == ('| setting | split 0 R1 | split 0 mAP | '
-                        'train min/run |')
+                        'train min/run | params at inference (M) | '
+                        'descriptor |')
     for line, run in zip(lines[2:], runs):
         cells = [c.strip() for c in line.strip('|').split('|')]
         assert cells[0] == run['setting']

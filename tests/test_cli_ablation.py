@@ -7,6 +7,7 @@ import pytest
 from helpers import ROOT
 
 from pmm_torchreid.cli.ablation import main
+from pmm_torchreid.models.capacity import InferenceCapacity
 from pmm_torchreid.study.ablation import (
     AblationError,
     Setting,
@@ -48,7 +49,13 @@ def test_tables():
                for s, seed, r, m in [('pmm', 1, 80, 60), ('pmm', 2, 82, 62),
                                      ('bdb', 1, 79, 58), ('bdb', 2, 80, 61)]]
     lines = table(records, settings, [0]).splitlines()
-    assert lines[2] == '| pmm | 81.0 ± 1.4 (2) | 61.0 ± 1.4 (2) | 1.0 |'
+    assert lines[0].endswith(' | train min/run | params at inference (M) | '
+                             'descriptor |')
+    assert lines[2] == '| pmm | 81.0 ± 1.4 (2) | 61.0 ± 1.4 (2) | 1.0 | - | - |'
+    capacity = {'pmm': InferenceCapacity(353288, 1536, {}, 1099703)}
+    lines = table(records, settings, [0], capacity).splitlines()
+    assert lines[2].endswith(' | 1.0 | 0.353 | 1536 |')
+    assert lines[3].endswith(' | 1.0 | - | - |')  # bdb: not measured
     paired = paired_table(records, settings, 'pmm').splitlines()
     assert paired[2] == '| bdb | -1.5 ± 0.7 (2) | -1.5 ± 0.7 (2) | -2.0 … -1.0 | yes |'
 
@@ -61,7 +68,8 @@ def test_outputs_and_the_recipe_check(tmp_path):
     with pytest.raises(AblationError, match='holds runs of another recipe'):
         check_recipe(out, recipe_of(CONFIG, ['train.max_epoch', '2']))
     text = write_outputs(out, [], [Setting('pmm')], [0], recipe)
-    assert '| pmm | - | - | - |' in text
+    # no run finished; the network's size is known all the same (ResNet-50)
+    assert '| pmm | - | - | - | 31.120 | 1536 |' in text
     assert sorted(os.listdir(out)) == [
         'recipe.json', 'results.csv', 'results.json', 'table.md']
 

@@ -19,10 +19,12 @@ from yacs.config import CfgNode as CN
 
 from pmm_torchreid.config.kwargs import mixed_blocks
 from pmm_torchreid.data.parsing import LABEL_SETS
+from pmm_torchreid.models.bdb import BAND_CHOICES
 from pmm_torchreid.models.descriptors import DESCRIPTORS
 from pmm_torchreid.models.factory import MODEL_FACTORY
 from pmm_torchreid.models.families import family_of, is_bdb_model, is_magnifiernet_model
 from pmm_torchreid.models.guidance import MIX_MODES
+from pmm_torchreid.models.magnifiernet import FUSIONS
 from pmm_torchreid.models.regions import NUM_REGIONS
 from pmm_torchreid.utils.errors import fail
 from pmm_torchreid.utils.torchreid_internals import dataset_table, model_table
@@ -202,16 +204,35 @@ def check_config(cfg: CN) -> None:
              "'pmm' exactly when model.name is a PMM or BDB model or a "
              "comparison system, FMN or MagnifierNet (model.name"
              " = {!r})".format(cfg.model.name))
+    _check_network_options(cfg)
     if family is not None and family.engine == 'comparison':
         check_comparison_config(cfg)
     elif family is not None:
         check_pmm_config(cfg)
 
 
+def _check_network_options(cfg: CN) -> None:
+    """The keys that change one family's network (``bdb.bands``,
+    ``magnifiernet.fusion``) stay at their default for the other models,
+    which have no such part (so that a run's label cannot claim a network
+    it did not train).  Their values are checked by
+    :func:`check_pmm_config` and :func:`check_comparison_config`."""
+    name = cfg.model.name
+    if cfg.bdb.bands and not is_bdb_model(name):
+        fail('bdb.bands', cfg.bdb.bands, '0 for model.name = {!r} (the band '
+             'branch is BDB\'s)'.format(name))
+    if cfg.magnifiernet.fusion != FUSIONS[0] and \
+            not is_magnifiernet_model(name):
+        fail('magnifiernet.fusion', cfg.magnifiernet.fusion,
+             '{!r} for model.name = {!r} (the fusion is MagnifierNet\'s)'
+             .format(FUSIONS[0], name))
+
+
 def check_pmm_config(cfg: CN) -> None:
     """Checks what PMM and BDB need of a config (Dassl's ``check_cfg``):
-    the ``pmm.*`` values, a BDB model without a mixing rule, an identity
-    sampler with at least 2 identities of at least 2 images per batch
+    the ``pmm.*`` and ``bdb.*`` values, a BDB model without a mixing rule,
+    an identity sampler with at least 2 identities of at least 2 images per
+    batch
     (every sample needs a partner of another identity, and the triplet
     loss a positive), and a block grid that tiles the feature map.
 
@@ -223,6 +244,12 @@ def check_pmm_config(cfg: CN) -> None:
             ``MAX_QUIET_SHARE`` of the map's blocks (and there is a later
             stage to feed).
     """
+    if cfg.bdb.bands not in BAND_CHOICES:
+        fail('bdb.bands', cfg.bdb.bands, '0 (no band branch) or {} (the '
+             'fixed horizontal bands of pmm_torchreid.models.regions.BANDS)'
+             .format(BAND_CHOICES[1]))
+    if cfg.bdb.band_dim < 1:
+        fail('bdb.band_dim', cfg.bdb.band_dim, '>= 1')
     if is_bdb_model(cfg.model.name):
         if cfg.pmm.mix != 'none':
             fail('pmm.mix', cfg.pmm.mix, "'none' for a BDB model ({!r} "
@@ -287,7 +314,8 @@ def check_pmm_config(cfg: CN) -> None:
 
 def check_comparison_config(cfg: CN) -> None:
     """PMMEngine's checks (identity batches, loss values), plus: no
-    mixing rule, no Grad-CAM pictures, sane ``magnifiernet.*``.
+    mixing rule, no Grad-CAM pictures, sane ``fmn.*`` and
+    ``magnifiernet.*``.
 
     Raises:
         ValueError: naming the key, the value and what was expected.
@@ -319,6 +347,10 @@ def check_comparison_config(cfg: CN) -> None:
     if cfg.magnifiernet.mask_labels not in LABEL_SETS:
         fail('magnifiernet.mask_labels', cfg.magnifiernet.mask_labels,
              'one of {}'.format(sorted(LABEL_SETS)))
+    if cfg.magnifiernet.fusion not in FUSIONS:
+        fail('magnifiernet.fusion', cfg.magnifiernet.fusion,
+             "'gru' (the paper's gated recurrent cell) or 'mean' (the "
+             'region features averaged, no fusion parameters)')
     if cfg.magnifiernet.regions not in ('auto', 'bands'):
         fail('magnifiernet.regions', cfg.magnifiernet.regions,
              "'auto' (synthetic masks, then masks_root, then bands) or "

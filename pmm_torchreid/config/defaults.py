@@ -1,5 +1,6 @@
 """The default config: torchreid's keys (so its yaml files and overrides work
-unchanged) plus the plugin's ``pmm.*``, ``fmn.*`` and ``magnifiernet.*``.
+unchanged) plus the plugin's ``pmm.*``, ``bdb.*``, ``fmn.*`` and
+``magnifiernet.*``.
 
 Merge order (as in Dassl/detectron2): :func:`get_default_config` ->
 yaml file -> command-line flags -> trailing ``KEY VALUE`` pairs
@@ -141,6 +142,12 @@ def add_pmm_config(cfg: CN) -> CN:
     cfg.pmm.label_smooth = 0.1  # label-smoothing epsilon of the cross-entropy
     cfg.pmm.vis_freq = 0  # Grad-CAM pictures every N epochs in training (0: off)
     cfg.pmm.vis_num = 8  # training images in those pictures (fixed, seeded)
+    cfg.bdb = CN()
+    # the baseline BDB's band branch: 0 (none, the paper's BDB) or 4 (the
+    # fixed horizontal bands of MagnifierNet's maskless regions, pooled from
+    # the backbone map, each embedded, averaged, 512-d, its own classifier)
+    cfg.bdb.bands = 0
+    cfg.bdb.band_dim = 256  # size of each band's feature (before the mean)
 
     cfg.train.warmup_epochs = 0  # staircase warm-up length ('warmup_multi_step')
     cfg.train.warmup_interval = 1  # the warm-up raises the lr every N epochs
@@ -191,6 +198,9 @@ def add_comparison_config(cfg: CN) -> CN:
     cfg.magnifiernet = CN()
     cfg.magnifiernet.embedding_dim = 512  # size of each branch's embedding
     cfg.magnifiernet.region_dim = 256  # size of each region's feature (fusion input)
+    # how the fusion branch fuses the 4 region features: 'gru' (the paper's
+    # gated recurrent cell) or 'mean' (their mean: no fusion parameters)
+    cfg.magnifiernet.fusion = 'gru'
     cfg.magnifiernet.occluded_regions = 1  # regions occluded per batch (1 to 3 of 4)
     # a feature cell is occluded when the chosen regions cover this share of it
     cfg.magnifiernet.occlusion_share = 0.25

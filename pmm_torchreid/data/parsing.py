@@ -50,7 +50,7 @@ from PIL import Image
 
 from pmm_torchreid.data import synthetic
 from pmm_torchreid.data.images import read_image
-from pmm_torchreid.models.regions import NUM_REGIONS, REGION_NAMES
+from pmm_torchreid.models.regions import BANDS, NUM_REGIONS, REGION_NAMES, band_rows
 
 __all__ = [
     'REGION_NAMES', 'NUM_REGIONS', 'LABEL_SETS', 'PART_TO_REGION', 'BANDS',
@@ -85,11 +85,6 @@ PART_TO_REGION: Dict[str, int] = {
     'socks': 4, 'left_shoe': 4, 'right_shoe': 4,
 }
 
-#: The fallback without masks: ``(region, top, bottom)`` as shares of the
-#: image height (head 0-15 %, upper body 15-50 %, lower body 50-90 %, shoes
-#: 90-100 %), the usual proportions of a pedestrian crop.
-BANDS = ((1, 0.0, 0.15), (2, 0.15, 0.5), (3, 0.5, 0.9), (4, 0.9, 1.0))
-
 _INVALID = 255
 
 
@@ -106,10 +101,10 @@ def region_table(labels: str) -> np.ndarray:
 
 
 def band_regions(width: int, height: int) -> Image.Image:
-    """The fallback region map of a ``width x height`` image: :data:`BANDS`."""
-    rows = np.zeros(height, np.uint8)
-    for region, top, bottom in BANDS:
-        rows[int(round(top * height)):int(round(bottom * height))] = region
+    """The fallback region map of a ``width x height`` image: :data:`BANDS`
+    (defined with the regions, :mod:`pmm_torchreid.models.regions`, where
+    BDB's band branch takes them too)."""
+    rows = band_rows(height).numpy()
     return Image.fromarray(np.repeat(rows[:, None], width, axis=1), 'L')
 
 

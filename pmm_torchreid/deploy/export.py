@@ -140,7 +140,8 @@ def load_export_weights(model: nn.Module, path: str, model_name: str = '') -> in
         raise ValueError(
             'model.load_weights = "{}" does not match model.name = {!r}: {} '
             'tensors; was it trained as another model, or with other '
-            'pmm.num_stages / pmm.embedding_dim?'.format(
+            'pmm.num_stages / pmm.embedding_dim / bdb.bands / '
+            'magnifiernet.fusion?'.format(
                 path, model_name or type(model).__name__, '; '.join(problems)))
     loaded = {k: v for k, v in state.items()
               if k in own and v.shape == own[k].shape}

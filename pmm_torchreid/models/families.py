@@ -41,12 +41,13 @@ class Family(NamedTuple):
 FAMILIES = {
     'pmm': Family('pmm', 'pmm', True, 'pmm', 'embedding_dim num_stages',
                   'gradcam', PMM),
-    'bdb': Family('bdb', 'pmm', False, '', '', '', BDB),
+    'bdb': Family('bdb', 'pmm', False, 'bdb', 'bands band_dim', '', BDB),
     'fmn': Family('fmn', 'comparison', False, 'fmn', 'embedding_dim', 'masks',
                   FMN),
     'magnifiernet': Family(
         'magnifiernet', 'comparison', False, 'magnifiernet',
-        'embedding_dim region_dim occluded_regions occlusion_share', 'masks',
+        'embedding_dim region_dim occluded_regions occlusion_share fusion',
+        'masks',
         MagnifierNet),
 }
 

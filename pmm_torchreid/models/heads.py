@@ -1,6 +1,7 @@
 """The pieces the plugin's networks share: the heads (stage I's global head,
 the part heads of the later stages), the trunk that PMM, BDB and MagnifierNet
-build on, and their weight initialisation.
+build on, their weight initialisation, and the region pooling and mean
+fusion that MagnifierNet's fusion branch and BDB's band branch share.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pmm_torchreid.models.backbones import Backbone, build_backbone
 from pmm_torchreid.models.descriptors import Descriptors
 
 __all__ = ['init_kaiming', 'GlobalHead', 'PartHead', 'Trunk',
-           'start_from_embedding']
+           'start_from_embedding', 'pool_regions', 'MeanFusion']
 
 
 def init_kaiming(m: nn.Module) -> None:
@@ -112,6 +113,27 @@ class PartHead(nn.Module):
         """N x C x H x W -> (logits N x num_classes, embedding N x dim)."""
         emb = self.reduction(self.pool(x).flatten(1))
         return self.classifier(emb), emb
+
+
+def pool_regions(fmap: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """N x R x C: each region's weighted average of ``fmap`` (N x C x h x
+    w), with ``weights`` N x R x h x w (a region's weights need not sum to
+    1; a region with no weight gives 0)."""
+    return torch.einsum('nrhw,nchw->nrc', weights, fmap) / (
+        weights.sum(dim=(2, 3)).unsqueeze(-1) + 1e-6)
+
+
+class MeanFusion(nn.Module):
+    """Fuses a sequence of features by their mean: N x T x D -> N x D.
+
+    No parameters, no order and no gate: the counterpart of
+    :class:`~pmm_torchreid.models.magnifiernet.GatedFusion` that keeps a
+    fusion branch's shape (one D-wide feature from the T region features)
+    without its recurrent cell.  Which region a feature came from is still
+    known to the per-region heads that make the features."""
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        return seq.mean(dim=1)
 
 
 # --------------------------------------------------------------------------

@@ -35,7 +35,13 @@ README, "Comparison systems"):
   its own Linear + BN + ReLU -> ``region_dim`` (256); the 4 region features,
   head to shoes, go through a gated recurrent cell (a GRU, written out) whose
   gates decide how much of each region enters the fused state; -> Linear +
-  BN + ReLU -> 512-d -> classifier;
+  BN + ReLU -> 512-d -> classifier.  ``fusion='mean'`` (config
+  ``magnifiernet.fusion``) replaces the GRU by the mean of the 4 region
+  features (:class:`~pmm_torchreid.models.heads.MeanFusion`, no parameters),
+  so the Linear that follows takes ``region_dim`` inputs: the same branch,
+  loss, classifier and 512-d embedding without the GRU's parameters (1.18 M
+  at the default sizes), to tell the paper's selective fusion from the
+  capacity it adds;
 - **SD loss** (:func:`semantic_diversity_loss`): the mean squared cosine
   similarity between the region features of a sample, over all pairs of
   different regions (0 exactly when they are orthogonal);
@@ -55,11 +61,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pmm_torchreid.models.heads import PartHead, Trunk, init_kaiming
+from pmm_torchreid.models.heads import MeanFusion, PartHead, Trunk, init_kaiming, pool_regions
 from pmm_torchreid.models.regions import NUM_REGIONS, REGION_NAMES
 
-__all__ = ['MagnifierNet', 'GatedFusion', 'semantic_diversity_loss',
+__all__ = ['MagnifierNet', 'GatedFusion', 'FUSIONS', 'semantic_diversity_loss',
            'region_shares', 'downsample_regions', 'occlusion_keep']
+
+#: How the fusion branch fuses the region features (``magnifiernet.fusion``):
+#: the paper's gated recurrent cell (the default), or their mean.
+FUSIONS = ('gru', 'mean')
 
 
 def semantic_diversity_loss(features: torch.Tensor,
@@ -156,6 +166,10 @@ class MagnifierNet(Trunk):
         occlusion_share (float): a cell is occluded when the chosen regions
             cover at least this share of its pixels. Default is 0.25.
         parsing_hidden (int): channels of the parsing head. Default is 256.
+        fusion (str): ``'gru'`` (:class:`GatedFusion`, the paper's selective
+            fusion) or ``'mean'`` (the region features averaged, no
+            parameters; the reduction after it then takes ``region_dim``
+            inputs). Default is ``'gru'``.
         loss (str): accepted for torchreid's factory signature; unused.
 
     Forward:
@@ -178,7 +192,7 @@ class MagnifierNet(Trunk):
                  pretrained: bool = True, embedding_dim: int = 512,
                  region_dim: int = 256, occluded_regions: int = 1,
                  occlusion_share: float = 0.25, parsing_hidden: int = 256,
-                 loss: str = 'pmm'):
+                 fusion: str = 'gru', loss: str = 'pmm'):
         if not 1 <= occluded_regions < NUM_REGIONS:
             raise ValueError(
                 'occluded_regions must be 1 to {} (of the {} regions {}), got '
@@ -187,6 +201,9 @@ class MagnifierNet(Trunk):
         if not 0 < occlusion_share <= 1:
             raise ValueError('occlusion_share must lie in (0, 1], got '
                              '{}'.format(occlusion_share))
+        if fusion not in FUSIONS:
+            raise ValueError('fusion must be one of {}, got {!r}'.format(
+                FUSIONS, fusion))
         super().__init__(num_classes, backbone, pretrained, embedding_dim)
         channels = self.feature_channels
         self.num_regions = NUM_REGIONS
@@ -204,9 +221,14 @@ class MagnifierNet(Trunk):
             nn.Sequential(nn.Linear(channels, region_dim),
                           nn.BatchNorm1d(region_dim), nn.ReLU(inplace=True))
             for _ in range(NUM_REGIONS))
-        self.fusion = GatedFusion(region_dim, embedding_dim)
+        if fusion == 'gru':
+            self.fusion = GatedFusion(region_dim, embedding_dim)
+            fused_dim = embedding_dim
+        else:
+            self.fusion = MeanFusion()
+            fused_dim = region_dim
         self.sfb_reduction = nn.Sequential(
-            nn.Linear(embedding_dim, embedding_dim),
+            nn.Linear(fused_dim, embedding_dim),
             nn.BatchNorm1d(embedding_dim), nn.ReLU(inplace=True))
         self.sfb_classifier = nn.Linear(embedding_dim, num_classes)
         for module in (self.parsing_head, self.region_heads,
@@ -226,9 +248,7 @@ class MagnifierNet(Trunk):
                         probs: torch.Tensor) -> torch.Tensor:
         """N x 4 x region_dim: each region's weighted average of ``fmap``
         (weights: ``probs``, not back-propagated into), embedded."""
-        weights = probs[:, 1:].detach()  # N x R x h x w
-        pooled = torch.einsum('nrhw,nchw->nrc', weights, fmap) / (
-            weights.sum(dim=(2, 3)).unsqueeze(-1) + 1e-6)
+        pooled = pool_regions(fmap, probs[:, 1:].detach())
         return torch.stack([head(pooled[:, r])
                             for r, head in enumerate(self.region_heads)],
                            dim=1)

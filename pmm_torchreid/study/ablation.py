@@ -10,9 +10,16 @@ one).  After every run the runner rewrites, atomically:
 
 - ``<out>/results.json`` and ``<out>/results.csv``: one record per run;
 - ``<out>/table.md``: Rank-1 and mAP per setting, mean +- std over seeds,
-  per split and over all runs, and the training time per run (the shape of
-  the PMM paper's Table 3), then each setting's paired differences against
-  a reference setting.
+  per split and over all runs, the training time per run (the shape of
+  the PMM paper's Table 3), and the setting's parameters at inference and
+  descriptor size; then each setting's paired differences against a
+  reference setting.
+
+The parameters at inference (those the eval-mode descriptor depends on,
+:func:`pmm_torchreid.models.capacity.inference_capacity`) and the descriptor
+size are measured once per setting on a network built from the recipe and
+the setting (untrained, at ``data.height x data.width``), not read from the
+runs, so a folder written before they existed gets them too.
 
 A setting is ``MODEL[:MIX][,KEY=VALUE...]`` (:class:`Setting`).
 """
@@ -35,21 +42,28 @@ import time
 from collections import OrderedDict
 from typing import IO, Dict, List, Optional, Sequence, Tuple
 
+import torch
+
 from pmm_torchreid.config.checks import check_config
 from pmm_torchreid.config.defaults import get_default_config
 from pmm_torchreid.config.files import dump_differences, merge_file, merge_list
-from pmm_torchreid.launch import import_user_module, read_results
+from pmm_torchreid.launch import build_model, import_user_module, read_results
+from pmm_torchreid.models.capacity import InferenceCapacity, inference_capacity
 from pmm_torchreid.models.families import takes_no_mix, uses_pmm_engine
 from pmm_torchreid.utils.io import atomic_write
 
 __all__ = ['AblationError', 'CSV_FIELDS', 'Setting', 'Ablation', 'run_dir',
            'last_checkpoint', 'command', 'start', 'tail', 'read_record',
            'mean_std', 'table', 'paired_table', 'write_outputs',
-           'check_settings', 'recipe_of', 'check_recipe']
+           'check_settings', 'recipe_of', 'check_recipe', 'setting_capacity',
+           'capacities']
 
+#: the columns of results.csv; the last two come from the setting
+#: (:func:`setting_capacity`), the same in each of its runs
 CSV_FIELDS = [
     'setting', 'split_id', 'seed', 'status', 'rank1', 'mAP', 'epoch',
-    'train_seconds', 'run_seconds', 'wall_seconds', 'model', 'mix', 'save_dir'
+    'train_seconds', 'run_seconds', 'wall_seconds', 'model', 'mix', 'save_dir',
+    'inference_params', 'descriptor_dim'
 ]
 
 
@@ -197,6 +211,43 @@ def check_recipe(out: str, recipe: dict) -> None:
         json.dump(recipe, f, indent=1)
 
 
+def setting_capacity(setting: Setting, recipe: dict) -> InferenceCapacity:
+    """The parameters at inference and the descriptor size of ``setting``
+    under ``recipe`` (:func:`recipe_of`, or a folder's ``recipe.json``):
+    its network built as a run builds it (untrained, 2 classes: the
+    classifiers do not count) and measured at ``data.height x data.width``
+    (:func:`~pmm_torchreid.models.capacity.inference_capacity`).  torch's
+    global random state is left as it was.
+
+    Raises:
+        ValueError, KeyError: the recipe and setting do not make a config.
+    """
+    cfg = get_default_config()
+    cfg.merge_from_other_cfg(cfg.load_cfg(recipe['config']))
+    merge_list(cfg, setting.options() + ['model.pretrained', 'False',
+                                         'use_gpu', 'False'])
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(cfg, num_classes=2)
+        return inference_capacity(model, cfg.data.height, cfg.data.width)
+
+
+def capacities(settings: Sequence[Setting],
+               recipe: dict) -> Dict[str, Optional[InferenceCapacity]]:
+    """:func:`setting_capacity` of each setting, by spec; None (with a
+    line saying why) for one whose network cannot be built here."""
+    found = {}
+    for setting in settings:
+        try:
+            found[setting.spec] = setting_capacity(setting, recipe)
+        except (ValueError, KeyError, TypeError, RuntimeError, AssertionError,
+                AttributeError, ImportError, OSError) as error:
+            # the results still get tabulated, with '-' in these columns
+            print('** {}: no parameter count ({}: {})'.format(
+                setting.spec, type(error).__name__, error))
+            found[setting.spec] = None
+    return found
+
+
 # --------------------------------------------------------------------------
 # the runs
 # --------------------------------------------------------------------------
@@ -299,14 +350,20 @@ def mean_std(values: Sequence[float]) -> str:
 
 
 def table(records: Sequence[dict], settings: Sequence[Setting],
-          splits: Sequence[int]) -> str:
-    """Markdown: one row per setting; Rank-1 and mAP per split and overall."""
+          splits: Sequence[int],
+          capacity: Optional[Dict[str, Optional[InferenceCapacity]]] = None
+          ) -> str:
+    """Markdown: one row per setting; Rank-1 and mAP per split and overall,
+    training minutes per run, then the parameters at inference (millions)
+    and the descriptor size from ``capacity`` (:func:`capacities`; ``-``
+    where unknown)."""
+    capacity = capacity or {}
     head = ['setting']
     for split in splits:
         head += ['split {} R1'.format(split), 'split {} mAP'.format(split)]
     if len(splits) > 1:
         head += ['all R1', 'all mAP']
-    head += ['train min/run']
+    head += ['train min/run', 'params at inference (M)', 'descriptor']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for setting in settings:
         mine = [r for r in records
@@ -320,6 +377,9 @@ def table(records: Sequence[dict], settings: Sequence[Setting],
                     mean_std([r['mAP'] for r in group if 'mAP' in r])]
         times = [r['train_seconds'] / 60 for r in mine]
         row.append('{:.1f}'.format(statistics.mean(times)) if times else '-')
+        cap = capacity.get(setting.spec)
+        row += ['{:.3f}'.format(cap.parameters / 1e6), str(cap.descriptor_dim)] \
+            if cap is not None else ['-', '-']
         lines.append('| ' + ' | '.join(row) + ' |')
     return '\n'.join(lines) + '\n'
 
@@ -363,11 +423,19 @@ def paired_table(records: Sequence[dict], settings: Sequence[Setting],
 
 def write_outputs(out: str, records: Sequence[dict],
                   settings: Sequence[Setting], splits: Sequence[int],
-                  recipe: dict, reference: Optional[str] = None) -> str:
+                  recipe: dict, reference: Optional[str] = None,
+                  capacity: Optional[Dict[str, Optional[InferenceCapacity]]]
+                  = None) -> str:
     """Rewrites ``results.json``, ``results.csv`` and ``table.md`` in ``out``
-    (atomically); returns the text of ``table.md``."""
+    (atomically); returns the text of ``table.md``.  ``capacity``: each
+    setting's :func:`setting_capacity` (measured here when not given), put
+    into every record of the setting (``inference_params``,
+    ``descriptor_dim``) and into the table."""
+    if capacity is None:
+        capacity = capacities(settings, recipe)
     splits = sorted(set(splits) | {r['split_id'] for r in records
                                    if r['status'] == 'done'})
+    records = [_with_capacity(r, capacity.get(r['setting'])) for r in records]
     with atomic_write(osp.join(out, 'results.json'), 'w') as f:
         json.dump({'recipe': recipe, 'runs': records}, f, indent=1)
     buf = io.StringIO()
@@ -378,12 +446,20 @@ def write_outputs(out: str, records: Sequence[dict],
         f.write(buf.getvalue())
     text = ('Rank-1 / mAP (%) on {}: mean ± std over seeds (number of '
             'runs).\n\n'.format(', '.join('split {}'.format(s) for s in splits))
-            + table(records, settings, splits)
+            + table(records, settings, splits, capacity)
             + '\nDifferences on the same split and seed:\n\n'
             + paired_table(records, settings, reference or settings[0].spec))
     with atomic_write(osp.join(out, 'table.md'), 'w') as f:
         f.write(text)
     return text
+
+
+def _with_capacity(record: dict, cap: Optional[InferenceCapacity]) -> dict:
+    record = OrderedDict(record)
+    if cap is not None:
+        record.update(inference_params=cap.parameters,
+                      descriptor_dim=cap.descriptor_dim)
+    return record
 
 
 # --------------------------------------------------------------------------
@@ -408,6 +484,7 @@ class Ablation(object):
                      for seed in seeds for setting in settings]
         self.recipe = recipe_of(config_file, self.opts)
         self.status: Dict[str, str] = {}
+        self.capacity: Optional[Dict[str, Optional[InferenceCapacity]]] = None
 
     def run_dir(self, setting: Setting, split: int, seed: int) -> str:
         return run_dir(self.out, setting, split, seed)
@@ -428,6 +505,7 @@ class Ablation(object):
         if osp.isfile(path):
             with open(path) as f:
                 self.recipe = json.load(f)
+            self.capacity = None
 
     def check_recipe(self) -> None:
         check_recipe(self.out, self.recipe)
@@ -464,9 +542,13 @@ class Ablation(object):
                 for s, sp, sd in found]
 
     def write(self) -> str:
-        """Rewrites the outputs from the runs in ``out``; the table text."""
+        """Rewrites the outputs from the runs in ``out``; the table text.
+        The settings' parameter counts are measured on the first call."""
+        if self.capacity is None:
+            self.capacity = capacities(self.settings, self.recipe)
         return write_outputs(self.out, self.records(), self.settings,
-                             self.splits, self.recipe, self.reference)
+                             self.splits, self.recipe, self.reference,
+                             self.capacity)
 
     def run(self, todo: List[Tuple[Setting, int, int, str]],
             jobs: int = 1) -> int:
