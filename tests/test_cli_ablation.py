@@ -2,6 +2,7 @@
 pmm_torchreid.cli.ablation): settings, tables, the recipe check, a dry run.
 tests/test_ablation.py runs scripts/ablation.py end to end."""
 import os
+import statistics
 
 import pytest
 from helpers import ROOT
@@ -13,8 +14,10 @@ from pmm_torchreid.study.ablation import (
     Setting,
     check_recipe,
     mean_std,
+    paired_differences,
     paired_table,
     recipe_of,
+    split_interval,
     table,
     write_outputs,
 )
@@ -57,7 +60,31 @@ def test_tables():
     assert lines[2].endswith(' | 1.0 | 0.353 | 1536 |')
     assert lines[3].endswith(' | 1.0 | - | - |')  # bdb: not measured
     paired = paired_table(records, settings, 'pmm').splitlines()
-    assert paired[2] == '| bdb | -1.5 ± 0.7 (2) | -1.5 ± 0.7 (2) | -2.0 … -1.0 | yes |'
+    assert paired[2] == ('| bdb | -1.5 ± 0.7 (2) | -1.5 ± 0.7 (2) | -2.0 … -1.0 '
+                         '| yes | 0: -1.5 | - |')  # one split: no interval
+
+
+def test_statistics_take_the_splits_as_the_unit():
+    mean, low, high = split_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and abs(high - 2.0 - 4.303 / 3 ** 0.5) < 1e-9
+    assert abs((mean - low) - (high - mean)) < 1e-12
+    assert split_interval([5.0]) is None
+    # three seeds on split 0 and one on split 2, the reference's seed 3 on
+    # split 0 missing: that pair is left out; per split, then over splits
+    rows = [('ref', 0, 1, 50), ('ref', 0, 2, 52), ('ref', 2, 1, 40),
+            ('new', 0, 1, 53), ('new', 0, 2, 53), ('new', 0, 3, 99),
+            ('new', 2, 1, 46)]
+    records = [dict(setting=n, split_id=sp, seed=se, status='done', rank1=m,
+                    mAP=m) for n, sp, se, m in rows]
+    assert paired_differences(records, 'new', 'ref') == {0: [3.0, 1.0],
+                                                         2: [6.0]}
+    line = paired_table(records, [Setting('ref'), Setting('new')],
+                        'ref').splitlines()[2]
+    cells = [c.strip() for c in line.strip('|').split('|')]
+    assert cells[2] == '+3.3 ± 2.5 (3)' and cells[5] == '0: +2.0, 2: +6.0'
+    half = 12.706 * statistics.stdev([2.0, 6.0]) / 2 ** 0.5
+    assert cells[6] == '+4.0 [{:+.1f}, {:+.1f}] (2 splits)'.format(
+        4.0 - half, 4.0 + half)
 
 
 def test_outputs_and_the_recipe_check(tmp_path):

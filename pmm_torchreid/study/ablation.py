@@ -31,6 +31,7 @@ import difflib
 import glob
 import io
 import json
+import math
 import os
 import os.path as osp
 import re
@@ -54,7 +55,8 @@ from pmm_torchreid.utils.io import atomic_write
 
 __all__ = ['AblationError', 'CSV_FIELDS', 'Setting', 'Ablation', 'run_dir',
            'last_checkpoint', 'command', 'start', 'tail', 'read_record',
-           'mean_std', 'table', 'paired_table', 'write_outputs',
+           'mean_std', 'table', 'paired_table', 'paired_differences',
+           'split_interval', 'T95', 'write_outputs',
            'check_settings', 'recipe_of', 'check_recipe', 'setting_capacity',
            'capacities']
 
@@ -384,25 +386,60 @@ def table(records: Sequence[dict], settings: Sequence[Setting],
     return '\n'.join(lines) + '\n'
 
 
+#: two-sided 95 % quantiles of Student's t by degrees of freedom
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447,
+       7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def split_interval(per_split: Sequence[float]) -> Optional[Tuple[float, float,
+                                                                  float]]:
+    """``(mean, low, high)``: the mean of per-split mean differences and its
+    95 % t-interval with the splits as the unit (seeds of one split share its
+    identities, so they are not independent pairs); None for fewer than two
+    splits (or more than 11, where the table of quantiles ends)."""
+    k = len(per_split)
+    if k < 2 or k - 1 not in T95:
+        return None
+    mean = statistics.mean(per_split)
+    half = T95[k - 1] * statistics.stdev(per_split) / math.sqrt(k)
+    return mean, mean - half, mean + half
+
+
+def paired_differences(records: Sequence[dict], setting: str,
+                       reference: str, metric: str = 'mAP'
+                       ) -> 'OrderedDict[int, List[float]]':
+    """``setting`` minus ``reference`` in ``metric`` on the same split and
+    seed, by split (in split order, seeds in order)."""
+    done = {(r['setting'], int(r['split_id']), int(r['seed'])): r
+            for r in records if r['status'] == 'done' and 'mAP' in r}
+    diffs: 'OrderedDict[int, List[float]]' = OrderedDict()
+    for (name, split, seed), r in sorted(done.items(),
+                                         key=lambda kv: kv[0][1:]):
+        other = done.get((reference, split, seed))
+        if name == setting and other is not None:
+            diffs.setdefault(split, []).append(
+                float(r[metric]) - float(other[metric]))
+    return diffs
+
+
 def paired_table(records: Sequence[dict], settings: Sequence[Setting],
                  reference: str) -> str:
     """Markdown: each setting minus ``reference`` on the same (split, seed),
-    mean ± std over those pairs: a difference is only worth reading when it
-    is large against its own spread."""
-    done = {(r['setting'], r['split_id'], r['seed']): r for r in records
-            if r['status'] == 'done' and 'mAP' in r}
+    mean ± std over those pairs (a difference is only worth reading when it
+    is large against its own spread), then the mean over each split's seeds
+    and, with the splits as the unit, their mean and 95 % interval."""
     lines = ['| setting | Δ R1 vs {0} | Δ mAP vs {0} | mAP Δ range | same '
-             'sign in every pair |'.format(reference), '|---|---|---|---|---|']
+             'sign in every pair | Δ mAP per split (mean over seeds) | Δ mAP '
+             'over splits, 95 % interval |'.format(reference),
+             '|---|---|---|---|---|---|---|']
     for setting in settings:
         if setting.spec == reference:
             continue
-        pairs = [(r, done[(reference, r['split_id'], r['seed'])])
-                 for key, r in sorted(done.items(), key=lambda kv: kv[0][1:])
-                 if key[0] == setting.spec
-                 and (reference, key[1], key[2]) in done]
         cells = []
         for metric in ('rank1', 'mAP'):
-            diffs = [a[metric] - b[metric] for a, b in pairs]
+            by_split = paired_differences(records, setting.spec, reference,
+                                          metric)
+            diffs = [d for split in by_split.values() for d in split]
             if not diffs:
                 cells.append('-')
             elif len(diffs) == 1:
@@ -411,13 +448,19 @@ def paired_table(records: Sequence[dict], settings: Sequence[Setting],
                 cells.append('{:+.1f} ± {:.1f} ({})'.format(
                     statistics.mean(diffs), statistics.stdev(diffs),
                     len(diffs)))
-        diffs = [a['mAP'] - b['mAP'] for a, b in pairs]
         if diffs:
             cells.append('{:+.1f} … {:+.1f}'.format(min(diffs), max(diffs)))
             cells.append('yes' if min(diffs) > 0 or max(diffs) < 0 else 'no')
+            means = [statistics.mean(d) for d in by_split.values()]
+            cells.append(', '.join('{}: {:+.1f}'.format(split, m) for split, m
+                                   in zip(by_split, means)))
+            interval = split_interval(means)
+            cells.append('-' if interval is None else
+                         '{:+.1f} [{:+.1f}, {:+.1f}] ({} splits)'.format(
+                             *interval, len(means)))
         else:
-            cells += ['-', '-']
-        lines.append('| {} | {} | {} | {} | {} |'.format(setting.spec, *cells))
+            cells += ['-'] * 4
+        lines.append('| {} | {} |'.format(setting.spec, ' | '.join(cells)))
     return '\n'.join(lines) + '\n'
 
 
