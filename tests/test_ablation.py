@@ -151,12 +151,14 @@ def test_raw_results_and_table(killed_then_rerun):
         assert cells[2] == '{:.1f} (1)'.format(run['mAP'])
     # the paired differences against the first setting
     paired = lines[lines.index('| setting | Δ R1 vs {0} | Δ mAP vs {0} | mAP '
-                               'Δ range | same sign in every pair |'.format(
-                                   SETTINGS[0])) + 2]
+                               'Δ range | same sign in every pair | Δ mAP per '
+                               'split (mean over seeds) | Δ mAP over splits, '
+                               '95 % interval |'.format(SETTINGS[0])) + 2]
     diff = runs[1]['mAP'] - runs[0]['mAP']
     assert paired == '| {} | {:+.1f} (1) | {:+.1f} (1) | {:+.1f} … {:+.1f} ' \
-        '| {} |'.format(SETTINGS[1], runs[1]['rank1'] - runs[0]['rank1'],
-                        diff, diff, diff, 'no' if diff == 0 else 'yes')
+        '| {} | 0: {:+.1f} | - |'.format(
+            SETTINGS[1], runs[1]['rank1'] - runs[0]['rank1'], diff, diff, diff,
+            'no' if diff == 0 else 'yes', diff)  # one split: no interval
 
 
 @pytest.mark.slow

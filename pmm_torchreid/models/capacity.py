@@ -94,8 +94,9 @@ def inference_capacity(model: nn.Module, height: int, width: int,
 
     Examples::
 
-        >>> cap = inference_capacity(MODEL_FACTORY['bdb_osnet_x0_25'](
-        ...     10, pretrained=False), 128, 64)
+        >>> from pmm_torchreid.models.bdb import BDB
+        >>> cap = inference_capacity(BDB(10, backbone='osnet_x0_25',
+        ...                              pretrained=False), 128, 64)
         >>> cap.descriptor_dim
         1536
     """
