@@ -44,7 +44,8 @@ from pmm_torchreid.utils.checkpoint import load_pretrained_weights, resume_from_
 from pmm_torchreid.utils.io import atomic_write
 
 __all__ = ['build_parser', 'setup_config', 'build_model', 'build_engine',
-           'main', 'write_results', 'read_results', 'import_user_module']
+           'main', 'write_results', 'read_results', 'import_user_module',
+           'names_a_file']
 
 #: when this module was imported; :func:`main` takes an earlier start time
 STARTED = time.time()
@@ -104,6 +105,12 @@ def adapt_mix_to_model(cfg, args: argparse.Namespace) -> None:
         cfg.pmm.mix = 'none'
 
 
+def names_a_file(spec: str) -> bool:
+    """A ``--register`` value that names a Python file (a path, or a name
+    ending in ``.py``) rather than a module."""
+    return spec.endswith('.py') or os.sep in spec or '/' in spec
+
+
 def import_user_module(spec: str):
     """Imports the user's code named by ``--register``: a Python file (a
     path, or a name ending in ``.py``) or an importable module name; returns
@@ -115,7 +122,7 @@ def import_user_module(spec: str):
         FileNotFoundError: the file does not exist.
         ModuleNotFoundError: no module of that name.
     """
-    if spec.endswith('.py') or os.sep in spec or '/' in spec:
+    if names_a_file(spec):
         path = osp.abspath(osp.expanduser(spec))
         if not osp.isfile(path):
             raise FileNotFoundError(

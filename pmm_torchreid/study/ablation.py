@@ -48,7 +48,7 @@ import torch
 from pmm_torchreid.config.checks import check_config
 from pmm_torchreid.config.defaults import get_default_config
 from pmm_torchreid.config.files import dump_differences, merge_file, merge_list
-from pmm_torchreid.launch import build_model, import_user_module, read_results
+from pmm_torchreid.launch import build_model, import_user_module, names_a_file, read_results
 from pmm_torchreid.models.capacity import InferenceCapacity, inference_capacity
 from pmm_torchreid.models.families import takes_no_mix, uses_pmm_engine
 from pmm_torchreid.utils.io import atomic_write
@@ -147,8 +147,8 @@ def register_user_code(specs: Sequence[str]) -> List[str]:
             import_user_module(spec)
         except (ImportError, OSError) as error:
             raise AblationError(str(error).strip('"')) from None
-        is_file = spec.endswith('.py') or os.sep in spec or '/' in spec
-        given.append(osp.abspath(osp.expanduser(spec)) if is_file else spec)
+        given.append(osp.abspath(osp.expanduser(spec)) if names_a_file(spec)
+                     else spec)
     return given
 
 
