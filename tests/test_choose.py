@@ -304,6 +304,29 @@ def test_dry_run(tmp_path, capsys):
     assert line.split(' ', 1)[1].startswith('-c ' + repr(LAUNCHER[1]))
 
 
+def test_models_are_chosen_as_the_runner_trains_them(tmp_path):
+    """--key model.name: PMM keeps the config's mix, BDB trains with
+    pmm.mix none, a torchreid model with torchreid's triplet engine; each
+    value's chosen config passes the config check."""
+    cfg = demo_config()
+    values = ['pmm_resnet18', 'bdb_resnet18', 'resnet18']
+    chooser = Chooser(CONFIG, str(tmp_path / 'out'), 'model.name', values,
+                      VAL_IDS, opts=TINY)
+    by_model = {}
+    for value, setting in zip(values, chooser.settings):
+        chosen = chosen_config(CONFIG, TINY, setting)
+        by_model[value] = (chosen.model.name, chosen.loss.name,
+                           chosen.pmm.mix, setting.spec)
+    assert by_model == {
+        'pmm_resnet18': ('pmm_resnet18', 'pmm', cfg.pmm.mix,
+                         'model.name=pmm_resnet18'),
+        'bdb_resnet18': ('bdb_resnet18', 'pmm', 'none',
+                         'model.name=bdb_resnet18'),
+        'resnet18': ('resnet18', 'triplet', cfg.pmm.mix,
+                     'model.name=resnet18')}
+    assert cfg.pmm.mix != 'none'  # else the BDB row would prove nothing
+
+
 # --------------------------------------------------------------------------
 # end to end: two tiny runs, a rerun, the chosen config trained
 # --------------------------------------------------------------------------

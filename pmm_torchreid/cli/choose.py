@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--root', default='', help='path to data root')
     parser.add_argument('--key', required=True,
                         help='the config key to choose (e.g. pmm.mix_ratio, '
-                        'train.max_epoch, train.lr)')
+                        'train.max_epoch, train.lr; model.name sets PMM '
+                        'against BDB, each trained as the ablation runner '
+                        'trains it)')
     parser.add_argument('--values', nargs='+', required=True,
                         help='its values, 2 or more, as YAML/Python literals '
                         '(0.0625, 30, "[1, 1]", hard_mix)')

@@ -57,9 +57,9 @@ from pmm_torchreid.study.ablation import (
 from pmm_torchreid.utils.io import atomic_write
 
 __all__ = ['ChooseError', 'DEFAULT_SEEDS', 'RUNNER_KEYS', 'LAUNCHER',
-           'parse_value', 'ValueSetting', 'base_setting', 'summarize', 'pick',
-           'verdict', 'format_table', 'read_validation', 'count_train_ids',
-           'chosen_config', 'Chooser']
+           'parse_value', 'ValueSetting', 'base_setting', 'value_base',
+           'summarize', 'pick', 'verdict', 'format_table', 'read_validation',
+           'count_train_ids', 'chosen_config', 'Chooser']
 
 #: two seeds at least: one seed's noise can be as large as the differences
 DEFAULT_SEEDS = (1, 2)
@@ -191,6 +191,23 @@ def base_setting(cfg: CN) -> Tuple[str, List[str]]:
         if not uses_pmm_engine(model) and cfg.loss.name != 'triplet':
             extra = ['loss.name', cfg.loss.name]
     return spec, extra
+
+
+def value_base(cfg: CN, key: str, value) -> Tuple[str, List[str]]:
+    """:func:`base_setting` of the config with ``KEY VALUE``, for the one key
+    that changes what a setting is, ``model.name``: each model then trains as
+    the runner trains it (BDB, FMN and MagnifierNet with ``pmm.mix none``, a
+    torchreid model with torchreid's triplet engine, a PMM model with the
+    config's mix), so that PMM can be set against BDB on validation.  Any
+    other key: the config's own model."""
+    if key != 'model.name':
+        return base_setting(cfg)
+    other = cfg.clone()
+    other.defrost()
+    other.model.name = value
+    if not uses_pmm_engine(value) and other.loss.name == 'pmm':
+        other.loss.name = 'triplet'  # a torchreid model: the runner's engine
+    return base_setting(other)
 
 
 class ValueSetting(Setting):
@@ -457,8 +474,7 @@ class Chooser(object):
                 raise ChooseError('--values: {!r} and {!r} are the same value '
                                   '({})'.format(values[self.texts.index(text)],
                                                 values[i], text))
-        base, extra = base_setting(cfg)
-        self.settings = [ValueSetting(base, extra, key, v, t)
+        self.settings = [ValueSetting(*value_base(cfg, key, v), key, v, t)
                          for v, t in parsed]
         slugs = [s.slug for s in self.settings]
         for i, slug in enumerate(slugs):
