@@ -209,6 +209,9 @@ def test_a_choice_from_finished_runs(synthetic_root, tmp_path, capsys):
     assert not choice['tie'] and choice['overrides'] == TINY
     assert choice['per_value'][1]['mAP'] == {'1': 23.0, '2': 23.5}
     assert choice['per_value'][1]['run_dirs']['2'] == chooser.run_dir(1, 2)
+    assert choice['per_value'][1]['options'] == [
+        'model.name', 'pmm_resnet18', 'loss.name', 'pmm', 'pmm.mix',
+        'hard_mix', 'pmm.weight_ce', '0.5']
     # chosen.yaml: the recipe with the chosen value, validation off
     path = os.path.join(out, 'chosen.yaml')
     with open(path) as f:
@@ -325,6 +328,29 @@ def test_models_are_chosen_as_the_runner_trains_them(tmp_path):
         'resnet18': ('resnet18', 'triplet', cfg.pmm.mix,
                      'model.name=resnet18')}
     assert cfg.pmm.mix != 'none'  # else the BDB row would prove nothing
+    # a torchreid value trains with torchreid's triplet engine, as in the
+    # runner, whatever torchreid loss the config names
+    plain = cfg.clone()
+    plain.model.name, plain.loss.name = 'resnet18', 'softmax'
+    path = str(tmp_path / 'softmax.yaml')
+    with open(path, 'w') as f:
+        f.write(plain.dump())
+    chooser = Chooser(path, str(tmp_path / 'out'), 'model.name',
+                      ['resnet18', 'pmm_resnet18'], VAL_IDS, opts=TINY)
+    assert [(c.model.name, c.loss.name) for c in (
+        chosen_config(path, TINY, s) for s in chooser.settings)] == [
+        ('resnet18', 'triplet'), ('pmm_resnet18', 'pmm')]
+    # a BDB config has pmm.mix none: its PMM value would not mix at all
+    bdb = cfg.clone()
+    bdb.model.name, bdb.pmm.mix = 'bdb_resnet18', 'none'
+    path = str(tmp_path / 'bdb.yaml')
+    with open(path, 'w') as f:
+        f.write(bdb.dump())
+    with pytest.raises(ChooseError, match='config file "{}" trains bdb_'
+                       'resnet18, which takes no mix .*would not mix at all'
+                       .format(path)):
+        Chooser(path, str(tmp_path / 'out'), 'model.name',
+                ['bdb_resnet18', 'pmm_resnet18'], VAL_IDS, opts=TINY)
 
 
 # --------------------------------------------------------------------------

@@ -78,7 +78,12 @@ def test_summaries_use_the_splits_as_the_unit():
         '4: +6.5; 5 pairs)'.format(4.0, 4.0 - half, 4.0 + half)
     one_split = {(0, 1): 50.0, (0, 2): 52.0}
     assert summarize(one_split, False, 'runs') == '51.0 ± 1.4 (split 0, 2 runs)'
+    assert summarize({(3, 1): -0.5}) == '-0.5 (split 3, 1 pair)'
     assert summarize({}) == '-'
+    # 12 splits: past the table of t quantiles, the mean without an interval
+    many = {(split, 1): float(split) for split in range(12)}
+    assert summarize(many).startswith('+5.5 (no interval for 12 splits; '
+                                      'per split 0: +0.0, 1: +1.0,')
 
 
 def test_the_recipes_differences_are_named():
@@ -118,7 +123,23 @@ def test_refusals(tmp_path):
     (bad / 'results.json').write_text('[]')
     with pytest.raises(CompareError, match='"runs"'):
         load_study(str(bad))
+    (bad / 'results.json').write_text(json.dumps({'runs': [
+        {'setting': REF, 'split_id': 0, 'seed': 'x', 'status': 'done',
+         'mAP': 1.0, 'rank1': 1.0, 'save_dir': 'log/x'}]}))
+    with pytest.raises(CompareError, match=r'run 0 \(log/x\) lacks a usable'):
+        load_study(str(bad))
     a, b = (load_study(f) for f in short_and_long(tmp_path))
+    with pytest.raises(CompareError, match="label 'e30'"):
+        compare([a, load_study(a.folder)], REF)
+    other = load_study(write_study(
+        tmp_path / 'val', {(REF, 0, 1): 1.0}, ['data.val_ids', '100']))
+    with pytest.raises(CompareError, match='evaluate on other data '
+                       r'\(data.val_ids: 0 → 100\)'):
+        compare([a, other], REF)
+    apart = load_study(write_study(tmp_path / 'apart', {(REF, 4, 1): 1.0}))
+    with pytest.raises(CompareError, match='no .split, seed. pair is in every '
+                       r'study \(e30: \[\(0, 1\)'):
+        compare([a, apart], REF)
     with pytest.raises(CompareError, match='two studies or more'):
         compare([a], REF)
     with pytest.raises(CompareError, match="no finished run of setting "

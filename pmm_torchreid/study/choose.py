@@ -6,7 +6,9 @@ Every value is trained with every seed, through the ablation runner
 pool, resume and recipe check), each run with ``data.val_ids N``: it trains on
 the rest of the training set and evaluates on the ``N`` held-out identities,
 never on the test split.  A value's setting is the config's own model (and mix)
-with ``KEY=VALUE``; its runs lie in ``<out>/<KEY>=<VALUE>/split<K>/seed<S>/``.
+with ``KEY=VALUE`` (for ``model.name``, the value's model as the ablation runner
+trains it: :func:`value_base`); its runs lie in
+``<out>/<KEY>=<VALUE>/split<K>/seed<S>/``.
 
 The value with the best mean validation mAP over the seeds wins (on equal
 means, the first value given).  Validation sets are small and one seed's noise
@@ -14,7 +16,8 @@ can be as large as the differences between values: the chooser says when the
 best value's lead over another is within the larger of their seed spreads
 (standard deviations over the seeds), so that the choice reads as a tie.
 
-``<out>/choice.json`` records the plan, every run's validation mAP and Rank-1,
+``<out>/choice.json`` records the plan, each value's options (the model, its
+loss and mix, ``KEY VALUE``), every run's validation mAP and Rank-1,
 the means and spreads, and the choice; ``<out>/chosen.yaml`` is the whole
 config with the chosen value and validation off (``data.val_ids 0``), which
 ``scripts/main.py`` and ``scripts/ablation.py`` take as it is.
@@ -193,27 +196,41 @@ def base_setting(cfg: CN) -> Tuple[str, List[str]]:
     return spec, extra
 
 
-def value_base(cfg: CN, key: str, value) -> Tuple[str, List[str]]:
+def value_base(cfg: CN, key: str, value, config_file: str = ''
+               ) -> Tuple[str, List[str]]:
     """:func:`base_setting` of the config with ``KEY VALUE``, for the one key
     that changes what a setting is, ``model.name``: each model then trains as
-    the runner trains it (BDB, FMN and MagnifierNet with ``pmm.mix none``, a
-    torchreid model with torchreid's triplet engine, a PMM model with the
-    config's mix), so that PMM can be set against BDB on validation.  Any
-    other key: the config's own model."""
+    the ablation runner trains it (BDB, FMN and MagnifierNet with ``pmm.mix
+    none``, a torchreid model with torchreid's triplet engine, a PMM model
+    with the config's mix and share), so that PMM can be set against BDB on
+    validation.  Any other key: the config's own model.
+
+    Raises:
+        ChooseError: a PMM value while the config's own model takes no mix
+            (a BDB, FMN or MagnifierNet config, whose ``pmm.mix`` is
+            ``none``): the PMM runs would not mix at all.
+    """
     if key != 'model.name':
         return base_setting(cfg)
+    if uses_pmm_engine(value) and not takes_no_mix(value) and \
+            takes_no_mix(cfg.model.name):
+        raise ChooseError(
+            '--values {}: config file "{}" trains {}, which takes no mix '
+            '(pmm.mix {!r}), so the {} runs would not mix at all; give a PMM '
+            'config, e.g. the chosen.yaml of a share choice'.format(
+                value, config_file, cfg.model.name, cfg.pmm.mix, value))
     other = cfg.clone()
     other.defrost()
     other.model.name = value
-    if not uses_pmm_engine(value) and other.loss.name == 'pmm':
+    if not uses_pmm_engine(value):
         other.loss.name = 'triplet'  # a torchreid model: the runner's engine
     return base_setting(other)
 
 
 class ValueSetting(Setting):
-    """The setting of one value: the config's model (``base``, see
-    :func:`base_setting`) with ``KEY VALUE`` last.  Its label, and the name
-    of its run folder, is ``KEY=VALUE``."""
+    """The setting of one value: the config's model, or for ``model.name``
+    the value's (``base``, see :func:`value_base`), with ``KEY VALUE`` last.
+    Its label, and the name of its run folder, is ``KEY=VALUE``."""
 
     def __init__(self, base: str, extra: Sequence[str], key: str, value,
                  text: str):
@@ -474,8 +491,9 @@ class Chooser(object):
                 raise ChooseError('--values: {!r} and {!r} are the same value '
                                   '({})'.format(values[self.texts.index(text)],
                                                 values[i], text))
-        self.settings = [ValueSetting(*value_base(cfg, key, v), key, v, t)
-                         for v, t in parsed]
+        self.settings = [
+            ValueSetting(*value_base(cfg, key, v, config_file), key, v, t)
+            for v, t in parsed]
         slugs = [s.slug for s in self.settings]
         for i, slug in enumerate(slugs):
             if slug in slugs[:i]:
@@ -646,6 +664,7 @@ class Chooser(object):
             overrides=self.opts, root=self.root,
             per_value=[OrderedDict(
                 value=self.values[i], text=row['text'],
+                options=self.settings[i].options(),
                 mAP=OrderedDict(zip(map(str, self.seeds), row['mAP'])),
                 rank1=OrderedDict(zip(map(str, self.seeds), row['rank1'])),
                 mAP_mean=row['mAP_mean'], mAP_std=row['mAP_std'],

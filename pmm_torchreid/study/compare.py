@@ -30,8 +30,8 @@ import yaml
 from pmm_torchreid.config.files import dump_differences
 from pmm_torchreid.study.ablation import AblationError, split_interval
 
-__all__ = ['CompareError', 'Study', 'load_study', 'by_pair', 'gaps', 'changes',
-           'summarize', 'recipe_changes', 'compare']
+__all__ = ['CompareError', 'Study', 'DATA_KEYS', 'load_study', 'by_pair',
+           'gaps', 'changes', 'summarize', 'recipe_changes', 'compare']
 
 #: a run's key in a study: (split, seed)
 Pair = Tuple[int, int]
@@ -74,8 +74,22 @@ def load_study(folder: str, label: Optional[str] = None) -> Study:
     if not isinstance(data, dict) or not isinstance(data.get('runs'), list):
         raise CompareError('"{}": expected the runner\'s {{"recipe": ..., '
                            '"runs": [...]}}'.format(path))
-    done = [r for r in data['runs'] if isinstance(r, dict)
-            and r.get('status') == 'done' and r.get('mAP') is not None]
+    done = []
+    for i, r in enumerate(data['runs']):
+        if not isinstance(r, dict) or r.get('status') != 'done' or \
+                r.get('mAP') is None:
+            continue
+        try:
+            r = dict(r, split_id=int(r['split_id']), seed=int(r['seed']),
+                     mAP=float(r['mAP']), rank1=float(r['rank1']),
+                     setting=str(r['setting']))
+        except (KeyError, TypeError, ValueError) as error:
+            raise CompareError(
+                '"{}": run {} ({}) lacks a usable {}; expected setting, '
+                'split_id, seed, mAP and rank1'.format(
+                    path, i, r.get('save_dir', 'no save_dir'),
+                    error)) from None
+        done.append(r)
     return Study(label or osp.basename(osp.normpath(folder)), folder,
                  data.get('recipe') or {}, done)
 
@@ -83,7 +97,7 @@ def load_study(folder: str, label: Optional[str] = None) -> Study:
 def by_pair(study: Study, setting: str, metric: str = 'mAP'
             ) -> Dict[Pair, float]:
     """``setting``'s ``metric`` in ``study`` by (split, seed)."""
-    return {(int(r['split_id']), int(r['seed'])): float(r[metric])
+    return {(r['split_id'], r['seed']): r[metric]
             for r in study.records if r['setting'] == setting}
 
 
@@ -114,17 +128,21 @@ def summarize(values: Dict[Pair, float], signed: bool = True,
         splits.setdefault(split, []).append(v)
     means = [statistics.mean(v) for v in splits.values()]
     n = len(values)
+    count = '{} {}'.format(n, noun if n > 1 else noun.rstrip('s'))
+    if len(splits) == 1:
+        vals = list(values.values())
+        spread = ' ± {:.1f}'.format(statistics.stdev(vals)) if n > 1 else ''
+        return '{}{} (split {}, {})'.format(
+            fmt.format(statistics.mean(vals)), spread, next(iter(splits)),
+            count)
     per_split = ', '.join('{}: {}'.format(s, fmt.format(m))
                           for s, m in zip(splits, means))
     interval = split_interval(means)
-    if interval is None:
-        vals = list(values.values())
-        spread = ' ± {:.1f}'.format(statistics.stdev(vals)) if n > 1 else ''
-        return '{}{} (split {}, {} {})'.format(
-            fmt.format(statistics.mean(vals)), spread, per_split.split(':')[0],
-            n, noun)
-    return '{} [{}, {}] (per split {}; {} {})'.format(
-        *(fmt.format(x) for x in interval), per_split, n, noun)
+    if interval is None:  # beyond the table of t quantiles
+        return '{} (no interval for {} splits; per split {}; {})'.format(
+            fmt.format(statistics.mean(means)), len(means), per_split, count)
+    return '{} [{}, {}] (per split {}; {})'.format(
+        *(fmt.format(x) for x in interval), per_split, count)
 
 
 def _flat(node, prefix=''):
@@ -153,22 +171,63 @@ def recipe_changes(first: dict, later: dict) -> List[str]:
     return lines
 
 
+#: config keys that decide which images a study evaluates on: studies that
+#: differ in one of them cannot be paired by split and seed
+DATA_KEYS = ('data.sources', 'data.targets', 'data.val_ids', 'data.val_seed',
+             'data.combineall')
+
+
+def _common(values: Sequence[Dict[Pair, float]]
+            ) -> List[Dict[Pair, float]]:
+    """Each study's values on the (split, seed) pairs that all have."""
+    keys = set(values[0]).intersection(*values[1:])
+    return [{k: v[k] for k in keys} for v in values]
+
+
+def _check(studies: Sequence[Study]) -> None:
+    if len(studies) < 2:
+        raise CompareError('expected two studies or more, got {}'.format(
+            len(studies)))
+    labels = [st.label for st in studies]
+    for label in labels:
+        if labels.count(label) > 1 or '|' in label or not label.strip():
+            raise CompareError(
+                'label {!r} (of {}): expected a distinct, non-empty label '
+                'without "|" for each study; give --labels'.format(
+                    label, ', '.join('"{}"'.format(st.folder)
+                                     for st in studies)))
+    first = studies[0]
+    for st in studies[1:]:
+        differ = [k for k in dump_differences(
+            first.recipe.get('config', ''), st.recipe.get('config', ''))
+            if k in DATA_KEYS]
+        if differ:
+            raise CompareError(
+                '"{}" and "{}" evaluate on other data ({}): runs pair by split '
+                'and seed only on the same data'.format(
+                    first.folder, st.folder, '; '.join(
+                        line for line in recipe_changes(first.recipe,
+                                                        st.recipe)
+                        if line.split(':')[0] in differ)))
+
+
 def compare(studies: Sequence[Study], reference: str,
             settings: Optional[Sequence[str]] = None,
             metric: str = 'mAP') -> str:
     """Markdown: what differs between the recipes, each setting's
     ``metric`` and its change from the first study, and each setting's gap
-    to ``reference`` and the change of that gap.  ``settings``: those to
-    show (default: every setting all the studies have, in the first
-    study's order).
+    to ``reference`` and the change of that gap, every row on the (split,
+    seed) pairs that all the studies have (so that the studies' columns and
+    the change agree).  ``settings``: those to show (default: every setting
+    all the studies have, in the first study's order).
 
     Raises:
-        CompareError: fewer than two studies, or a setting (or the
-            reference) that a study has no finished run of.
+        CompareError: fewer than two studies, labels that are not distinct,
+            studies that evaluate on other data, a setting (or the
+            reference) that a study has no finished run of, or no (split,
+            seed) pair that all the studies have.
     """
-    if len(studies) < 2:
-        raise CompareError('expected two studies or more, got {}'.format(
-            len(studies)))
+    _check(studies)
     if settings is None:
         settings = [s for s in studies[0].settings()
                     if all(s in st.settings() for st in studies[1:])]
@@ -189,26 +248,33 @@ def compare(studies: Sequence[Study], reference: str,
             'the same recipe'))
     head = ['setting'] + ['{} {}'.format(st.label, metric) for st in studies] \
         + ['{} − {}, paired'.format(st.label, first.label) for st in later]
-    out += ['', '{} (%): the mean over splits [95 % interval over splits] '
-            'where there are two splits or more.'.format(metric), '',
+    out += ['', '{} (%) on the (split, seed) pairs that every study has: the '
+            'mean over splits [95 % interval over splits] where there are two '
+            'splits or more.'.format(metric), '',
             '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-    for name in settings:
-        values = [by_pair(st, name, metric) for st in studies]
-        row = [name] + [summarize(v, False, 'runs') for v in values] + \
-            [summarize(changes(values[0], v)) for v in values[1:]]
-        out.append('| ' + ' | '.join(row) + ' |')
-    head = ['setting − {}'.format(reference)] + \
-        ['{}'.format(st.label) for st in studies] + \
-        ['change {} − {}, paired'.format(st.label, first.label)
-         for st in later]
-    out += ['', 'Gaps to {} ({}, same split and seed), and how they '
-            'change:'.format(reference, metric), '',
-            '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-    for name in settings:
-        if name == reference:
-            continue
-        values = [gaps(st, name, reference, metric) for st in studies]
-        row = [name] + [summarize(v) for v in values] + \
-            [summarize(changes(values[0], v)) for v in values[1:]]
+    rows = [(name, [by_pair(st, name, metric) for st in studies], 'runs')
+            for name in settings]
+    rows += [(name, [gaps(st, name, reference, metric) for st in studies],
+              'pairs') for name in settings if name != reference]
+    for i, (name, values, noun) in enumerate(rows):
+        values = _common(values)
+        if not values[0]:
+            raise CompareError(
+                'setting {!r}{}: no (split, seed) pair is in every study '
+                '({})'.format(name, '' if noun == 'runs' else
+                              ' and the reference ' + repr(reference),
+                              '; '.join('{}: {}'.format(
+                                  st.label, sorted(by_pair(st, name)))
+                                  for st in studies)))
+        if i == len(settings):
+            head[0] = 'setting − {}'.format(reference)
+            head[1:] = [st.label for st in studies] + \
+                ['change {} − {}, paired'.format(st.label, first.label)
+                 for st in later]
+            out += ['', 'Gaps to {} ({}, same split and seed), and how they '
+                    'change:'.format(reference, metric), '',
+                    '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+        row = [name] + [summarize(v, noun == 'pairs', noun) for v in values] \
+            + [summarize(changes(values[0], v)) for v in values[1:]]
         out.append('| ' + ' | '.join(row) + ' |')
     return '\n'.join(out) + '\n'
