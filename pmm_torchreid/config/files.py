@@ -11,8 +11,8 @@ from yacs.config import CfgNode as CN
 
 from pmm_torchreid.config.defaults import get_default_config
 
-__all__ = ['merge_file', 'merge_list', 'dump_differences', 'ConfigKeyError',
-           'AUTO_BOOL_KEYS', 'auto_bool']
+__all__ = ['merge_file', 'merge_list', 'flat_dump', 'dump_differences',
+           'ConfigKeyError', 'AUTO_BOOL_KEYS', 'auto_bool']
 
 
 #: keys that take ``'auto'``, True or False.  yacs keeps one type per key, so
@@ -74,15 +74,19 @@ def _flat(tree: dict, prefix: str = '') -> dict:
     return flat
 
 
+def flat_dump(text: str) -> dict:
+    """A config dump (``cfg.dump()`` YAML) as ``{'section.key': value}``."""
+    return _flat(yaml.safe_load(text) or {})
+
+
 def dump_differences(old: str, new: str) -> List[str]:
     """The keys whose values differ between two config dumps (``cfg.dump()``
     YAML), sorted.  A key only ``new`` has counts as the same when its value
     there is the current default: a key added to the plugin later, whose
     default keeps the old behaviour, does not make an older recipe another
     one.  A key only ``old`` has (one removed since) always differs."""
-    old_flat = _flat(yaml.safe_load(old) or {})
-    new_flat = _flat(yaml.safe_load(new) or {})
-    defaults = _flat(yaml.safe_load(get_default_config().dump()))
+    old_flat, new_flat = flat_dump(old), flat_dump(new)
+    defaults = flat_dump(get_default_config().dump())
     missing = object()
     differ = []
     for key in set(old_flat) | set(new_flat):

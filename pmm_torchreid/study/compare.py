@@ -25,9 +25,7 @@ import statistics
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import yaml
-
-from pmm_torchreid.config.files import dump_differences
+from pmm_torchreid.config.files import dump_differences, flat_dump
 from pmm_torchreid.study.ablation import AblationError, split_interval
 
 __all__ = ['CompareError', 'Study', 'DATA_KEYS', 'load_study', 'by_pair',
@@ -145,21 +143,11 @@ def summarize(values: Dict[Pair, float], signed: bool = True,
         *(fmt.format(x) for x in interval), per_split, count)
 
 
-def _flat(node, prefix=''):
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            out.update(_flat(v, '{}{}.'.format(prefix, k)))
-        return out
-    return {prefix[:-1]: node}
-
-
 def recipe_changes(first: dict, later: dict) -> List[str]:
     """``key: first → later`` for each config key whose value differs
     between two recipes (keys added since, at their defaults, do not
     count), and the overrides when they differ."""
-    old, new = (_flat(yaml.safe_load(r.get('config', '')) or {})
-                for r in (first, later))
+    old, new = (flat_dump(r.get('config', '')) for r in (first, later))
     lines = ['{}: {} → {}'.format(key, old.get(key, '(none)'),
                                   new.get(key, '(none)'))
              for key in dump_differences(first.get('config', ''),
