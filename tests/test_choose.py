@@ -19,6 +19,7 @@ from pmm_torchreid.study.choose import (
     Chooser,
     chosen_config,
     format_table,
+    held_out_note,
     parse_value,
     pick,
     read_validation,
@@ -123,6 +124,21 @@ def test_a_market1501_layout_folder(tmp_path):
                 opts=opts, root=str(tmp_path / 'nowhere')).check_ids()
 
 
+def test_the_held_out_share_is_told_and_a_large_one_warned():
+    """The chooser says how many identities it holds out and how many each
+    run trains on; more than a third held out draws a warning that names
+    both counts (a third exactly does not)."""
+    assert held_out_note(100, 485) == [
+        'validation: 100 of 485 training identities held out (21 %); each '
+        'run trains on 385']
+    lines = held_out_note(100, 200)
+    assert lines[0].endswith('(50 %); each run trains on 100')
+    assert len(lines) == 2 and 'train on 100 where the chosen config will ' \
+        'train on 200' in lines[1]
+    assert len(held_out_note(100, 300)) == 1
+    assert len(held_out_note(101, 300)) == 2
+
+
 def test_the_best_mean_wins_and_the_spread_is_told():
     # the best mean (second) is neither the best single seed (first), nor
     # the first or last value, nor the best Rank-1 (third)
@@ -197,6 +213,8 @@ def test_a_choice_from_finished_runs(synthetic_root, tmp_path, capsys):
     assert main(argv, main_script=MAIN) == 0
     printed = capsys.readouterr().out
     assert 'start:' not in printed and printed.count('skip (finished)') == 6
+    assert ('validation: 90 of 100 training identities held out (90 %); each '
+            'run trains on 10') in printed and 'warning: more than a third' in printed
     assert '| 0.5 | 23.25 ± 0.35 | 23.00, 23.50 | 51.00 |' in printed
     assert 'chosen: pmm.weight_ce = 0.5' in printed
     assert 'the best is within the seed spread of 1.0' in printed

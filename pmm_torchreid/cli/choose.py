@@ -14,7 +14,7 @@ import shlex
 from typing import Optional, Sequence
 
 from pmm_torchreid.study.ablation import AblationError, register_user_code
-from pmm_torchreid.study.choose import DEFAULT_SEEDS, Chooser
+from pmm_torchreid.study.choose import DEFAULT_SEEDS, Chooser, held_out_note
 
 __all__ = ['build_parser', 'main']
 
@@ -85,7 +85,8 @@ def main(argv: Optional[Sequence[str]] = None,
             for cmd in chooser.commands():
                 print(shlex.join(cmd))
             return 0
-        chooser.check_ids()
+        for line in held_out_note(chooser.val_ids, chooser.check_ids()):
+            print(line)
         chooser.check_folder()
         return chooser.run(args.jobs)
     except AblationError as error:

@@ -62,7 +62,7 @@ from pmm_torchreid.utils.io import atomic_write
 __all__ = ['ChooseError', 'DEFAULT_SEEDS', 'RUNNER_KEYS', 'LAUNCHER',
            'parse_value', 'ValueSetting', 'base_setting', 'value_base',
            'summarize', 'pick', 'verdict', 'format_table', 'read_validation',
-           'count_train_ids', 'chosen_config', 'Chooser']
+           'count_train_ids', 'held_out_note', 'chosen_config', 'Chooser']
 
 #: two seeds at least: one seed's noise can be as large as the differences
 DEFAULT_SEEDS = (1, 2)
@@ -389,6 +389,36 @@ def count_train_ids(cfg: CN) -> int:
         cuhk03_classic_split=cfg.cuhk03.classic_split,
         market1501_500k=cfg.market1501.use_500k_distractors)
     return len({item[1] for item in dataset.train})
+
+
+#: above this share of the training identities held out, the chooser warns
+HELD_OUT_WARN = 1 / 3
+
+
+def held_out_note(val_ids: int, total: int) -> List[str]:
+    """What the chooser prints about its validation identities: how many of
+    the ``total`` training identities are held out and how many each run
+    trains on, and a warning when more than a third are held out (the runs
+    then train on far fewer identities than the chosen config will, and the
+    value that wins there may not win with all of them).
+
+    >>> held_out_note(100, 485)
+    ['validation: 100 of 485 training identities held out (21 %); each run trains on 385']
+    >>> len(held_out_note(100, 485)), held_out_note(100, 200)[1][:45]
+    (1, 'warning: more than a third of the training id')
+    """
+    share = val_ids / float(total)
+    lines = ['validation: {} of {} training identities held out ({:.0f} %); '
+             'each run trains on {}'.format(val_ids, total, 100 * share,
+                                            total - val_ids)]
+    if share > HELD_OUT_WARN:
+        lines.append(
+            'warning: more than a third of the training identities are held '
+            'out, so the runs train on {} where the chosen config will train '
+            'on {}; a value that wins on fewer identities may not win on all '
+            'of them; about a fifth is usually enough (CUHK01: 100 of '
+            '485)'.format(total - val_ids, total))
+    return lines
 
 
 def _base_config(config_file: str, opts: Sequence[str], root: str = '') -> CN:
