@@ -22,6 +22,7 @@ from pmm_torchreid.study.choose import (
     held_out_note,
     parse_value,
     pick,
+    portable_dump,
     read_validation,
     summarize,
     verdict,
@@ -435,3 +436,17 @@ def test_chosen_yaml_trains_and_tests(chosen, tmp_path):
         record = json.load(f)
     assert record['evaluated_on'] == 'test' and record['val_ids'] == 0
     assert '  lr: {}\n'.format(value) in proc.stdout
+
+
+def test_chosen_yaml_leaves_the_device_to_the_machine_that_runs_it(tmp_path):
+    """use_gpu defaults to whether torch sees a GPU: chosen.yaml leaves it
+    out at that default (a CPU machine's choice trains on a GPU elsewhere),
+    keeps it where it was set against the default, and reads back whole."""
+    cfg = demo_config()
+    text = portable_dump(cfg)
+    assert 'use_gpu' not in text and 'use_gpu:' in cfg.dump()
+    path = tmp_path / 'chosen.yaml'
+    path.write_text(text)
+    assert merge_file(get_default_config(), str(path)).dump() == cfg.dump()
+    cfg.use_gpu = not cfg.use_gpu
+    assert 'use_gpu: {}'.format(str(cfg.use_gpu).lower()) in portable_dump(cfg)

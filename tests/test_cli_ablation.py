@@ -2,12 +2,14 @@
 pmm_torchreid.cli.ablation): settings, tables, the recipe check, a dry run.
 tests/test_ablation.py runs scripts/ablation.py end to end."""
 import os
+import re
 import statistics
 
 import pytest
 from helpers import ROOT
 
 from pmm_torchreid.cli.ablation import main
+from pmm_torchreid.config import get_default_config, merge_file
 from pmm_torchreid.models.capacity import InferenceCapacity
 from pmm_torchreid.study.ablation import (
     AblationError,
@@ -116,3 +118,51 @@ def test_dry_run_in_process(tmp_path, capsys):
               '--reference', 'x'], main_script=MAIN)
     with pytest.raises(TypeError, match='main_script'):
         main(['--config-file', CONFIG, '--out', out, '--settings', 'pmm'])
+
+
+def test_overrides_may_not_set_what_the_runner_or_a_setting_sets(tmp_path,
+                                                                  capsys):
+    """The shared overrides come after the runner's per-run keys and the
+    settings' keys on each command line, so they would win: they are
+    refused, naming the key and where to give it, before anything starts."""
+    out = str(tmp_path / 'out')
+    for opts, message in [
+            (['train.seed', '7'], 'the overrides set train.seed; the runner '
+             'sets it for every run (give --seeds)'),
+            (['data.split_id', '2'], 'sets it for every run (give --splits)'),
+            (['data.save_dir', 'x'], 'the overrides set data.save_dir;'),
+            (['pmm.mix', 'hard_mix'], "the overrides set pmm.mix, which "
+             "setting 'pmm_resnet18:none' sets for its runs"),
+            (['model.pretrained', 'False'], "setting 'osnet_x0_25,"
+             "model.pretrained=True' sets")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            main(['--config-file', CONFIG, '--out', out, '--dry-run',
+                  '--settings', 'pmm_resnet18:none',
+                  'osnet_x0_25,model.pretrained=True', '--'] + opts,
+                 main_script=MAIN)
+    assert not os.path.exists(out)
+    # a key no setting sets is an ordinary override
+    assert main(['--config-file', CONFIG, '--out', out, '--dry-run',
+                 '--seeds', '1', '--settings', 'pmm_resnet18:none', '--',
+                 'train.max_epoch', '1'], main_script=MAIN) == 0
+    assert capsys.readouterr().out.strip().endswith('train.max_epoch 1')
+
+
+def test_the_splits_default_to_the_configs(tmp_path, capsys):
+    """Without --splits the runs use the config's data.split_id (a
+    chosen.yaml made on split 2 is tested on split 2); a --splits without
+    it is noted."""
+    cfg = merge_file(get_default_config(), CONFIG)
+    cfg.data.split_id = 2
+    config = tmp_path / 'split2.yaml'
+    config.write_text(cfg.dump())
+    args = ['--config-file', str(config), '--out', str(tmp_path / 'out'),
+            '--dry-run', '--seeds', '1', '--settings', 'pmm_resnet18:none']
+    assert main(args, main_script=MAIN) == 0
+    printed = capsys.readouterr().out
+    assert ' data.split_id 2 ' in printed and 'note:' not in printed
+    assert main(args + ['--splits', '0'], main_script=MAIN) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == 'note: {} has data.split_id 2; these runs use ' \
+        '--splits 0'.format(config)
+    assert ' data.split_id 0 ' in lines[1]

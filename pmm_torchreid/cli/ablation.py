@@ -13,10 +13,12 @@ comparison systems ``fmn_*`` and ``magnifiernet_*``), ``osnet_x0_25``
 import argparse
 from typing import Optional, Sequence
 
+from pmm_torchreid.config import get_default_config, merge_file
 from pmm_torchreid.study.ablation import (
     Ablation,
     AblationError,
     Setting,
+    check_overrides,
     check_settings,
     register_user_code,
 )
@@ -33,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--settings', nargs='+', required=True,
                         help='MODEL[:MIX][,KEY=VALUE...] (see above)')
     parser.add_argument('--seeds', type=int, nargs='+', default=[1, 2, 3])
-    parser.add_argument('--splits', type=int, nargs='+', default=[0],
-                        help='data.split_id values')
+    parser.add_argument('--splits', type=int, nargs='+', default=None,
+                        help="data.split_id values (default: the config's)")
     parser.add_argument('--jobs', type=int, default=1,
                         help='runs at the same time')
     parser.add_argument('--threads', type=int, default=0,
@@ -81,7 +83,16 @@ def main(argv: Optional[Sequence[str]] = None,
             raise AblationError('--reference {!r} is not one of --settings '
                                 '{}'.format(args.reference, args.settings))
         register = register_user_code(args.register)
+        check_overrides(settings, args.opts)
         check_settings(settings, args.config_file, args.opts)
+        split = int(merge_file(get_default_config(),
+                               args.config_file).data.split_id)
+        if args.splits is None:
+            args.splits = [split]
+        elif split not in args.splits:
+            print('note: {} has data.split_id {}; these runs use --splits {}'
+                  .format(args.config_file, split,
+                          ' '.join(map(str, args.splits))))
         study = Ablation(main_script, args.config_file, args.out, settings,
                          args.splits, args.seeds, args.opts, root=args.root,
                          threads=args.threads, reference=args.reference,

@@ -57,8 +57,8 @@ __all__ = ['AblationError', 'CSV_FIELDS', 'Setting', 'Ablation', 'run_dir',
            'last_checkpoint', 'command', 'start', 'tail', 'read_record',
            'mean_std', 'table', 'paired_table', 'paired_differences',
            'split_interval', 'T95', 'write_outputs',
-           'check_settings', 'recipe_of', 'check_recipe', 'setting_capacity',
-           'capacities']
+           'check_settings', 'check_overrides', 'RUN_KEYS', 'recipe_of',
+           'check_recipe', 'setting_capacity', 'capacities']
 
 #: the columns of results.csv; the last two come from the setting
 #: (:func:`setting_capacity`), the same in each of its runs
@@ -168,6 +168,37 @@ def check_settings(settings: Sequence[Setting], config_file: str,
             check_config(cfg)
         except (ValueError, KeyError, OSError) as error:
             raise AblationError('setting {!r}: {}'.format(setting.spec, error))
+
+
+#: keys the runner sets for every run (:func:`command`)
+RUN_KEYS = ('train.seed', 'data.split_id', 'data.save_dir', 'model.resume')
+
+
+def check_overrides(settings: Sequence[Setting], opts: Sequence[str]) -> None:
+    """The overrides shared by every run may not set what the runner sets
+    per run (:data:`RUN_KEYS`: the seed, the split, the folder, the resume
+    checkpoint) nor what a setting sets (``model.name``, ``loss.name``,
+    ``pmm.mix``, its own ``KEY=VALUE``): they come after those on the
+    command line, so they would win, and the runs would not be what their
+    folders and the table say.
+
+    Raises:
+        AblationError: naming the key and where to give it instead.
+    """
+    keys = list(opts[0::2])
+    for key in keys:
+        if key in RUN_KEYS:
+            raise AblationError(
+                'the overrides set {}; the runner sets it for every run{}'
+                .format(key, {'train.seed': ' (give --seeds)',
+                              'data.split_id': ' (give --splits)'}.get(
+                                  key, '')))
+        for setting in settings:
+            if key in setting.options()[0::2]:
+                raise AblationError(
+                    'the overrides set {}, which setting {!r} sets for its '
+                    'runs; give it in the config file, or in the setting '
+                    '(MODEL:MIX, or MODEL,KEY=VALUE)'.format(key, setting.spec))
 
 
 def recipe_of(config_file: str, opts: Sequence[str]) -> dict:

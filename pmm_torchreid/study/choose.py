@@ -62,7 +62,8 @@ from pmm_torchreid.utils.io import atomic_write
 __all__ = ['ChooseError', 'DEFAULT_SEEDS', 'RUNNER_KEYS', 'LAUNCHER',
            'parse_value', 'ValueSetting', 'base_setting', 'value_base',
            'summarize', 'pick', 'verdict', 'format_table', 'read_validation',
-           'count_train_ids', 'held_out_note', 'chosen_config', 'Chooser']
+           'count_train_ids', 'held_out_note', 'portable_dump', 'chosen_config',
+           'Chooser']
 
 #: two seeds at least: one seed's noise can be as large as the differences
 DEFAULT_SEEDS = (1, 2)
@@ -421,6 +422,23 @@ def held_out_note(val_ids: int, total: int) -> List[str]:
     return lines
 
 
+def portable_dump(cfg: CN) -> str:
+    """``cfg.dump()`` without ``use_gpu`` where it is this machine's default
+    (whether torch sees a GPU), so that a chosen.yaml made on a CPU machine
+    trains on the GPU of the machine that runs it, and one made on a GPU
+    machine still runs on a CPU. A ``use_gpu`` that differs from the default
+    (set on purpose) is kept.
+
+    >>> cfg = get_default_config()
+    >>> 'use_gpu' in portable_dump(cfg), 'use_gpu' in cfg.dump()
+    (False, True)
+    """
+    lines = cfg.dump().splitlines(True)
+    if cfg.use_gpu == get_default_config().use_gpu:
+        lines = [line for line in lines if not line.startswith('use_gpu:')]
+    return ''.join(lines)
+
+
 def _base_config(config_file: str, opts: Sequence[str], root: str = '') -> CN:
     cfg = get_default_config()
     merge_file(cfg, config_file)
@@ -682,7 +700,7 @@ class Chooser(object):
                    'Validation is off here (data.val_ids 0): this config '
                    'trains on the whole training set and evaluates on the '
                    'test split.']
-        text = ''.join('# {}\n'.format(h) for h in header) + cfg.dump()
+        text = ''.join('# {}\n'.format(h) for h in header) + portable_dump(cfg)
         self._check_dump(text, cfg)
         with atomic_write(yaml_path, 'w') as f:
             f.write(text)
