@@ -166,3 +166,36 @@ def test_the_splits_default_to_the_configs(tmp_path, capsys):
     assert lines[0] == 'note: {} has data.split_id 2; these runs use ' \
         '--splits 0'.format(config)
     assert ' data.split_id 0 ' in lines[1]
+
+
+def test_splits_that_are_copies_are_refused(synthetic_root, tmp_path,
+                                            monkeypatch):
+    """The source dataset is read once per split before any run; a dataset
+    that ignores data.split_id (the synthetic one has one split) gives the
+    same training set for every split id, which would pass copies off as
+    independent splits: refused, naming the dataset and the split ids.
+    Distinct training sets pass; a dataset that cannot be read is named."""
+    from pmm_torchreid.study import ablation
+    out = str(tmp_path / 'out')
+    args = ['--config-file', CONFIG, '--root', synthetic_root, '--out', out,
+            '--seeds', '1', '--settings', 'pmm_resnet18:none']
+    with pytest.raises(SystemExit, match=re.escape(
+            "--splits 0 2: dataset 'pmm_synthetic' gives the same training "
+            "set for data.split_id 0 and 2 (it has one split")):
+        main(args + ['--splits', '0', '2'], main_script=MAIN)
+    assert not os.path.exists(out)
+    read = []
+
+    def by_split(names, root, split, **kwargs):
+        read.append(split)
+        return {(names[0], 'train'): ['{}/{}.jpg'.format(split, i)
+                                      for i in range(3)]}
+    monkeypatch.setattr(ablation, 'dataset_images', by_split)
+    ablation.check_splits(CONFIG, [], synthetic_root, [0, 2, 2, 4])
+    assert read == [0, 2, 4]
+    monkeypatch.undo()
+    market = ['data.sources', "['market1501']", 'data.targets', "['market1501']"]
+    with pytest.raises(ablation.AblationError, match="cannot read split 0 of "
+                       "dataset 'market1501' under \"{}\"".format(
+                           re.escape(str(tmp_path / 'none')))):
+        ablation.check_splits(CONFIG, market, str(tmp_path / 'none'), [0])

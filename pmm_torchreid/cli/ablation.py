@@ -20,6 +20,7 @@ from pmm_torchreid.study.ablation import (
     Setting,
     check_overrides,
     check_settings,
+    check_splits,
     register_user_code,
 )
 
@@ -97,6 +98,8 @@ def main(argv: Optional[Sequence[str]] = None,
                          args.splits, args.seeds, args.opts, root=args.root,
                          threads=args.threads, reference=args.reference,
                          register=register)
+        if not (args.dry_run or args.table_only):
+            check_splits(args.config_file, args.opts, args.root, args.splits)
         if args.dry_run:
             for cmd in study.commands():
                 print(' '.join(cmd))

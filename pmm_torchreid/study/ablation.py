@@ -45,9 +45,10 @@ from typing import IO, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from pmm_torchreid.config.checks import check_config
+from pmm_torchreid.config.checks import check_config, check_paths
 from pmm_torchreid.config.defaults import get_default_config
 from pmm_torchreid.config.files import dump_differences, merge_file, merge_list
+from pmm_torchreid.data.check import dataset_images
 from pmm_torchreid.launch import build_model, import_user_module, names_a_file, read_results
 from pmm_torchreid.models.capacity import InferenceCapacity, inference_capacity
 from pmm_torchreid.models.families import takes_no_mix, uses_pmm_engine
@@ -57,7 +58,8 @@ __all__ = ['AblationError', 'CSV_FIELDS', 'Setting', 'Ablation', 'run_dir',
            'last_checkpoint', 'command', 'start', 'tail', 'read_record',
            'mean_std', 'table', 'paired_table', 'paired_differences',
            'split_interval', 'T95', 'write_outputs',
-           'check_settings', 'check_overrides', 'RUN_KEYS', 'recipe_of',
+           'check_settings', 'check_overrides', 'check_splits', 'RUN_KEYS',
+           'recipe_of',
            'check_recipe', 'setting_capacity', 'capacities']
 
 #: the columns of results.csv; the last two come from the setting
@@ -199,6 +201,48 @@ def check_overrides(settings: Sequence[Setting], opts: Sequence[str]) -> None:
                     'the overrides set {}, which setting {!r} sets for its '
                     'runs; give it in the config file, or in the setting '
                     '(MODEL:MIX, or MODEL,KEY=VALUE)'.format(key, setting.spec))
+
+
+def check_splits(config_file: str, opts: Sequence[str], root: str,
+                 splits: Sequence[int]) -> None:
+    """Reads the source dataset's training set once per split, here, before
+    any run: torchreid writes a dataset's split file on first use, and runs
+    started together would race to write it. With several splits, each must
+    give another training set: a dataset with one split (Market-1501, a
+    folder of your own) ignores ``data.split_id``, and its "splits" would be
+    copies that the interval over splits takes for independent ones.
+
+    Raises:
+        AblationError: the dataset cannot be read, or two splits give the
+            same training set.
+    """
+    cfg = merge_file(get_default_config(), config_file)
+    merge_list(cfg, list(opts))
+    if root:
+        cfg.data.root = root
+    name = cfg.data.sources[0]
+    seen = {}
+    for split in dict.fromkeys(splits):
+        try:
+            check_paths(cfg)
+            lists = dataset_images(
+                [name], cfg.data.root, split,
+                cuhk03_labeled=cfg.cuhk03.labeled_images,
+                cuhk03_classic_split=cfg.cuhk03.classic_split,
+                market1501_500k=cfg.market1501.use_500k_distractors)
+        except Exception as error:  # torchreid raises many kinds
+            raise AblationError('cannot read split {} of dataset {!r} under '
+                                '"{}": {}: {}'.format(split, name, cfg.data.root,
+                                                      type(error).__name__,
+                                                      error)) from None
+        train = frozenset(lists[(name, 'train')])
+        if train in seen:
+            raise AblationError(
+                '--splits {}: dataset {!r} gives the same training set for '
+                'data.split_id {} and {} (it has one split, or ignores '
+                'data.split_id); give one split and more seeds'.format(
+                    ' '.join(map(str, splits)), name, seen[train], split))
+        seen[train] = split
 
 
 def recipe_of(config_file: str, opts: Sequence[str]) -> dict:
