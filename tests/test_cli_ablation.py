@@ -199,3 +199,20 @@ def test_splits_that_are_copies_are_refused(synthetic_root, tmp_path,
                        "dataset 'market1501' under \"{}\"".format(
                            re.escape(str(tmp_path / 'none')))):
         ablation.check_splits(CONFIG, market, str(tmp_path / 'none'), [0])
+
+
+def test_a_setting_seed_or_split_given_twice_is_refused(tmp_path):
+    """Each (setting, split, seed) has one run folder: a repeated --settings,
+    --seeds or --splits entry would start two runs in it."""
+    out = str(tmp_path / 'out')
+    for extra, message in [
+            (['--seeds', '1', '2', '1'], '--seeds gives 1 more than once'),
+            (['--splits', '0', '0'], '--splits gives 0 more than once'),
+            (['--settings', 'pmm_resnet18:none', 'pmm_resnet18:none'],
+             '--settings gives pmm_resnet18:none more than once')]:
+        args = ['--config-file', CONFIG, '--out', out, '--dry-run']
+        if '--settings' not in extra:
+            args += ['--settings', 'pmm_resnet18:none']
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            main(args + extra, main_script=MAIN)
+    assert not os.path.exists(out)

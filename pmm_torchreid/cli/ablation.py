@@ -78,6 +78,12 @@ def main(argv: Optional[Sequence[str]] = None,
     if args.jobs < 1:
         raise SystemExit('error: --jobs must be >= 1, got {}'.format(
             args.jobs))
+    for flag, given in (('--settings', args.settings), ('--seeds', args.seeds),
+                        ('--splits', args.splits or [])):
+        twice = sorted({str(x) for x in given if given.count(x) > 1})
+        if twice:
+            raise SystemExit('error: {} gives {} more than once (each run '
+                             'has one folder)'.format(flag, ', '.join(twice)))
     try:
         settings = [Setting(spec) for spec in args.settings]
         if args.reference and args.reference not in args.settings:
