@@ -116,6 +116,8 @@ def test_a_market1501_layout_folder(tmp_path):
     ok = Chooser(CONFIG, str(tmp_path / 'a'), 'train.lr', ['0.1', '0.2'], 3,
                  opts=opts, root=str(root))
     assert ok.check_ids() == 5
+    # every identity has two cameras: 3 held out, each with a query camera
+    assert ok.queries == {'query_ids': 3, 'query': 3, 'gallery': 3}
     with pytest.raises(ChooseError, match="--val-ids 4: expected 2 to 3 validation "
                        "identities \\(market1501's training set has 5 identities"):
         Chooser(CONFIG, str(tmp_path / 'b'), 'train.lr', ['0.1', '0.2'], 4,
@@ -123,6 +125,20 @@ def test_a_market1501_layout_folder(tmp_path):
     with pytest.raises(ChooseError, match="dataset 'market1501' not found"):
         Chooser(CONFIG, str(tmp_path / 'c'), 'train.lr', ['0.1', '0.2'], 3,
                 opts=opts, root=str(tmp_path / 'nowhere')).check_ids()
+    # one camera only: no held-out identity could have a query; refused
+    # before any run, naming the option and the dataset
+    one_cam = tmp_path / 'one_cam'
+    for folder, pids in [('bounding_box_train', range(1, 6)),
+                         ('query', [7]), ('bounding_box_test', [7])]:
+        path = one_cam / 'market1501' / folder
+        path.mkdir(parents=True)
+        for pid in pids:
+            (path / '{:04d}_c1s1_000001_00.jpg'.format(pid)).touch()
+    with pytest.raises(ChooseError, match="--val-ids 3 on market1501's training "
+                       "set: data.val_ids = 3: none of the held-out identities "
+                       "is seen by two cameras"):
+        Chooser(CONFIG, str(tmp_path / 'd'), 'train.lr', ['0.1', '0.2'], 3,
+                opts=opts, root=str(one_cam)).check_ids()
 
 
 def test_the_held_out_share_is_told_and_a_large_one_warned():
@@ -132,6 +148,11 @@ def test_the_held_out_share_is_told_and_a_large_one_warned():
     assert held_out_note(100, 485) == [
         'validation: 100 of 485 training identities held out (21 %); each '
         'run trains on 385']
+    assert held_out_note(100, 485, {'query_ids': 60, 'query': 120,
+                                    'gallery': 300})[1] == (
+        'validation queries: 60 of the 100 held-out identities are seen by two '
+        'cameras or more (120 query and 300 gallery images); the others are '
+        'gallery distractors')
     lines = held_out_note(100, 200)
     assert lines[0].endswith('(50 %); each run trains on 100')
     assert len(lines) == 2 and 'train on 100 where the chosen config will ' \
@@ -216,6 +237,7 @@ def test_a_choice_from_finished_runs(synthetic_root, tmp_path, capsys):
     assert 'start:' not in printed and printed.count('skip (finished)') == 6
     assert ('validation: 90 of 100 training identities held out (90 %); each '
             'run trains on 10') in printed and 'warning: more than a third' in printed
+    assert 'validation queries: ' in printed
     assert '| 0.5 | 23.25 ± 0.35 | 23.00, 23.50 | 51.00 |' in printed
     assert 'chosen: pmm.weight_ce = 0.5' in printed
     assert 'the best is within the seed spread of 1.0' in printed

@@ -85,7 +85,8 @@ def main(argv: Optional[Sequence[str]] = None,
             for cmd in chooser.commands():
                 print(shlex.join(cmd))
             return 0
-        for line in held_out_note(chooser.val_ids, chooser.check_ids()):
+        total = chooser.check_ids()
+        for line in held_out_note(chooser.val_ids, total, chooser.queries):
             print(line)
         chooser.check_folder()
         return chooser.run(args.jobs)

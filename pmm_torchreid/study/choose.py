@@ -48,6 +48,7 @@ from pmm_torchreid.config.files import (
     merge_file,
     merge_list,
 )
+from pmm_torchreid.data.splits import carve_validation
 from pmm_torchreid.launch import read_results
 from pmm_torchreid.models.families import takes_no_mix, uses_pmm_engine
 from pmm_torchreid.study.ablation import (
@@ -62,7 +63,7 @@ from pmm_torchreid.utils.io import atomic_write
 __all__ = ['ChooseError', 'DEFAULT_SEEDS', 'RUNNER_KEYS', 'LAUNCHER',
            'parse_value', 'ValueSetting', 'base_setting', 'value_base',
            'summarize', 'pick', 'verdict', 'format_table', 'read_validation',
-           'count_train_ids', 'held_out_note', 'portable_dump', 'chosen_config',
+           'train_items', 'count_train_ids', 'held_out_note', 'portable_dump', 'chosen_config',
            'Chooser']
 
 #: two seeds at least: one seed's noise can be as large as the differences
@@ -379,9 +380,9 @@ def read_validation(save_dir: str, val_ids: int) -> Optional[dict]:
             'epoch': result.get('epoch')}
 
 
-def count_train_ids(cfg: CN) -> int:
-    """The identities of ``cfg``'s source dataset's training set (the
-    dataset is read as a run reads it; its folder must exist)."""
+def train_items(cfg: CN) -> List[tuple]:
+    """The training items ``(path, pid, camid, ...)`` of ``cfg``'s source
+    dataset (read as a run reads it; its folder must exist)."""
     check_paths(cfg)
     dataset = torchreid.data.datasets.init_image_dataset(
         cfg.data.sources[0], transform=None, mode='train', root=cfg.data.root,
@@ -389,19 +390,27 @@ def count_train_ids(cfg: CN) -> int:
         cuhk03_labeled=cfg.cuhk03.labeled_images,
         cuhk03_classic_split=cfg.cuhk03.classic_split,
         market1501_500k=cfg.market1501.use_500k_distractors)
-    return len({item[1] for item in dataset.train})
+    return list(dataset.train)
+
+
+def count_train_ids(cfg: CN) -> int:
+    """The identities of ``cfg``'s source dataset's training set."""
+    return len({item[1] for item in train_items(cfg)})
 
 
 #: above this share of the training identities held out, the chooser warns
 HELD_OUT_WARN = 1 / 3
 
 
-def held_out_note(val_ids: int, total: int) -> List[str]:
+def held_out_note(val_ids: int, total: int,
+                  queries: Optional[Dict[str, int]] = None) -> List[str]:
     """What the chooser prints about its validation identities: how many of
     the ``total`` training identities are held out and how many each run
     trains on, and a warning when more than a third are held out (the runs
     then train on far fewer identities than the chosen config will, and the
-    value that wins there may not win with all of them).
+    value that wins there may not win with all of them). ``queries``
+    (:meth:`Chooser.check_ids`): the held-out identities that have queries
+    and the query and gallery images.
 
     >>> held_out_note(100, 485)
     ['validation: 100 of 485 training identities held out (21 %); each run trains on 385']
@@ -412,6 +421,13 @@ def held_out_note(val_ids: int, total: int) -> List[str]:
     lines = ['validation: {} of {} training identities held out ({:.0f} %); '
              'each run trains on {}'.format(val_ids, total, 100 * share,
                                             total - val_ids)]
+    if queries:
+        lines.append(
+            'validation queries: {} of the {} held-out identities are seen by '
+            'two cameras or more ({} query and {} gallery images); the others '
+            'are gallery distractors'.format(queries['query_ids'], val_ids,
+                                             queries['query'],
+                                             queries['gallery']))
     if share > HELD_OUT_WARN:
         lines.append(
             'warning: more than a third of the training identities are held '
@@ -496,6 +512,7 @@ class Chooser(object):
                  root: str = '', main_script: Optional[str] = None,
                  threads: int = 0, register: Sequence[str] = ()):
         self.config_file, self.out, self.key = config_file, out, key
+        self.queries: Optional[Dict[str, int]] = None  # set by check_ids
         self.val_ids, self.seeds = int(val_ids), list(seeds)
         self.opts, self.root = list(opts), root
         if len(self.opts) % 2:
@@ -572,10 +589,14 @@ class Chooser(object):
     # ---- before the runs
     def check_ids(self) -> int:
         """Refuses a ``--val-ids`` that leaves fewer than 2 training
-        identities; returns the number of training identities."""
+        identities, or whose validation set would have no query (no held-out
+        identity seen by two cameras), before any run; returns the number of
+        training identities and sets :attr:`queries` (the held-out
+        identities with queries, the query and gallery images)."""
         cfg = self.cfg.clone()
         try:
-            total = count_train_ids(cfg)
+            items = train_items(cfg)
+            total = len({item[1] for item in items})
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise ChooseError('cannot read the training set of {!r}: {}'.format(
                 cfg.data.sources[0], error)) from None
@@ -585,6 +606,14 @@ class Chooser(object):
                 'training set has {} identities and at least 2 must remain '
                 'for training)'.format(self.val_ids, max(2, total - 2),
                                        cfg.data.sources[0], total))
+        try:
+            _, query, gallery = carve_validation(items, self.val_ids,
+                                                 int(cfg.data.val_seed))
+        except ValueError as error:
+            raise ChooseError('--val-ids {} on {}\'s training set: {}'.format(
+                self.val_ids, cfg.data.sources[0], error)) from None
+        self.queries = {'query_ids': len({item[1] for item in query}),
+                        'query': len(query), 'gallery': len(gallery)}
         return total
 
     def check_folder(self) -> None:
