@@ -216,3 +216,25 @@ def test_a_setting_seed_or_split_given_twice_is_refused(tmp_path):
         with pytest.raises(SystemExit, match=re.escape(message)):
             main(args + extra, main_script=MAIN)
     assert not os.path.exists(out)
+
+
+def test_the_table_says_what_the_runs_were_evaluated_on():
+    """table.md's first line names the data: the test split, validation
+    identities held out of the training set, or a warning when the folder's
+    runs were evaluated on different data."""
+    from pmm_torchreid.study.ablation import evaluated_on
+
+    def done(kind, val_ids=0):
+        return {'status': 'done', 'evaluated_on': kind, 'val_ids': val_ids}
+    assert evaluated_on([done('test'), {'status': 'missing'}], [0, 2]) == \
+        'on the test split of split 0, split 2'
+    assert evaluated_on([done('validation', 100)] * 2, [0]) == \
+        'on 100 validation identities held out of the training set of split 0'
+    mixed = evaluated_on([done('test'), done('validation', 100),
+                          done('validation', 100)], [0])
+    assert mixed == ('on split 0; WARNING, these runs were evaluated on '
+                     'different data (1 run on the test split, 2 runs on 100 '
+                     'validation identities), so their differences do not '
+                     'compare')
+    # records of runs finished before evaluated_on was recorded: the test split
+    assert evaluated_on([{'status': 'done'}], [4]) == 'on the test split of split 4'

@@ -57,7 +57,7 @@ from pmm_torchreid.utils.io import atomic_write
 __all__ = ['AblationError', 'CSV_FIELDS', 'Setting', 'Ablation', 'run_dir',
            'last_checkpoint', 'command', 'start', 'tail', 'read_record',
            'mean_std', 'table', 'paired_table', 'paired_differences',
-           'split_interval', 'T95', 'write_outputs',
+           'split_interval', 'T95', 'write_outputs', 'evaluated_on',
            'check_settings', 'check_overrides', 'check_splits', 'RUN_KEYS',
            'recipe_of',
            'check_recipe', 'setting_capacity', 'capacities']
@@ -409,7 +409,9 @@ def read_record(setting: Setting, split: int, seed: int, save_dir: str,
         target = next(iter(res['results'].values()), None)
         record.update(status='done', model=res['model'], mix=res['mix'],
                       train_seconds=res['train_seconds'],
-                      run_seconds=res['run_seconds'])
+                      run_seconds=res['run_seconds'],
+                      evaluated_on=res.get('evaluated_on', 'test'),
+                      val_ids=res.get('val_ids', 0))
         if target is not None:
             record.update(rank1=target['rank1'], mAP=target['mAP'],
                           epoch=target['epoch'])
@@ -562,14 +564,44 @@ def write_outputs(out: str, records: Sequence[dict],
     writer.writerows(records)
     with atomic_write(osp.join(out, 'results.csv'), 'w') as f:
         f.write(buf.getvalue())
-    text = ('Rank-1 / mAP (%) on {}: mean ± std over seeds (number of '
-            'runs).\n\n'.format(', '.join('split {}'.format(s) for s in splits))
+    text = ('Rank-1 / mAP (%) {}: mean ± std over seeds (number of '
+            'runs).\n\n'.format(evaluated_on(records, splits))
             + table(records, settings, splits, capacity)
             + '\nDifferences on the same split and seed:\n\n'
             + paired_table(records, settings, reference or settings[0].spec))
     with atomic_write(osp.join(out, 'table.md'), 'w') as f:
         f.write(text)
     return text
+
+
+def evaluated_on(records: Sequence[dict], splits: Sequence[int]) -> str:
+    """What the finished runs of ``records`` were evaluated on, for the
+    table's first line: the test split, or validation identities held out of
+    the training set (``data.val_ids``), and a warning where they differ.
+
+    >>> evaluated_on([{'status': 'done', 'evaluated_on': 'validation',
+    ...                'val_ids': 100}], [0])
+    'on 100 validation identities held out of the training set of split 0'
+    """
+    where = ', '.join('split {}'.format(s) for s in splits)
+    kinds = OrderedDict()
+    for r in records:
+        if r['status'] == 'done':
+            key = (r.get('evaluated_on', 'test'), r.get('val_ids', 0))
+            kinds[key] = kinds.get(key, 0) + 1
+    if len(kinds) > 1:
+        return ('on {}; WARNING, these runs were evaluated on different data '
+                '({}), so their differences do not compare'.format(
+                    where, ', '.join(
+                        '{} run{} on {}'.format(
+                            n, 's' if n > 1 else '', 'the test split'
+                            if kind == 'test' else '{} validation '
+                            'identities'.format(val_ids))
+                        for (kind, val_ids), n in kinds.items())))
+    if kinds and next(iter(kinds))[0] != 'test':
+        return 'on {} validation identities held out of the training set ' \
+            'of {}'.format(next(iter(kinds))[1], where)
+    return 'on the test split of {}'.format(where)
 
 
 def _with_capacity(record: dict, cap: Optional[InferenceCapacity]) -> dict:
