@@ -470,5 +470,8 @@ def test_chosen_yaml_leaves_the_device_to_the_machine_that_runs_it(tmp_path):
     path = tmp_path / 'chosen.yaml'
     path.write_text(text)
     assert merge_file(get_default_config(), str(path)).dump() == cfg.dump()
+    # set on purpose (named in the config file or the overrides): kept
+    assert 'use_gpu: {}'.format(str(cfg.use_gpu).lower()) in portable_dump(
+        cfg, set_on_purpose=True)
     cfg.use_gpu = not cfg.use_gpu
     assert 'use_gpu: {}'.format(str(cfg.use_gpu).lower()) in portable_dump(cfg)

@@ -134,11 +134,14 @@ def test_overrides_may_not_set_what_the_runner_or_a_setting_sets(tmp_path,
             (['pmm.mix', 'hard_mix'], "the overrides set pmm.mix, which "
              "setting 'pmm_resnet18:none' sets for its runs"),
             (['model.pretrained', 'False'], "setting 'osnet_x0_25,"
-             "model.pretrained=True' sets")]:
+             "model.pretrained=True' sets"),
+            ([], "setting 'pmm_resnet18:none,train.seed=5' sets train.seed; "
+             "the runner sets it for every run")]:
+        extra = ['pmm_resnet18:none,train.seed=5'] if not opts else []
         with pytest.raises(SystemExit, match=re.escape(message)):
             main(['--config-file', CONFIG, '--out', out, '--dry-run',
                   '--settings', 'pmm_resnet18:none',
-                  'osnet_x0_25,model.pretrained=True', '--'] + opts,
+                  'osnet_x0_25,model.pretrained=True'] + extra + ['--'] + opts,
                  main_script=MAIN)
     assert not os.path.exists(out)
     # a key no setting sets is an ordinary override
@@ -162,10 +165,12 @@ def test_the_splits_default_to_the_configs(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert ' data.split_id 2 ' in printed and 'note:' not in printed
     assert main(args + ['--splits', '0'], main_script=MAIN) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == 'note: {} has data.split_id 2; these runs use ' \
-        '--splits 0'.format(config)
-    assert ' data.split_id 0 ' in lines[1]
+    printed = capsys.readouterr()
+    assert printed.err.strip() == 'note: {} has data.split_id 2; these runs ' \
+        'use --splits 0'.format(config)
+    # stdout stays the commands alone (--dry-run | sh)
+    lines = printed.out.splitlines()
+    assert len(lines) == 1 and ' data.split_id 0 ' in lines[0]
 
 
 def test_splits_that_are_copies_are_refused(synthetic_root, tmp_path,
@@ -180,8 +185,8 @@ def test_splits_that_are_copies_are_refused(synthetic_root, tmp_path,
     args = ['--config-file', CONFIG, '--root', synthetic_root, '--out', out,
             '--seeds', '1', '--settings', 'pmm_resnet18:none']
     with pytest.raises(SystemExit, match=re.escape(
-            "--splits 0 2: dataset 'pmm_synthetic' gives the same training "
-            "set for data.split_id 0 and 2 (it has one split")):
+            "--splits 0 2: 'pmm_synthetic' gives the same training data for "
+            "data.split_id 0 and 2: a dataset with one split ignores")):
         main(args + ['--splits', '0', '2'], main_script=MAIN)
     assert not os.path.exists(out)
     read = []
@@ -193,10 +198,31 @@ def test_splits_that_are_copies_are_refused(synthetic_root, tmp_path,
     monkeypatch.setattr(ablation, 'dataset_images', by_split)
     ablation.check_splits(CONFIG, [], synthetic_root, [0, 2, 2, 4])
     assert read == [0, 2, 4]
+
+    # data.combineall trains on train + query + gallery: splits that only
+    # move images between them are the same training data
+    def moved(names, root, split, **kwargs):
+        read.append(names)
+        everything = ['{}.jpg'.format(i) for i in range(6)]
+        train = everything[split:split + 3]
+        rest = [p for p in everything if p not in train]
+        return {(name, part): items for name in names for part, items in
+                (('train', train), ('query', rest[:1]), ('gallery', rest[1:]))}
+    monkeypatch.setattr(ablation, 'dataset_images', moved)
+    ablation.check_splits(CONFIG, [], synthetic_root, [0, 2])
+    with pytest.raises(ablation.AblationError, match='the same training data'):
+        ablation.check_splits(CONFIG, ['data.combineall', 'True'],
+                              synthetic_root, [0, 2])
+    # every source and target is read (each may write its split file)
+    del read[:]
+    monkeypatch.setattr(ablation, 'check_paths', lambda cfg: None)
+    ablation.check_splits(CONFIG, ['data.targets', "['pmm_synthetic', 'x']"],
+                          synthetic_root, [0])
+    assert read == [['pmm_synthetic', 'x']]
     monkeypatch.undo()
     market = ['data.sources', "['market1501']", 'data.targets', "['market1501']"]
     with pytest.raises(ablation.AblationError, match="cannot read split 0 of "
-                       "dataset 'market1501' under \"{}\"".format(
+                       "'market1501' under \"{}\"".format(
                            re.escape(str(tmp_path / 'none')))):
         ablation.check_splits(CONFIG, market, str(tmp_path / 'none'), [0])
 

@@ -11,6 +11,7 @@ comparison systems ``fmn_*`` and ``magnifiernet_*``), ``osnet_x0_25``
 ``pmm_resnet18:hard_mix,model.pretrained=False``.
 """
 import argparse
+import sys
 from typing import Optional, Sequence
 
 from pmm_torchreid.config import get_default_config, merge_file
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help='MODEL[:MIX][,KEY=VALUE...] (see above)')
     parser.add_argument('--seeds', type=int, nargs='+', default=[1, 2, 3])
     parser.add_argument('--splits', type=int, nargs='+', default=None,
-                        help="data.split_id values (default: the config's)")
+                        help="data.split_id values; none given: the config's")
     parser.add_argument('--jobs', type=int, default=1,
                         help='runs at the same time')
     parser.add_argument('--threads', type=int, default=0,
@@ -86,6 +87,13 @@ def main(argv: Optional[Sequence[str]] = None,
                              'has one folder)'.format(flag, ', '.join(twice)))
     try:
         settings = [Setting(spec) for spec in args.settings]
+        slugs = [setting.slug for setting in settings]
+        for i, slug in enumerate(slugs):
+            if slug in slugs[:i]:
+                raise AblationError('--settings {!r} and {!r} would share the '
+                                    'run folder {!r}'.format(
+                                        settings[slugs.index(slug)].spec,
+                                        settings[i].spec, slug))
         if args.reference and args.reference not in args.settings:
             raise AblationError('--reference {!r} is not one of --settings '
                                 '{}'.format(args.reference, args.settings))
@@ -99,7 +107,7 @@ def main(argv: Optional[Sequence[str]] = None,
         elif split not in args.splits:
             print('note: {} has data.split_id {}; these runs use --splits {}'
                   .format(args.config_file, split,
-                          ' '.join(map(str, args.splits))))
+                          ' '.join(map(str, args.splits))), file=sys.stderr)
         study = Ablation(main_script, args.config_file, args.out, settings,
                          args.splits, args.seeds, args.opts, root=args.root,
                          threads=args.threads, reference=args.reference,

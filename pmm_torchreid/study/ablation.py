@@ -187,6 +187,12 @@ def check_overrides(settings: Sequence[Setting], opts: Sequence[str]) -> None:
     Raises:
         AblationError: naming the key and where to give it instead.
     """
+    for setting in settings:
+        for key in setting.overrides[0::2]:
+            if key in RUN_KEYS:
+                raise AblationError(
+                    'setting {!r} sets {}; the runner sets it for every run'
+                    .format(setting.spec, key))
     keys = list(opts[0::2])
     for key in keys:
         if key in RUN_KEYS:
@@ -205,43 +211,52 @@ def check_overrides(settings: Sequence[Setting], opts: Sequence[str]) -> None:
 
 def check_splits(config_file: str, opts: Sequence[str], root: str,
                  splits: Sequence[int]) -> None:
-    """Reads the source dataset's training set once per split, here, before
+    """Reads every source and target dataset once per split, here, before
     any run: torchreid writes a dataset's split file on first use, and runs
     started together would race to write it. With several splits, each must
-    give another training set: a dataset with one split (Market-1501, a
+    give other training data: a dataset with one split (Market-1501, a
     folder of your own) ignores ``data.split_id``, and its "splits" would be
     copies that the interval over splits takes for independent ones.
 
     Raises:
-        AblationError: the dataset cannot be read, or two splits give the
-            same training set.
+        AblationError: a dataset cannot be read, or two splits give the
+            same training data.
     """
     cfg = merge_file(get_default_config(), config_file)
-    merge_list(cfg, list(opts))
-    if root:
+    if root:  # as scripts/main.py: the file, the root, then the overrides
         cfg.data.root = root
-    name = cfg.data.sources[0]
+    merge_list(cfg, list(opts))
+    sources = list(dict.fromkeys(cfg.data.sources))
+    names = list(dict.fromkeys(sources + list(cfg.data.targets)))
+    trained = sources + (list(cfg.data.targets) if cfg.data.load_train_targets
+                         else [])
+    parts = ('train', 'query', 'gallery') if cfg.data.combineall else ('train',)
     seen = {}
     for split in dict.fromkeys(splits):
         try:
             check_paths(cfg)
             lists = dataset_images(
-                [name], cfg.data.root, split,
+                names, cfg.data.root, split,
                 cuhk03_labeled=cfg.cuhk03.labeled_images,
                 cuhk03_classic_split=cfg.cuhk03.classic_split,
                 market1501_500k=cfg.market1501.use_500k_distractors)
         except Exception as error:  # torchreid raises many kinds
-            raise AblationError('cannot read split {} of dataset {!r} under '
-                                '"{}": {}: {}'.format(split, name, cfg.data.root,
-                                                      type(error).__name__,
-                                                      error)) from None
-        train = frozenset(lists[(name, 'train')])
+            raise AblationError('cannot read split {} of {} under "{}": {}: {}'
+                                .format(split, ', '.join(map(repr, names)),
+                                        cfg.data.root, type(error).__name__,
+                                        error)) from None
+        train = frozenset(path for name in dict.fromkeys(trained)
+                          for part in parts for path in lists[(name, part)])
         if train in seen:
             raise AblationError(
-                '--splits {}: dataset {!r} gives the same training set for '
-                'data.split_id {} and {} (it has one split, or ignores '
-                'data.split_id); give one split and more seeds'.format(
-                    ' '.join(map(str, splits)), name, seen[train], split))
+                '--splits {}: {} give{} the same training data for '
+                'data.split_id {} and {}: a dataset with one split ignores '
+                'data.split_id, and an odd split id of CUHK01 or VIPeR is the '
+                'even one before it with the cameras swapped; give splits '
+                'that differ (e.g. 0 2 4), or one split and more seeds'.format(
+                    ' '.join(map(str, splits)),
+                    ', '.join(map(repr, dict.fromkeys(trained))),
+                    's' if len(set(trained)) == 1 else '', seen[train], split))
         seen[train] = split
 
 

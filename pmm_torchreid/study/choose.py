@@ -438,19 +438,20 @@ def held_out_note(val_ids: int, total: int,
     return lines
 
 
-def portable_dump(cfg: CN) -> str:
+def portable_dump(cfg: CN, set_on_purpose: bool = False) -> str:
     """``cfg.dump()`` without ``use_gpu`` where it is this machine's default
     (whether torch sees a GPU), so that a chosen.yaml made on a CPU machine
     trains on the GPU of the machine that runs it, and one made on a GPU
-    machine still runs on a CPU. A ``use_gpu`` that differs from the default
-    (set on purpose) is kept.
+    machine still runs on a CPU. A ``use_gpu`` the user set
+    (``set_on_purpose``: the config file or the overrides name it), or one
+    that differs from the default, is kept.
 
     >>> cfg = get_default_config()
     >>> 'use_gpu' in portable_dump(cfg), 'use_gpu' in cfg.dump()
     (False, True)
     """
     lines = cfg.dump().splitlines(True)
-    if cfg.use_gpu == get_default_config().use_gpu:
+    if not set_on_purpose and cfg.use_gpu == get_default_config().use_gpu:
         lines = [line for line in lines if not line.startswith('use_gpu:')]
     return ''.join(lines)
 
@@ -729,7 +730,8 @@ class Chooser(object):
                    'Validation is off here (data.val_ids 0): this config '
                    'trains on the whole training set and evaluates on the '
                    'test split.']
-        text = ''.join('# {}\n'.format(h) for h in header) + portable_dump(cfg)
+        text = ''.join('# {}\n'.format(h) for h in header) + portable_dump(
+            cfg, set_on_purpose=self._sets_use_gpu())
         self._check_dump(text, cfg)
         with atomic_write(yaml_path, 'w') as f:
             f.write(text)
@@ -759,6 +761,12 @@ class Chooser(object):
         print('choice in "{}", the config with it (validation off) in "{}"'
               .format(osp.join(self.out, 'choice.json'), yaml_path))
         return record
+
+    def _sets_use_gpu(self) -> bool:
+        """The config file or the overrides set ``use_gpu``."""
+        with open(self.config_file) as f:
+            raw = yaml.safe_load(f) or {}
+        return 'use_gpu' in raw or 'use_gpu' in self.opts[0::2]
 
     @staticmethod
     def _check_dump(text: str, cfg: CN) -> None:
