@@ -101,17 +101,23 @@ def test_the_chosen_config_reads_back(tmp_path):
     assert back.data.val_ids == 0 and back.data.save_dir == 'log/x'
 
 
-def test_a_market1501_layout_folder(tmp_path):
-    """Any torchreid dataset: the training identities of a folder laid out
-    as Market-1501 are counted before any run."""
-    root = tmp_path / 'data'
+def market_folder(root, cams):
+    """Empty files in Market-1501's layout under ``root``: training
+    identities 1-5, each seen by ``cams``, and identity 7 to test."""
     for folder, pids in [('bounding_box_train', range(1, 6)),
                          ('query', [7]), ('bounding_box_test', [7])]:
         path = root / 'market1501' / folder
         path.mkdir(parents=True)
         for pid in pids:
-            for cam in (1, 2):
+            for cam in cams:
                 (path / '{:04d}_c{}s1_000001_00.jpg'.format(pid, cam)).touch()
+    return root
+
+
+def test_a_market1501_layout_folder(tmp_path):
+    """Any torchreid dataset: the training identities of a folder laid out
+    as Market-1501 are counted before any run."""
+    root = market_folder(tmp_path / 'data', (1, 2))
     opts = TINY + ['data.sources', "['market1501']", 'data.targets', "['market1501']"]
     ok = Chooser(CONFIG, str(tmp_path / 'a'), 'train.lr', ['0.1', '0.2'], 3,
                  opts=opts, root=str(root))
@@ -127,13 +133,7 @@ def test_a_market1501_layout_folder(tmp_path):
                 opts=opts, root=str(tmp_path / 'nowhere')).check_ids()
     # one camera only: no held-out identity could have a query; refused
     # before any run, naming the option and the dataset
-    one_cam = tmp_path / 'one_cam'
-    for folder, pids in [('bounding_box_train', range(1, 6)),
-                         ('query', [7]), ('bounding_box_test', [7])]:
-        path = one_cam / 'market1501' / folder
-        path.mkdir(parents=True)
-        for pid in pids:
-            (path / '{:04d}_c1s1_000001_00.jpg'.format(pid)).touch()
+    one_cam = market_folder(tmp_path / 'one_cam', (1,))
     with pytest.raises(ChooseError, match="--val-ids 3 on market1501's training "
                        "set: data.val_ids = 3: none of the held-out identities "
                        "is seen by two cameras"):
