@@ -59,8 +59,7 @@ __all__ = ['AblationError', 'CSV_FIELDS', 'Setting', 'Ablation', 'run_dir',
            'mean_std', 'table', 'paired_table', 'paired_differences',
            'split_interval', 'T95', 'write_outputs', 'evaluated_on',
            'check_settings', 'check_overrides', 'check_splits', 'RUN_KEYS',
-           'recipe_of',
-           'check_recipe', 'setting_capacity', 'capacities']
+           'recipe_of', 'check_recipe', 'setting_capacity', 'capacities']
 
 #: the columns of results.csv; the last two come from the setting
 #: (:func:`setting_capacity`), the same in each of its runs

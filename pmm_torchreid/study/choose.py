@@ -63,7 +63,7 @@ from pmm_torchreid.utils.io import atomic_write
 __all__ = ['ChooseError', 'DEFAULT_SEEDS', 'RUNNER_KEYS', 'LAUNCHER',
            'parse_value', 'ValueSetting', 'base_setting', 'value_base',
            'summarize', 'pick', 'verdict', 'format_table', 'read_validation',
-           'train_items', 'count_train_ids', 'held_out_note', 'portable_dump', 'chosen_config',
+           'train_items', 'held_out_note', 'portable_dump', 'chosen_config',
            'Chooser']
 
 #: two seeds at least: one seed's noise can be as large as the differences
@@ -391,11 +391,6 @@ def train_items(cfg: CN) -> List[tuple]:
         cuhk03_classic_split=cfg.cuhk03.classic_split,
         market1501_500k=cfg.market1501.use_500k_distractors)
     return list(dataset.train)
-
-
-def count_train_ids(cfg: CN) -> int:
-    """The identities of ``cfg``'s source dataset's training set."""
-    return len({item[1] for item in train_items(cfg)})
 
 
 #: above this share of the training identities held out, the chooser warns
