@@ -175,6 +175,32 @@ def test_other_recipe_in_the_same_folder_is_refused(killed_then_rerun,
     assert sorted(os.listdir(out)) == before  # nothing started
 
 
+@pytest.mark.slow
+def test_other_data_in_the_same_folder_is_refused(killed_then_rerun,
+                                                  synthetic_root, tmp_path):
+    """The recipe does not hold the data root: data.json does. A copy of the
+    data under another root goes on (nothing left to run); the same
+    command on a root with one training image less is refused."""
+    import shutil  # lazy: only this test copies a dataset
+
+    out = killed_then_rerun['out']
+    with open(os.path.join(out, 'data.json')) as f:
+        assert json.load(f)['splits']['0']['pmm_synthetic/train']['images'] > 0
+    copy = str(tmp_path / 'copy')
+    shutil.copytree(os.path.join(synthetic_root, 'pmm_synthetic'),
+                    os.path.join(copy, 'pmm_synthetic'))
+    args = ablation_cmd(copy, out)[2:]
+    again = run_ablation(args)
+    assert again.returncode == 0 and again.stdout.count('skip (finished)') == 2
+    train = os.path.join(copy, 'pmm_synthetic', 'train')
+    os.remove(os.path.join(train, sorted(os.listdir(train))[0]))
+    before = sorted(os.listdir(out))
+    with pytest.raises(SystemExit, match='that read other data than the data '
+                       'root "{}"'.format(copy)):
+        run_ablation(args)
+    assert sorted(os.listdir(out)) == before  # nothing started
+
+
 def test_bad_setting_is_refused_before_any_run(tmp_path, capsys):
     from pmm_torchreid.cli.ablation import main
     for setting, message in [

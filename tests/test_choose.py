@@ -124,6 +124,19 @@ def test_a_market1501_layout_folder(tmp_path):
     assert ok.check_ids() == 5
     # every identity has two cameras: 3 held out, each with a query camera
     assert ok.queries == {'query_ids': 3, 'query': 3, 'gallery': 3}
+    # the folder records the training images it chooses on: the same data
+    # under another root is accepted, other training images are refused
+    ok.check_folder()
+    copy = market_folder(tmp_path / 'copy', (1, 2))
+    again = Chooser(CONFIG, str(tmp_path / 'a'), 'train.lr', ['0.1', '0.2'], 3,
+                    opts=opts, root=str(copy))
+    again.check_ids()
+    again.check_folder()
+    (copy / 'market1501' / 'bounding_box_train' / '0006_c1s1_000001_00.jpg').touch()
+    again.check_ids()
+    with pytest.raises(ChooseError, match='market1501/train: 10 images .* '
+                       'there, 11 now'):
+        again.check_folder()
     with pytest.raises(ChooseError, match="--val-ids 4: expected 2 to 3 validation "
                        "identities \\(market1501's training set has 5 identities"):
         Chooser(CONFIG, str(tmp_path / 'b'), 'train.lr', ['0.1', '0.2'], 4,

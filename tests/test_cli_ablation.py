@@ -1,6 +1,7 @@
 """The ablation runner in process (pmm_torchreid.study.ablation and
 pmm_torchreid.cli.ablation): settings, tables, the recipe check, a dry run.
 tests/test_ablation.py runs scripts/ablation.py end to end."""
+import json
 import os
 import re
 import statistics
@@ -10,10 +11,12 @@ from helpers import ROOT
 
 from pmm_torchreid.cli.ablation import main
 from pmm_torchreid.config import get_default_config, merge_file
+from pmm_torchreid.data.check import fingerprint
 from pmm_torchreid.models.capacity import InferenceCapacity
 from pmm_torchreid.study.ablation import (
     AblationError,
     Setting,
+    check_data,
     check_recipe,
     mean_std,
     paired_differences,
@@ -196,8 +199,12 @@ def test_splits_that_are_copies_are_refused(synthetic_root, tmp_path,
         return {(names[0], 'train'): ['{}/{}.jpg'.format(split, i)
                                       for i in range(3)]}
     monkeypatch.setattr(ablation, 'dataset_images', by_split)
-    ablation.check_splits(CONFIG, [], synthetic_root, [0, 2, 2, 4])
+    found = ablation.check_splits(CONFIG, [], synthetic_root, [0, 2, 2, 4])
     assert read == [0, 2, 4]
+    # what each split reads, for the folder's data record
+    assert sorted(found['splits']) == ['0', '2', '4']
+    assert found['splits']['2']['pmm_synthetic/train']['images'] == 3
+    assert found['splits']['0'] != found['splits']['2']
 
     # data.combineall trains on train + query + gallery: splits that only
     # move images between them are the same training data
@@ -225,6 +232,46 @@ def test_splits_that_are_copies_are_refused(synthetic_root, tmp_path,
                        "'market1501' under \"{}\"".format(
                            re.escape(str(tmp_path / 'none')))):
         ablation.check_splits(CONFIG, market, str(tmp_path / 'none'), [0])
+
+
+def test_a_folder_holds_the_runs_of_one_data(tmp_path):
+    """data.json: the first run records what each split reads; the same data
+    (also copied under another root) is accepted, a new split is added,
+    other images for a recorded split are refused, naming the part."""
+    def data(root, names):
+        for name in names:
+            path = root / 'd' / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b'x' * len(name))
+        return {'root': str(root), 'splits': {'0': {'d/train': fingerprint(
+            [str(root / 'd' / name) for name in names], str(root))}}}
+
+    out = str(tmp_path / 'out')
+    first = data(tmp_path / 'a', ['1.jpg', '2.jpg'])
+    check_data(out, first)
+    with open(os.path.join(out, 'data.json')) as f:
+        assert json.load(f)['splits'] == first['splits']
+    check_data(out, first)
+    check_data(out, data(tmp_path / 'copy', ['2.jpg', '1.jpg']))  # a copy
+    more = data(tmp_path / 'b', ['1.jpg', '2.jpg', '3.jpg'])
+    with pytest.raises(AblationError, match=re.escape(
+            'holds runs of split 0 that read other data than the data root '
+            '"{}" gives now'.format(tmp_path / 'b')) + '(.|\n)*'
+            + re.escape('d/train: 2 images (digest {}) there, 3 now'.format(
+                first['splits']['0']['d/train']['digest']))):
+        check_data(out, more)
+    more['splits'] = {'2': more['splits']['0']}
+    check_data(out, more)  # another split: recorded beside
+    with open(os.path.join(out, 'data.json')) as f:
+        assert sorted(json.load(f)['splits']) == ['0', '2']
+    # an image replaced by another of another size is other data
+    replaced = data(tmp_path / 'a', ['1.jpg', '2.jpg'])
+    (tmp_path / 'a' / 'd' / '1.jpg').write_bytes(b'longer')
+    replaced['splits']['0']['d/train'] = fingerprint(
+        [str(tmp_path / 'a' / 'd' / n) for n in ('1.jpg', '2.jpg')],
+        str(tmp_path / 'a'))
+    with pytest.raises(AblationError, match='2 images .* there, 2 now'):
+        check_data(out, replaced)
 
 
 def test_a_setting_seed_or_split_given_twice_is_refused(tmp_path):

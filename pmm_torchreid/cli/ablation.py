@@ -19,6 +19,7 @@ from pmm_torchreid.study.ablation import (
     Ablation,
     AblationError,
     Setting,
+    check_data,
     check_overrides,
     check_settings,
     check_splits,
@@ -112,8 +113,10 @@ def main(argv: Optional[Sequence[str]] = None,
                          args.splits, args.seeds, args.opts, root=args.root,
                          threads=args.threads, reference=args.reference,
                          register=register)
+        found = None
         if not (args.dry_run or args.table_only):
-            check_splits(args.config_file, args.opts, args.root, args.splits)
+            found = check_splits(args.config_file, args.opts, args.root,
+                                 args.splits)
         if args.dry_run:
             for cmd in study.commands():
                 print(' '.join(cmd))
@@ -122,6 +125,7 @@ def main(argv: Optional[Sequence[str]] = None,
             study.use_folder_recipe()
         else:
             study.check_recipe()
+            check_data(args.out, found)
     except AblationError as error:
         raise SystemExit('error: {}'.format(error))
     todo = study.pending()

@@ -3,13 +3,16 @@ gallery image of some torchreid datasets, decoded once as training would
 decode it (PIL, RGB), and the files that fail."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+import hashlib
+import os
+import os.path as osp
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torchreid
 
 from pmm_torchreid.data.images import DATASET_LISTS, find_bad_images
 
-__all__ = ['dataset_images', 'check_dataset']
+__all__ = ['dataset_images', 'check_dataset', 'fingerprint']
 
 
 def dataset_images(names: Sequence[str], root: str = '', split_id: int = 0,
@@ -37,3 +40,26 @@ def check_dataset(lists: Dict[Tuple[str, str], List[str]],
     decode, read by ``workers`` threads."""
     paths = sorted({p for items in lists.values() for p in items})
     return paths, dict(find_bad_images(paths, workers=workers))
+
+
+def fingerprint(paths: Iterable[str], root: str) -> Dict[str, object]:
+    """``{'images': n, 'digest': hex}``: what a list of images holds, the
+    same under another root. The digest covers each path relative to
+    ``root`` (as given, if outside it), sorted, with its size in bytes (-1
+    for a missing file), so it changes when images are added, removed,
+    renamed or replaced by others of another size; a copy of the same data
+    under another root gives the same fingerprint."""
+    base = osp.abspath(osp.expanduser(root or '.'))
+    lines = []
+    for path in paths:
+        full = osp.abspath(path)
+        name = osp.relpath(full, base)
+        if name == osp.pardir or name.startswith(osp.pardir + os.sep):
+            name = full
+        try:
+            size = osp.getsize(full)
+        except OSError:
+            size = -1
+        lines.append('{}\t{}\n'.format(name.replace(os.sep, '/'), size))
+    digest = hashlib.sha256(''.join(sorted(lines)).encode()).hexdigest()
+    return {'images': len(lines), 'digest': digest[:16]}

@@ -6,7 +6,12 @@ child process, with the recipe's config file and overrides, and its own
 ``data.save_dir``: ``<out>/<setting>/split<K>/seed<S>/``.  A run is finished
 when its ``results.json`` exists; running the same plan again skips finished
 runs (and resumes an interrupted one from its last checkpoint, if it saved
-one).  After every run the runner rewrites, atomically:
+one).  A folder holds the runs of one recipe and one data: ``<out>/recipe.json``
+(the merged config and the overrides) and ``<out>/data.json`` (per split, each
+dataset's train, query and gallery images counted and digested, so that
+another data root with other images is refused; a copy is not) are written by
+the first run and compared by every later one.  After every run the runner
+rewrites, atomically:
 
 - ``<out>/results.json`` and ``<out>/results.csv``: one record per run;
 - ``<out>/table.md``: Rank-1 and mAP per setting, mean +- std over seeds,
@@ -48,7 +53,7 @@ import torch
 from pmm_torchreid.config.checks import check_config, check_paths
 from pmm_torchreid.config.defaults import get_default_config
 from pmm_torchreid.config.files import dump_differences, merge_file, merge_list
-from pmm_torchreid.data.check import dataset_images
+from pmm_torchreid.data.check import dataset_images, fingerprint
 from pmm_torchreid.launch import build_model, import_user_module, names_a_file, read_results
 from pmm_torchreid.models.capacity import InferenceCapacity, inference_capacity
 from pmm_torchreid.models.families import takes_no_mix, uses_pmm_engine
@@ -58,6 +63,7 @@ __all__ = ['AblationError', 'CSV_FIELDS', 'Setting', 'Ablation', 'run_dir',
            'last_checkpoint', 'command', 'start', 'tail', 'read_record',
            'mean_std', 'table', 'paired_table', 'paired_differences',
            'split_interval', 'T95', 'write_outputs', 'evaluated_on',
+           'check_data', 'DATA_FILE',
            'check_settings', 'check_overrides', 'check_splits', 'RUN_KEYS',
            'recipe_of', 'check_recipe', 'setting_capacity', 'capacities']
 
@@ -209,13 +215,18 @@ def check_overrides(settings: Sequence[Setting], opts: Sequence[str]) -> None:
 
 
 def check_splits(config_file: str, opts: Sequence[str], root: str,
-                 splits: Sequence[int]) -> None:
+                 splits: Sequence[int]) -> dict:
     """Reads every source and target dataset once per split, here, before
     any run: torchreid writes a dataset's split file on first use, and runs
     started together would race to write it. With several splits, each must
     give other training data: a dataset with one split (Market-1501, a
     folder of your own) ignores ``data.split_id``, and its "splits" would be
     copies that the interval over splits takes for independent ones.
+
+    Returns what the runs will read, for :func:`check_data`: ``{'root':
+    the data root, 'splits': {split: {'DATASET/PART': fingerprint}}}``
+    (train, query and gallery of each dataset,
+    :func:`~pmm_torchreid.data.check.fingerprint`).
 
     Raises:
         AblationError: a dataset cannot be read, or two splits give the
@@ -230,7 +241,7 @@ def check_splits(config_file: str, opts: Sequence[str], root: str,
     trained = sources + (list(cfg.data.targets) if cfg.data.load_train_targets
                          else [])
     parts = ('train', 'query', 'gallery') if cfg.data.combineall else ('train',)
-    seen = {}
+    seen, found = {}, {}
     for split in dict.fromkeys(splits):
         try:
             check_paths(cfg)
@@ -257,6 +268,65 @@ def check_splits(config_file: str, opts: Sequence[str], root: str,
                     ', '.join(map(repr, dict.fromkeys(trained))),
                     's' if len(set(trained)) == 1 else '', seen[train], split))
         seen[train] = split
+        found[str(split)] = OrderedDict(
+            ('{}/{}'.format(name, part), fingerprint(items, cfg.data.root))
+            for (name, part), items in lists.items())
+    return {'root': osp.abspath(osp.expanduser(cfg.data.root or '.')),
+            'splits': found}
+
+
+#: the file of a study folder that records what data its runs read
+DATA_FILE = 'data.json'
+
+
+def check_data(out: str, found: dict) -> None:
+    """The folder's runs must all read the same data (the recipe holds the
+    config, not what ``--root`` holds): records ``found`` (the root and,
+    per split, each dataset/part's fingerprint, as :func:`check_splits`
+    returns it) in ``<out>/data.json`` on first use, compares with it later;
+    a split or a part not recorded yet is added. A copy of the same data
+    under another root is the same data.
+
+    Raises:
+        AblationError: a split's data differs from what the folder's runs
+            read (naming the split, the dataset and part, and the counts).
+    """
+    path = osp.join(out, DATA_FILE)
+    record = {'splits': {}}
+    if osp.isfile(path):
+        try:
+            with open(path) as f:
+                record = json.load(f)
+            record['splits'].items()
+        except (ValueError, KeyError, AttributeError) as error:
+            raise AblationError('"{}" is not a data record of this runner '
+                                '({}); move it away to start the record '
+                                'again'.format(path, error)) from None
+    changed = False
+    for split, parts in found['splits'].items():
+        there = record['splits'].setdefault(split, {})
+        differ = ['{}: {} images (digest {}) there, {} now (digest {})'.format(
+            part, there[part]['images'], there[part]['digest'],
+            fp['images'], fp['digest'])
+            for part, fp in parts.items()
+            if part in there and there[part] != fp]
+        if differ:
+            raise AblationError(
+                '"{}" holds runs of split {} that read other data than the '
+                'data root "{}" gives now (recorded in {}, from the root '
+                '"{}"):\n  {}\nuse another --out, or the data '
+                'those runs read'.format(out, split, found['root'], DATA_FILE,
+                                         record.get('root', '?'),
+                                         '\n  '.join(differ)))
+        for part, fp in parts.items():
+            if part not in there:
+                there[part] = fp
+                changed = True
+    if changed or not osp.isfile(path):
+        record['root'] = found['root']
+        os.makedirs(out, exist_ok=True)
+        with atomic_write(path, 'w') as f:
+            json.dump(record, f, indent=1, sort_keys=True)
 
 
 def recipe_of(config_file: str, opts: Sequence[str]) -> dict:

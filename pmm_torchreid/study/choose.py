@@ -48,6 +48,7 @@ from pmm_torchreid.config.files import (
     merge_file,
     merge_list,
 )
+from pmm_torchreid.data.check import fingerprint
 from pmm_torchreid.data.splits import carve_validation
 from pmm_torchreid.launch import read_results
 from pmm_torchreid.models.families import takes_no_mix, uses_pmm_engine
@@ -55,6 +56,7 @@ from pmm_torchreid.study.ablation import (
     Ablation,
     AblationError,
     Setting,
+    check_data,
     check_recipe,
     check_settings,
 )
@@ -509,6 +511,7 @@ class Chooser(object):
                  threads: int = 0, register: Sequence[str] = ()):
         self.config_file, self.out, self.key = config_file, out, key
         self.queries: Optional[Dict[str, int]] = None  # set by check_ids
+        self.data: Optional[dict] = None  # set by check_ids, for check_data
         self.val_ids, self.seeds = int(val_ids), list(seeds)
         self.opts, self.root = list(opts), root
         if len(self.opts) % 2:
@@ -588,7 +591,8 @@ class Chooser(object):
         identities, or whose validation set would have no query (no held-out
         identity seen by two cameras), before any run; returns the number of
         training identities and sets :attr:`queries` (the held-out
-        identities with queries, the query and gallery images)."""
+        identities with queries, the query and gallery images) and
+        :attr:`data` (what the runs read, for :meth:`check_folder`)."""
         cfg = self.cfg.clone()
         try:
             items = train_items(cfg)
@@ -610,12 +614,18 @@ class Chooser(object):
                 self.val_ids, cfg.data.sources[0], error)) from None
         self.queries = {'query_ids': len({item[1] for item in query}),
                         'query': len(query), 'gallery': len(gallery)}
+        self.data = {'root': osp.abspath(osp.expanduser(cfg.data.root or '.')),
+                     'splits': {str(self.split): {
+                         '{}/train'.format(cfg.data.sources[0]): fingerprint(
+                             [item[0] for item in items], cfg.data.root)}}}
         return total
 
     def check_folder(self) -> None:
         """``out`` holds nothing, or runs of this same plan (key, values,
         validation identities, config and overrides; the seeds may differ:
-        a rerun with more seeds reuses the finished ones)."""
+        a rerun with more seeds reuses the finished ones), read from the
+        same training images (after :meth:`check_ids`; a copy under another
+        root is the same)."""
         path = osp.join(self.out, 'recipe.json')
         if osp.isfile(path):
             with open(path) as f:
@@ -635,6 +645,8 @@ class Chooser(object):
                         self.val_ids))
         try:
             check_recipe(self.out, self.study.recipe)
+            if self.data is not None:
+                check_data(self.out, self.data)
         except AblationError as error:
             raise ChooseError(str(error)) from None
 
