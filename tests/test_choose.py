@@ -83,6 +83,8 @@ def test_values_are_read_with_the_configs_types():
             ('pmm', '0.1', 'is a section of the config'),
             ('data.val_ids', '5', 'the chooser sets it'),
             ('train.seed', '5', 'the chooser sets it'),
+            # the images read are no choice (every value would see others)
+            ('cuhk03.classic_split', 'True', 'changes the validation set'),
             ('train.channels_last', 'maybe', "expected 'auto', True or False")]:
         with pytest.raises(ChooseError, match=message.replace('(', r'\(')):
             parse_value(cfg, key, text)

@@ -138,9 +138,14 @@ def test_overrides_may_not_set_what_the_runner_or_a_setting_sets(tmp_path,
              "setting 'pmm_resnet18:none' sets for its runs"),
             (['model.pretrained', 'False'], "setting 'osnet_x0_25,"
              "model.pretrained=True' sets"),
-            ([], "setting 'pmm_resnet18:none,train.seed=5' sets train.seed; "
-             "the runner sets it for every run")]:
-        extra = ['pmm_resnet18:none,train.seed=5'] if not opts else []
+            (['pmm_resnet18:none,train.seed=5'], "setting "
+             "'pmm_resnet18:none,train.seed=5' sets train.seed; the runner "
+             "sets it for every run"),
+            # every setting of a folder reads the same data (data.json)
+            (['pmm_resnet18:none,data.combineall=True'], "setting "
+             "'pmm_resnet18:none,data.combineall=True' sets data.combineall, "
+             "which decides the images the runs read")]:
+        extra, opts = (opts, []) if ':' in opts[0] else ([], opts)
         with pytest.raises(SystemExit, match=re.escape(message)):
             main(['--config-file', CONFIG, '--out', out, '--dry-run',
                   '--settings', 'pmm_resnet18:none',

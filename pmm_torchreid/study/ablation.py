@@ -65,6 +65,7 @@ __all__ = ['AblationError', 'CSV_FIELDS', 'Setting', 'Ablation', 'run_dir',
            'split_interval', 'T95', 'write_outputs', 'evaluated_on',
            'check_data', 'DATA_FILE',
            'check_settings', 'check_overrides', 'check_splits', 'RUN_KEYS',
+           'DATA_KEYS',
            'recipe_of', 'check_recipe', 'setting_capacity', 'capacities']
 
 #: the columns of results.csv; the last two come from the setting
@@ -180,6 +181,13 @@ def check_settings(settings: Sequence[Setting], config_file: str,
 #: keys the runner sets for every run (:func:`command`)
 RUN_KEYS = ('train.seed', 'data.split_id', 'data.save_dir', 'model.resume')
 
+#: keys that decide which images the runs read: the same for every setting
+#: of a folder (:func:`check_splits` reads them once, ``data.json`` records
+#: them), so a setting may not set them
+DATA_KEYS = ('data.root', 'data.sources', 'data.targets', 'data.combineall',
+             'data.load_train_targets', 'cuhk03.labeled_images',
+             'cuhk03.classic_split', 'market1501.use_500k_distractors')
+
 
 def check_overrides(settings: Sequence[Setting], opts: Sequence[str]) -> None:
     """The overrides shared by every run may not set what the runner sets
@@ -187,7 +195,10 @@ def check_overrides(settings: Sequence[Setting], opts: Sequence[str]) -> None:
     checkpoint) nor what a setting sets (``model.name``, ``loss.name``,
     ``pmm.mix``, its own ``KEY=VALUE``): they come after those on the
     command line, so they would win, and the runs would not be what their
-    folders and the table say.
+    folders and the table say. A setting may set neither the per-run keys
+    nor :data:`DATA_KEYS`: every setting of a folder reads the same data,
+    checked once (another dataset is another folder;
+    ``scripts/compare_studies.py`` sets folders side by side).
 
     Raises:
         AblationError: naming the key and where to give it instead.
@@ -198,6 +209,14 @@ def check_overrides(settings: Sequence[Setting], opts: Sequence[str]) -> None:
                 raise AblationError(
                     'setting {!r} sets {}; the runner sets it for every run'
                     .format(setting.spec, key))
+            if key in DATA_KEYS:
+                raise AblationError(
+                    'setting {!r} sets {}, which decides the images the runs '
+                    'read; every setting of a folder reads the same data: '
+                    'give it in the config file or the overrides, and '
+                    'another dataset in another --out (compare the folders '
+                    'with scripts/compare_studies.py)'.format(setting.spec,
+                                                              key))
     keys = list(opts[0::2])
     for key in keys:
         if key in RUN_KEYS:

@@ -53,6 +53,7 @@ from pmm_torchreid.data.splits import carve_validation
 from pmm_torchreid.launch import read_results
 from pmm_torchreid.models.families import takes_no_mix, uses_pmm_engine
 from pmm_torchreid.study.ablation import (
+    DATA_KEYS,
     Ablation,
     AblationError,
     Setting,
@@ -76,10 +77,10 @@ DEFAULT_SEEDS = (1, 2)
 RUNNER_KEYS = ('data.val_ids', 'train.seed', 'data.save_dir', 'model.resume')
 
 #: keys whose values are not a choice on one validation set: they change
-#: the validation set itself or where the runs go
-NOT_CHOICES = RUNNER_KEYS + ('data.val_seed', 'data.split_id', 'data.root',
-                             'data.sources', 'data.targets', 'data.combineall',
-                             'test.evaluate')
+#: the validation set itself, the images read (:data:`DATA_KEYS`) or where
+#: the runs go
+NOT_CHOICES = RUNNER_KEYS + ('data.val_seed', 'data.split_id',
+                             'test.evaluate') + DATA_KEYS
 
 #: what a run is when no scripts/main.py path is given (the ``pmm-choose``
 #: command of an installed plugin): ``python -c`` running ``pmm-train``'s main
@@ -122,8 +123,8 @@ def _check_key(cfg: CN, key: str):
                               '{}.{}'.format(key, k) for k in sorted(current))))
     if key in NOT_CHOICES:
         raise ChooseError(
-            '--key {!r}: the chooser sets it or it changes the validation set '
-            'itself; expected a key of the recipe (a share, a length, a '
+            '--key {!r}: the chooser sets it, or it changes the validation set '
+            'itself or the images read; expected a key of the recipe (a share, a length, a '
             'learning rate, ...)'.format(key))
     return current
 
