@@ -138,6 +138,9 @@ def test_raw_results_and_table(killed_then_rerun):
         rows = list(csv.DictReader(f))
     assert [row['setting'] for row in rows] == SETTINGS
     assert float(rows[0]['mAP']) == pytest.approx(runs[0]['mAP'])
+    # each row says what its run was evaluated on (SMALL holds 90 out)
+    assert [(row['evaluated_on'], row['val_ids']) for row in rows] == [
+        ('validation', '90')] * 2
     with open(os.path.join(r['out'], 'table.md')) as f:
         table = f.read()
     lines = [l for l in table.splitlines() if l.startswith('|')]

@@ -314,5 +314,8 @@ def test_the_table_says_what_the_runs_were_evaluated_on():
                      'different data (1 run on the test split, 2 runs on 100 '
                      'validation identities), so their differences do not '
                      'compare')
+    # nothing finished: nothing to say about the data yet
+    assert evaluated_on([{'status': 'missing'}], [0]) == \
+        'on split 0 (no run has finished yet)'
     # records of runs finished before evaluated_on was recorded: the test split
     assert evaluated_on([{'status': 'done'}], [4]) == 'on the test split of split 4'

@@ -68,12 +68,14 @@ __all__ = ['AblationError', 'CSV_FIELDS', 'Setting', 'Ablation', 'run_dir',
            'DATA_KEYS',
            'recipe_of', 'check_recipe', 'setting_capacity', 'capacities']
 
-#: the columns of results.csv; the last two come from the setting
-#: (:func:`setting_capacity`), the same in each of its runs
+#: the columns of results.csv; ``inference_params`` and ``descriptor_dim``
+#: come from the setting (:func:`setting_capacity`), the same in each of its
+#: runs; ``evaluated_on`` (``test`` or ``validation``) and ``val_ids`` (the
+#: identities held out) from the run's record
 CSV_FIELDS = [
     'setting', 'split_id', 'seed', 'status', 'rank1', 'mAP', 'epoch',
     'train_seconds', 'run_seconds', 'wall_seconds', 'model', 'mix', 'save_dir',
-    'inference_params', 'descriptor_dim'
+    'inference_params', 'descriptor_dim', 'evaluated_on', 'val_ids'
 ]
 
 
@@ -701,7 +703,9 @@ def evaluated_on(records: Sequence[dict], splits: Sequence[int]) -> str:
                             if kind == 'test' else '{} validation '
                             'identities'.format(val_ids))
                         for (kind, val_ids), n in kinds.items())))
-    if kinds and next(iter(kinds))[0] != 'test':
+    if not kinds:
+        return 'on {} (no run has finished yet)'.format(where)
+    if next(iter(kinds))[0] != 'test':
         return 'on {} validation identities held out of the training set ' \
             'of {}'.format(next(iter(kinds))[1], where)
     return 'on the test split of {}'.format(where)
