@@ -232,3 +232,14 @@ def exported_model(root, model, weights):
     net = launch.build_model(launch.setup_config(args), 100)
     net.load_state_dict(load_checkpoint(weights, 'cpu')['state_dict'])
     return net.eval()
+
+
+def fake_campus(folder, num_ids=12):
+    """A tiny CUHK01 ``campus/`` folder: ``num_ids`` identities, 4 blank
+    images each (shots 1-2 camera A, 3-4 camera B)."""
+    from PIL import Image  # lazy: only the CUHK01 tests draw images
+    os.makedirs(folder)
+    img = Image.fromarray(np.zeros((4, 2, 3), dtype=np.uint8))
+    for pid in range(1, num_ids + 1):
+        for shot in range(1, 5):
+            img.save(osp.join(folder, '{:04d}{:03d}.png'.format(pid, shot)))

@@ -4,6 +4,7 @@ and the raw results."""
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -188,7 +189,9 @@ def test_other_data_in_the_same_folder_is_refused(killed_then_rerun,
 
     out = killed_then_rerun['out']
     with open(os.path.join(out, 'data.json')) as f:
-        assert json.load(f)['splits']['0']['pmm_synthetic/train']['images'] > 0
+        record = f.read()
+    assert json.loads(record)['splits']['0']['parts'][
+        'pmm_synthetic/train']['images'] > 0
     copy = str(tmp_path / 'copy')
     shutil.copytree(os.path.join(synthetic_root, 'pmm_synthetic'),
                     os.path.join(copy, 'pmm_synthetic'))
@@ -198,10 +201,12 @@ def test_other_data_in_the_same_folder_is_refused(killed_then_rerun,
     train = os.path.join(copy, 'pmm_synthetic', 'train')
     os.remove(os.path.join(train, sorted(os.listdir(train))[0]))
     before = sorted(os.listdir(out))
-    with pytest.raises(SystemExit, match='that read other data than the data '
-                       'root "{}"'.format(copy)):
+    with pytest.raises(SystemExit, match=re.escape(
+            'that read other data than the data root "{}"'.format(copy))):
         run_ablation(args)
     assert sorted(os.listdir(out)) == before  # nothing started
+    with open(os.path.join(out, 'data.json')) as f:
+        assert f.read() == record  # nor rewritten
 
 
 def test_bad_setting_is_refused_before_any_run(tmp_path, capsys):

@@ -1,13 +1,14 @@
 """The ablation runner in process (pmm_torchreid.study.ablation and
 pmm_torchreid.cli.ablation): settings, tables, the recipe check, a dry run.
 tests/test_ablation.py runs scripts/ablation.py end to end."""
+import csv
 import json
 import os
 import re
 import statistics
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, fake_campus
 
 from pmm_torchreid.cli.ablation import main
 from pmm_torchreid.config import get_default_config, merge_file
@@ -104,6 +105,14 @@ def test_outputs_and_the_recipe_check(tmp_path):
     assert '| pmm | - | - | - | 31.120 | 1536 |' in text
     assert sorted(os.listdir(out)) == [
         'recipe.json', 'results.csv', 'results.json', 'table.md']
+    # a row of results.csv says what its run was evaluated on
+    done = dict(setting='pmm', split_id=0, seed=1, status='done', rank1=80.0,
+                mAP=60.0, train_seconds=60, evaluated_on='validation',
+                val_ids=100)
+    write_outputs(out, [done], [Setting('pmm')], [0], recipe)
+    with open(os.path.join(out, 'results.csv')) as f:
+        row = next(csv.DictReader(f))
+    assert (row['evaluated_on'], row['val_ids']) == ('validation', '100')
 
 
 def test_dry_run_in_process(tmp_path, capsys):
@@ -201,26 +210,29 @@ def test_splits_that_are_copies_are_refused(synthetic_root, tmp_path,
 
     def by_split(names, root, split, **kwargs):
         read.append(split)
-        return {(names[0], 'train'): ['{}/{}.jpg'.format(split, i)
+        return {(names[0], 'train'): [('{}/{}.jpg'.format(split, i), i, 0)
                                       for i in range(3)]}
-    monkeypatch.setattr(ablation, 'dataset_images', by_split)
+    monkeypatch.setattr(ablation, 'dataset_items', by_split)
+    monkeypatch.setattr(ablation, 'fingerprint', lambda items: {
+        'images': len(items), 'digest': ' '.join(i[0] for i in items)})
     found = ablation.check_splits(CONFIG, [], synthetic_root, [0, 2, 2, 4])
     assert read == [0, 2, 4]
     # what each split reads, for the folder's data record
-    assert sorted(found['splits']) == ['0', '2', '4']
-    assert found['splits']['2']['pmm_synthetic/train']['images'] == 3
-    assert found['splits']['0'] != found['splits']['2']
+    assert list(found) == ['0', '2', '4']
+    assert found['2'] == {'root': synthetic_root, 'parts': {
+        'pmm_synthetic/train': {'images': 3,
+                                'digest': '2/0.jpg 2/1.jpg 2/2.jpg'}}}
 
     # data.combineall trains on train + query + gallery: splits that only
     # move images between them are the same training data
     def moved(names, root, split, **kwargs):
         read.append(names)
-        everything = ['{}.jpg'.format(i) for i in range(6)]
+        everything = [('{}.jpg'.format(i), i, 0) for i in range(6)]
         train = everything[split:split + 3]
         rest = [p for p in everything if p not in train]
         return {(name, part): items for name in names for part, items in
                 (('train', train), ('query', rest[:1]), ('gallery', rest[1:]))}
-    monkeypatch.setattr(ablation, 'dataset_images', moved)
+    monkeypatch.setattr(ablation, 'dataset_items', moved)
     ablation.check_splits(CONFIG, [], synthetic_root, [0, 2])
     with pytest.raises(ablation.AblationError, match='the same training data'):
         ablation.check_splits(CONFIG, ['data.combineall', 'True'],
@@ -239,44 +251,136 @@ def test_splits_that_are_copies_are_refused(synthetic_root, tmp_path,
         ablation.check_splits(CONFIG, market, str(tmp_path / 'none'), [0])
 
 
-def test_a_folder_holds_the_runs_of_one_data(tmp_path):
-    """data.json: the first run records what each split reads; the same data
-    (also copied under another root) is accepted, a new split is added,
-    other images for a recorded split are refused, naming the part."""
-    def data(root, names):
-        for name in names:
+def test_a_folder_holds_the_runs_of_one_data(tmp_path, capsys):
+    """data.json: the first command records what each split reads; the
+    same data (also copied under another root, or linked) is accepted, a
+    new split is added, other images or labels for a recorded split are
+    refused, naming the part, the counts and the way out."""
+    def data(root, names, pids=None):
+        items = []
+        for i, name in enumerate(names):
             path = root / 'd' / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b'x' * len(name))
-        return {'root': str(root), 'splits': {'0': {'d/train': fingerprint(
-            [str(root / 'd' / name) for name in names], str(root))}}}
+            if not path.exists():
+                path.write_bytes(b'x' * len(name))
+            items.append((str(path), (pids or range(len(names)))[i], 0))
+        return {'0': {'root': str(root), 'parts': {'d/train': fingerprint(
+            items)}}}
 
     out = str(tmp_path / 'out')
+    record = os.path.join(out, 'data.json')
     first = data(tmp_path / 'a', ['1.jpg', '2.jpg'])
     check_data(out, first)
-    with open(os.path.join(out, 'data.json')) as f:
-        assert json.load(f)['splits'] == first['splits']
+    with open(record) as f:
+        assert json.load(f) == {'splits': first}
     check_data(out, first)
-    check_data(out, data(tmp_path / 'copy', ['2.jpg', '1.jpg']))  # a copy
+    # a copy, listed in another order
+    check_data(out, data(tmp_path / 'copy', ['2.jpg', '1.jpg'], pids=[1, 0]))
+    os.symlink(tmp_path / 'a', tmp_path / 'link')
+    check_data(out, data(tmp_path / 'link', ['1.jpg', '2.jpg']))  # a link
     more = data(tmp_path / 'b', ['1.jpg', '2.jpg', '3.jpg'])
-    with pytest.raises(AblationError, match=re.escape(
-            'holds runs of split 0 that read other data than the data root '
-            '"{}" gives now'.format(tmp_path / 'b')) + '(.|\n)*'
-            + re.escape('d/train: 2 images (digest {}) there, 3 now'.format(
-                first['splits']['0']['d/train']['digest']))):
+    with pytest.raises(AblationError) as info:
         check_data(out, more)
-    more['splits'] = {'2': more['splits']['0']}
-    check_data(out, more)  # another split: recorded beside
-    with open(os.path.join(out, 'data.json')) as f:
-        assert sorted(json.load(f)['splits']) == ['0', '2']
-    # an image replaced by another of another size is other data
-    replaced = data(tmp_path / 'a', ['1.jpg', '2.jpg'])
-    (tmp_path / 'a' / 'd' / '1.jpg').write_bytes(b'longer')
-    replaced['splits']['0']['d/train'] = fingerprint(
-        [str(tmp_path / 'a' / 'd' / n) for n in ('1.jpg', '2.jpg')],
-        str(tmp_path / 'a'))
-    with pytest.raises(AblationError, match='2 images .* there, 2 now'):
-        check_data(out, replaced)
+    assert str(info.value) == (
+        '"{out}" holds runs of split 0 that read other data than the data '
+        'root "{b}" gives now (recorded in "{record}", from the root "{a}"):'
+        '\n  d/train: 2 images (digest {d}) there, 3 now (digest {d3})\n'
+        'use another --out, or the data those runs read; if you know the '
+        'runs compare (the same images fetched again), move "{record}" away '
+        'and it is recorded again'.format(
+            out=out, b=tmp_path / 'b', a=tmp_path / 'a', record=record,
+            d=first['0']['parts']['d/train']['digest'],
+            d3=more['0']['parts']['d/train']['digest']))
+    more['2'] = more.pop('0')
+    check_data(out, more)  # another split: recorded beside, with its root
+    with open(record) as f:
+        assert json.load(f)['splits'] == dict(first, **more)
+    # the same files with other identities, or replaced by others of another
+    # size, are other data
+    relabelled = data(tmp_path / 'a', ['1.jpg', '2.jpg'], pids=[0, 0])
+    (tmp_path / 'c' / 'd').mkdir(parents=True)
+    (tmp_path / 'c' / 'd' / '1.jpg').write_bytes(b'longer')
+    replaced = data(tmp_path / 'c', ['1.jpg', '2.jpg'])
+    for other in (relabelled, replaced):
+        with pytest.raises(AblationError, match='2 images .* there, 2 now '
+                           '.*; the same count, other files, labels or sizes'):
+            check_data(out, other)
+    # a missing image is named by the fingerprint itself
+    with pytest.raises(FileNotFoundError, match='1 of the 2 images listed are '
+                       'missing, e.g. "{}"'.format(tmp_path / 'nowhere.jpg')):
+        fingerprint([(str(tmp_path / 'a' / 'd' / '1.jpg'), 0, 0),
+                     (str(tmp_path / 'nowhere.jpg'), 1, 0)])
+    # a record that is not one is refused, naming the file, not a traceback
+    for text in ['[]', 'null', '{"splits": {"0": []}}',
+                 '{"splits": {"0": {"root": "r", "parts": {"d": {"images": 3}}}}}']:
+        with open(record, 'w') as f:
+            f.write(text)
+        with pytest.raises(AblationError, match='"{}" is not a data record of '
+                           'this runner'.format(re.escape(record))):
+            check_data(out, first)
+    # a folder written before the records: noted, then recorded
+    old = str(tmp_path / 'old')
+    os.makedirs(os.path.join(old, 'pmm', 'split0', 'seed1'))
+    open(os.path.join(old, 'pmm', 'split0', 'seed1', 'results.json'), 'w').close()
+    capsys.readouterr()
+    check_data(old, first)
+    assert capsys.readouterr().err == (
+        'note: "{}" holds 1 finished run but no data.json: it records the data '
+        'of this command from now on; check that those runs read the same '
+        'data\n'.format(old))
+    check_data(old, first)
+    assert capsys.readouterr().err == ''
+
+
+def test_cuhk01_copied_or_linked_is_the_same_data(tmp_path):
+    """CUHK01's split file names the images under the root where torchreid
+    wrote it: a copy of that root, or a link to it, lists the same images
+    and gives the same fingerprints; once the original is gone, the copy's
+    split file names missing images, and the check says so."""
+    import shutil  # lazy: only this test copies a dataset
+
+    import torchreid
+
+    from pmm_torchreid.data.check import dataset_items
+    first = tmp_path / 'a'
+    fake_campus(str(first / 'cuhk01' / 'campus'))
+    torchreid.data.datasets.init_image_dataset('cuhk01', root=str(first),
+                                               mode='train', verbose=False)
+
+    def prints(root):
+        return {key: fingerprint(items) for key, items in dataset_items(
+            ['cuhk01'], str(root), 2).items()}
+    original = prints(first)
+    assert original[('cuhk01', 'train')]['images'] == 24  # 6 ids x 4 shots
+    shutil.copytree(first, tmp_path / 'copy')
+    os.symlink(first, tmp_path / 'link')
+    assert prints(tmp_path / 'copy') == original
+    assert prints(tmp_path / 'link') == original
+    shutil.rmtree(first)
+    with pytest.raises(FileNotFoundError, match='24 of the 24 images listed '
+                       'are missing, e.g. "{}(.|\n)*scripts/cuhk01_splits.py'
+                       .format(re.escape(str(first / 'cuhk01' / 'campus')))):
+        prints(tmp_path / 'copy')
+
+
+def test_the_runner_checks_the_data_record_before_any_run(synthetic_root,
+                                                         tmp_path):
+    """scripts/ablation.py compares the folder's data.json with what the
+    command reads, after the recipe check and before any run: a record of
+    other data stops it, and the record is left as it was."""
+    out = tmp_path / 'out'
+    out.mkdir()
+    record = out / 'data.json'
+    record.write_text(json.dumps({'splits': {'0': {'root': '/elsewhere', 'parts': {
+        'pmm_synthetic/train': {'images': 1, 'digest': '0123456789abcdef'}}}}}))
+    before = record.read_bytes()
+    with pytest.raises(SystemExit, match='holds runs of split 0 that read other '
+                       'data(.|\n)*pmm_synthetic/train: 1 images'):
+        main(['--config-file', CONFIG, '--root', synthetic_root, '--out',
+              str(out), '--seeds', '1', '--settings', 'pmm_resnet18:none'],
+             main_script=MAIN)
+    assert record.read_bytes() == before
+    assert sorted(os.listdir(out)) == ['data.json', 'recipe.json']
 
 
 def test_a_setting_seed_or_split_given_twice_is_refused(tmp_path):

@@ -7,10 +7,9 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import ROOT, SHARED
+from helpers import ROOT, SHARED, fake_campus
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 import pmm_torchreid  # noqa: F401  (registers the datasets)
 from pmm_torchreid import config as C
@@ -115,14 +114,6 @@ def test_val_ids_config_checks():
 # --------------------------------------------------------------------------
 # CUHK01 splits from the record
 # --------------------------------------------------------------------------
-def _fake_campus(folder, num_ids=12):
-    os.makedirs(folder)
-    img = Image.fromarray(np.zeros((4, 2, 3), dtype=np.uint8))
-    for pid in range(1, num_ids + 1):
-        for shot in range(1, 5):
-            img.save(osp.join(folder, '{:04d}{:03d}.png'.format(pid, shot)))
-
-
 def _torchreid_splits(root):
     import torchreid
     np.random.seed(4)
@@ -153,7 +144,7 @@ def _relative(splits, root):
 def test_written_splits_equal_torchreids_own_for_the_same_identities(
         tmp_path):
     theirs_root, ours_root = str(tmp_path / 'a'), str(tmp_path / 'b')
-    _fake_campus(osp.join(theirs_root, 'cuhk01', 'campus'))
+    fake_campus(osp.join(theirs_root, 'cuhk01', 'campus'))
     shutil.copytree(osp.join(theirs_root, 'cuhk01', 'campus'),
                     osp.join(ours_root, 'cuhk01', 'campus'))
     theirs = _torchreid_splits(theirs_root)
@@ -186,7 +177,7 @@ def test_cuhk01_record_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match='no CUHK01 images'):
         write_cuhk01_splits(str(tmp_path), osp.join(ROOT, 'docs',
                                                     'cuhk01_splits.json'))
-    _fake_campus(str(tmp_path / 'cuhk01' / 'campus'))
+    fake_campus(str(tmp_path / 'cuhk01' / 'campus'))
     bad = tmp_path / 'gap.json'
     bad.write_text(json.dumps({'splits': {'0': {'train_identities': [1]},
                                           '4': {'train_identities': [1]}}}))

@@ -4,7 +4,6 @@ decode it (PIL, RGB), and the files that fail."""
 from __future__ import annotations
 
 import hashlib
-import os
 import os.path as osp
 from typing import Dict, Iterable, List, Sequence, Tuple
 
@@ -12,13 +11,14 @@ import torchreid
 
 from pmm_torchreid.data.images import DATASET_LISTS, find_bad_images
 
-__all__ = ['dataset_images', 'check_dataset', 'fingerprint']
+__all__ = ['dataset_items', 'dataset_images', 'check_dataset', 'fingerprint']
 
 
-def dataset_images(names: Sequence[str], root: str = '', split_id: int = 0,
-                   **dataset_kwargs) -> Dict[Tuple[str, str], List[str]]:
-    """``{(dataset, split): [paths]}`` for each dataset of ``names`` (each
-    once, in order) and its train, query and gallery splits.
+def dataset_items(names: Sequence[str], root: str = '', split_id: int = 0,
+                  **dataset_kwargs) -> Dict[Tuple[str, str], List[tuple]]:
+    """``{(dataset, split): [(path, pid, camid, ...)]}`` for each dataset of
+    ``names`` (each once, in order) and its train, query and gallery splits,
+    as torchreid lists them (training identities relabelled).
 
     ``dataset_kwargs``: torchreid's dataset options (``cuhk03_labeled``,
     ``cuhk03_classic_split``, ``market1501_500k``).
@@ -29,8 +29,16 @@ def dataset_images(names: Sequence[str], root: str = '', split_id: int = 0,
             name, transform=None, mode='train', root=root, split_id=split_id,
             combineall=False, verbose=False, **dataset_kwargs)
         for split in DATASET_LISTS:
-            lists[(name, split)] = [item[0] for item in getattr(dataset, split)]
+            lists[(name, split)] = [tuple(item) for item in
+                                    getattr(dataset, split)]
     return lists
+
+
+def dataset_images(names: Sequence[str], root: str = '', split_id: int = 0,
+                   **dataset_kwargs) -> Dict[Tuple[str, str], List[str]]:
+    """``{(dataset, split): [paths]}``: :func:`dataset_items`' paths."""
+    return {key: [item[0] for item in items] for key, items in
+            dataset_items(names, root, split_id, **dataset_kwargs).items()}
 
 
 def check_dataset(lists: Dict[Tuple[str, str], List[str]],
@@ -42,24 +50,32 @@ def check_dataset(lists: Dict[Tuple[str, str], List[str]],
     return paths, dict(find_bad_images(paths, workers=workers))
 
 
-def fingerprint(paths: Iterable[str], root: str) -> Dict[str, object]:
-    """``{'images': n, 'digest': hex}``: what a list of images holds, the
-    same under another root. The digest covers each path relative to
-    ``root`` (as given, if outside it), sorted, with its size in bytes (-1
-    for a missing file), so it changes when images are added, removed,
-    renamed or replaced by others of another size; a copy of the same data
-    under another root gives the same fingerprint."""
-    base = osp.abspath(osp.expanduser(root or '.'))
-    lines = []
-    for path in paths:
-        full = osp.abspath(path)
-        name = osp.relpath(full, base)
-        if name == osp.pardir or name.startswith(osp.pardir + os.sep):
-            name = full
+def fingerprint(items: Iterable[tuple]) -> Dict[str, object]:
+    """``{'images': n, 'digest': hex}``: what a list of ``(path, pid, camid,
+    ...)`` items holds, whatever the folder it lies in. The digest covers
+    each image's file name, identity, camera and size in bytes, sorted: it
+    changes when images are added, removed, renamed, relabelled or replaced
+    by others of another size, and stays the same for a copy of the data
+    under another root, a link to it, or a split file that names the images
+    under the root where it was written (CUHK01, VIPeR: absolute paths).
+
+    Raises:
+        FileNotFoundError: listed images are missing (how many, and one).
+    """
+    lines, missing = [], []
+    for path, pid, camid, *_ in items:
         try:
-            size = osp.getsize(full)
+            size = osp.getsize(path)
         except OSError:
-            size = -1
-        lines.append('{}\t{}\n'.format(name.replace(os.sep, '/'), size))
+            missing.append(path)
+            continue
+        lines.append('{}\t{}\t{}\t{}\n'.format(osp.basename(path), pid,
+                                                camid, size))
+    if missing:
+        raise FileNotFoundError(
+            '{} of the {} images listed are missing, e.g. "{}" (a split file '
+            'written under another data root names that root\'s images; '
+            'write it again, for CUHK01 with scripts/cuhk01_splits.py)'.format(
+                len(missing), len(lines) + len(missing), missing[0]))
     digest = hashlib.sha256(''.join(sorted(lines)).encode()).hexdigest()
     return {'images': len(lines), 'digest': digest[:16]}

@@ -8,9 +8,10 @@ when its ``results.json`` exists; running the same plan again skips finished
 runs (and resumes an interrupted one from its last checkpoint, if it saved
 one).  A folder holds the runs of one recipe and one data: ``<out>/recipe.json``
 (the merged config and the overrides) and ``<out>/data.json`` (per split, each
-dataset's train, query and gallery images counted and digested, so that
-another data root with other images is refused; a copy is not) are written by
-the first run and compared by every later one.  After every run the runner
+dataset's train, query and gallery images counted and digested, so that other
+images are refused; a copy of the same images under another root is not) are
+written by the first command that plans runs there, and compared (and, for a
+new split, extended) by every later one.  After every run the runner
 rewrites, atomically:
 
 - ``<out>/results.json`` and ``<out>/results.csv``: one record per run;
@@ -53,7 +54,7 @@ import torch
 from pmm_torchreid.config.checks import check_config, check_paths
 from pmm_torchreid.config.defaults import get_default_config
 from pmm_torchreid.config.files import dump_differences, merge_file, merge_list
-from pmm_torchreid.data.check import dataset_images, fingerprint
+from pmm_torchreid.data.check import dataset_items, fingerprint
 from pmm_torchreid.launch import build_model, import_user_module, names_a_file, read_results
 from pmm_torchreid.models.capacity import InferenceCapacity, inference_capacity
 from pmm_torchreid.models.families import takes_no_mix, uses_pmm_engine
@@ -63,7 +64,7 @@ __all__ = ['AblationError', 'CSV_FIELDS', 'Setting', 'Ablation', 'run_dir',
            'last_checkpoint', 'command', 'start', 'tail', 'read_record',
            'mean_std', 'table', 'paired_table', 'paired_differences',
            'split_interval', 'T95', 'write_outputs', 'evaluated_on',
-           'check_data', 'DATA_FILE',
+           'check_data', 'DATA_FILE', 'data_root',
            'check_settings', 'check_overrides', 'check_splits', 'RUN_KEYS',
            'DATA_KEYS',
            'recipe_of', 'check_recipe', 'setting_capacity', 'capacities']
@@ -183,11 +184,13 @@ def check_settings(settings: Sequence[Setting], config_file: str,
 #: keys the runner sets for every run (:func:`command`)
 RUN_KEYS = ('train.seed', 'data.split_id', 'data.save_dir', 'model.resume')
 
-#: keys that decide which images the runs read: the same for every setting
-#: of a folder (:func:`check_splits` reads them once, ``data.json`` records
-#: them), so a setting may not set them
+#: keys that decide which images the runs read, train on and are evaluated
+#: on: the same for every setting of a folder (:func:`check_splits` reads
+#: the data once, ``data.json`` records it, the table compares the runs), so
+#: a setting may not set them
 DATA_KEYS = ('data.root', 'data.sources', 'data.targets', 'data.combineall',
-             'data.load_train_targets', 'cuhk03.labeled_images',
+             'data.load_train_targets', 'data.val_ids', 'data.val_seed',
+             'data.skip_bad_images', 'cuhk03.labeled_images',
              'cuhk03.classic_split', 'market1501.use_500k_distractors')
 
 
@@ -214,7 +217,8 @@ def check_overrides(settings: Sequence[Setting], opts: Sequence[str]) -> None:
             if key in DATA_KEYS:
                 raise AblationError(
                     'setting {!r} sets {}, which decides the images the runs '
-                    'read; every setting of a folder reads the same data: '
+                    'read, train on or are evaluated on; every setting of a '
+                    'folder reads the same data: '
                     'give it in the config file or the overrides, and '
                     'another dataset in another --out (compare the folders '
                     'with scripts/compare_studies.py)'.format(setting.spec,
@@ -236,7 +240,7 @@ def check_overrides(settings: Sequence[Setting], opts: Sequence[str]) -> None:
 
 
 def check_splits(config_file: str, opts: Sequence[str], root: str,
-                 splits: Sequence[int]) -> dict:
+                 splits: Sequence[int]) -> Dict[str, dict]:
     """Reads every source and target dataset once per split, here, before
     any run: torchreid writes a dataset's split file on first use, and runs
     started together would race to write it. With several splits, each must
@@ -244,14 +248,14 @@ def check_splits(config_file: str, opts: Sequence[str], root: str,
     folder of your own) ignores ``data.split_id``, and its "splits" would be
     copies that the interval over splits takes for independent ones.
 
-    Returns what the runs will read, for :func:`check_data`: ``{'root':
-    the data root, 'splits': {split: {'DATASET/PART': fingerprint}}}``
+    Returns what the runs will read, for :func:`check_data`: ``{split:
+    {'root': the data root, 'parts': {'DATASET/PART': fingerprint}}}``
     (train, query and gallery of each dataset,
     :func:`~pmm_torchreid.data.check.fingerprint`).
 
     Raises:
-        AblationError: a dataset cannot be read, or two splits give the
-            same training data.
+        AblationError: a dataset cannot be read, an image it lists is
+            missing, or two splits give the same training data.
     """
     cfg = merge_file(get_default_config(), config_file)
     if root:  # as scripts/main.py: the file, the root, then the overrides
@@ -262,22 +266,25 @@ def check_splits(config_file: str, opts: Sequence[str], root: str,
     trained = sources + (list(cfg.data.targets) if cfg.data.load_train_targets
                          else [])
     parts = ('train', 'query', 'gallery') if cfg.data.combineall else ('train',)
-    seen, found = {}, {}
+    seen, found = {}, OrderedDict()
     for split in dict.fromkeys(splits):
         try:
             check_paths(cfg)
-            lists = dataset_images(
+            lists = dataset_items(
                 names, cfg.data.root, split,
                 cuhk03_labeled=cfg.cuhk03.labeled_images,
                 cuhk03_classic_split=cfg.cuhk03.classic_split,
                 market1501_500k=cfg.market1501.use_500k_distractors)
+            prints = OrderedDict(
+                ('{}/{}'.format(name, part), fingerprint(items))
+                for (name, part), items in lists.items())
         except Exception as error:  # torchreid raises many kinds
             raise AblationError('cannot read split {} of {} under "{}": {}: {}'
                                 .format(split, ', '.join(map(repr, names)),
                                         cfg.data.root, type(error).__name__,
                                         error)) from None
-        train = frozenset(path for name in dict.fromkeys(trained)
-                          for part in parts for path in lists[(name, part)])
+        train = frozenset(item[0] for name in dict.fromkeys(trained)
+                          for part in parts for item in lists[(name, part)])
         if train in seen:
             raise AblationError(
                 '--splits {}: {} give{} the same training data for '
@@ -289,65 +296,100 @@ def check_splits(config_file: str, opts: Sequence[str], root: str,
                     ', '.join(map(repr, dict.fromkeys(trained))),
                     's' if len(set(trained)) == 1 else '', seen[train], split))
         seen[train] = split
-        found[str(split)] = OrderedDict(
-            ('{}/{}'.format(name, part), fingerprint(items, cfg.data.root))
-            for (name, part), items in lists.items())
-    return {'root': osp.abspath(osp.expanduser(cfg.data.root or '.')),
-            'splits': found}
+        found[str(split)] = {'root': data_root(cfg.data.root),
+                             'parts': prints}
+    return found
+
+
+def data_root(root: str) -> str:
+    """The data root as a record names it (absolute)."""
+    return osp.abspath(osp.expanduser(root or '.'))
 
 
 #: the file of a study folder that records what data its runs read
 DATA_FILE = 'data.json'
 
 
-def check_data(out: str, found: dict) -> None:
+def _read_data_record(path: str) -> dict:
+    """``data.json``'s ``{split: {'root': str, 'parts': {name: {'images':
+    int, 'digest': str}}}}``; raises :class:`AblationError` on anything
+    else."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        splits = record['splits']
+        for entry in splits.values():
+            if not isinstance(entry['root'], str):
+                raise TypeError('a root is not a text')
+            for fp in entry['parts'].values():
+                if not (isinstance(fp['images'], int)
+                        and isinstance(fp['digest'], str)):
+                    raise TypeError('a part is not {images, digest}')
+    except (ValueError, KeyError, AttributeError, TypeError) as error:
+        raise AblationError(
+            '"{}" is not a data record of this runner ({}: {}); move it away '
+            'to record the data again (check first that the finished runs '
+            'read the data the next command reads)'.format(
+                path, type(error).__name__, error)) from None
+    return splits
+
+
+def check_data(out: str, found: Dict[str, dict]) -> None:
     """The folder's runs must all read the same data (the recipe holds the
-    config, not what ``--root`` holds): records ``found`` (the root and,
-    per split, each dataset/part's fingerprint, as :func:`check_splits`
-    returns it) in ``<out>/data.json`` on first use, compares with it later;
-    a split or a part not recorded yet is added. A copy of the same data
-    under another root is the same data.
+    config, not what ``--root`` holds): records ``found`` (per split, the
+    root and each dataset/part's fingerprint, as :func:`check_splits`
+    returns it) in ``<out>/data.json`` when the command plans its runs, and
+    compares with it later; a split or a part not recorded yet is added.
+    The same data under another root, or through a link, is the same data.
+    A folder with finished runs but no record (written before records
+    existed) is noted on stderr: the record then starts with this command.
 
     Raises:
         AblationError: a split's data differs from what the folder's runs
             read (naming the split, the dataset and part, and the counts).
     """
     path = osp.join(out, DATA_FILE)
-    record = {'splits': {}}
     if osp.isfile(path):
-        try:
-            with open(path) as f:
-                record = json.load(f)
-            record['splits'].items()
-        except (ValueError, KeyError, AttributeError) as error:
-            raise AblationError('"{}" is not a data record of this runner '
-                                '({}); move it away to start the record '
-                                'again'.format(path, error)) from None
-    changed = False
-    for split, parts in found['splits'].items():
-        there = record['splits'].setdefault(split, {})
-        differ = ['{}: {} images (digest {}) there, {} now (digest {})'.format(
-            part, there[part]['images'], there[part]['digest'],
-            fp['images'], fp['digest'])
-            for part, fp in parts.items()
-            if part in there and there[part] != fp]
+        record = _read_data_record(path)
+    else:
+        record = {}
+        done = glob.glob(osp.join(glob.escape(out), '*', 'split*', 'seed*',
+                                  'results.json'))
+        if done:
+            print('note: "{}" holds {} finished run{} but no {}: it records '
+                  'the data of this command from now on; check that those '
+                  'runs read the same data'.format(
+                      out, len(done), 's' if len(done) > 1 else '',
+                      DATA_FILE), file=sys.stderr)
+    changed = not record
+    for split, entry in found.items():
+        there = record.setdefault(split, {'root': entry['root'], 'parts': {}})
+        differ = ['{}: {} images (digest {}) there, {} now (digest {}){}'
+                  .format(part, there['parts'][part]['images'],
+                          there['parts'][part]['digest'], fp['images'],
+                          fp['digest'],
+                          '; the same count, other files, labels or sizes'
+                          if there['parts'][part]['images'] == fp['images']
+                          else '')
+                  for part, fp in entry['parts'].items()
+                  if part in there['parts'] and there['parts'][part] != fp]
         if differ:
             raise AblationError(
                 '"{}" holds runs of split {} that read other data than the '
-                'data root "{}" gives now (recorded in {}, from the root '
-                '"{}"):\n  {}\nuse another --out, or the data '
-                'those runs read'.format(out, split, found['root'], DATA_FILE,
-                                         record.get('root', '?'),
-                                         '\n  '.join(differ)))
-        for part, fp in parts.items():
-            if part not in there:
-                there[part] = fp
+                'data root "{}" gives now (recorded in "{}", from the root '
+                '"{}"):\n  {}\nuse another --out, or the data those runs '
+                'read; if you know the runs compare (the same images fetched '
+                'again), move "{}" away and it is recorded again'.format(
+                    out, split, entry['root'], path, there['root'],
+                    '\n  '.join(differ), path))
+        for part, fp in entry['parts'].items():
+            if part not in there['parts']:
+                there['parts'][part] = fp
                 changed = True
-    if changed or not osp.isfile(path):
-        record['root'] = found['root']
+    if changed:
         os.makedirs(out, exist_ok=True)
         with atomic_write(path, 'w') as f:
-            json.dump(record, f, indent=1, sort_keys=True)
+            json.dump({'splits': record}, f, indent=1, sort_keys=True)
 
 
 def recipe_of(config_file: str, opts: Sequence[str]) -> dict:

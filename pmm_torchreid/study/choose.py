@@ -60,6 +60,7 @@ from pmm_torchreid.study.ablation import (
     check_data,
     check_recipe,
     check_settings,
+    data_root,
 )
 from pmm_torchreid.utils.io import atomic_write
 
@@ -615,10 +616,13 @@ class Chooser(object):
                 self.val_ids, cfg.data.sources[0], error)) from None
         self.queries = {'query_ids': len({item[1] for item in query}),
                         'query': len(query), 'gallery': len(gallery)}
-        self.data = {'root': osp.abspath(osp.expanduser(cfg.data.root or '.')),
-                     'splits': {str(self.split): {
-                         '{}/train'.format(cfg.data.sources[0]): fingerprint(
-                             [item[0] for item in items], cfg.data.root)}}}
+        try:
+            prints = {'{}/train'.format(cfg.data.sources[0]): fingerprint(items)}
+        except FileNotFoundError as error:
+            raise ChooseError('the training set of {!r} under "{}": {}'.format(
+                cfg.data.sources[0], cfg.data.root, error)) from None
+        self.data = {str(self.split): {'root': data_root(cfg.data.root),
+                                       'parts': prints}}
         return total
 
     def check_folder(self) -> None:
