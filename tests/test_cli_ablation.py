@@ -318,6 +318,23 @@ def test_a_folder_holds_the_runs_of_one_data(tmp_path, capsys):
         with pytest.raises(AblationError, match='"{}" is not a data record of '
                            'this runner'.format(re.escape(record))):
             check_data(out, first)
+    # commands on one folder take turns: while another holds the folder's
+    # lock, the record waits, then adds its split to what is there
+    import fcntl  # lazy: POSIX only, as the lock
+    import threading  # lazy: only this check runs a second command
+    os.remove(record)
+    check_data(out, first)
+    folder = os.open(out, os.O_RDONLY)
+    fcntl.flock(folder, fcntl.LOCK_EX)
+    later = {'4': first['0']}
+    waiting = threading.Thread(target=check_data, args=(out, later))
+    waiting.start()
+    waiting.join(0.5)
+    assert waiting.is_alive()  # blocked by the lock
+    os.close(folder)
+    waiting.join(10)
+    with open(record) as f:
+        assert sorted(json.load(f)['splits']) == ['0', '4']
     # a folder written before the records: noted, then recorded
     old = str(tmp_path / 'old')
     os.makedirs(os.path.join(old, 'pmm', 'split0', 'seed1'))

@@ -51,6 +51,11 @@ from typing import IO, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no lock
+    fcntl = None
+
 from pmm_torchreid.config.checks import check_config, check_paths
 from pmm_torchreid.config.defaults import get_default_config
 from pmm_torchreid.config.files import dump_differences, merge_file, merge_list
@@ -344,10 +349,26 @@ def check_data(out: str, found: Dict[str, dict]) -> None:
     A folder with finished runs but no record (written before records
     existed) is noted on stderr: the record then starts with this command.
 
+    Commands started together on one folder (other splits, say) take turns
+    (a lock on the folder), so that neither loses the other's record.
+
     Raises:
         AblationError: a split's data differs from what the folder's runs
             read (naming the split, the dataset and part, and the counts).
     """
+    os.makedirs(out, exist_ok=True)
+    if fcntl is None:  # pragma: no cover - not POSIX
+        _check_data(out, found)
+        return
+    folder = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        _check_data(out, found)
+    finally:
+        os.close(folder)  # and the lock with it
+
+
+def _check_data(out: str, found: Dict[str, dict]) -> None:
     path = osp.join(out, DATA_FILE)
     if osp.isfile(path):
         record = _read_data_record(path)
@@ -387,7 +408,6 @@ def check_data(out: str, found: Dict[str, dict]) -> None:
                 there['parts'][part] = fp
                 changed = True
     if changed:
-        os.makedirs(out, exist_ok=True)
         with atomic_write(path, 'w') as f:
             json.dump({'splits': record}, f, indent=1, sort_keys=True)
 
