@@ -136,6 +136,7 @@ def test_a_market1501_layout_folder(tmp_path):
     again.check_folder()
     (copy / 'market1501' / 'bounding_box_train' / '0006_c1s1_000001_00.jpg').touch()
     again.check_ids()
+    os.makedirs(again.run_dir(0, 1))  # a run of the recorded data
     with pytest.raises(ChooseError, match='market1501/train: 10 images .* '
                        'there, 11 now'):
         again.check_folder()

@@ -213,7 +213,7 @@ def test_splits_that_are_copies_are_refused(synthetic_root, tmp_path,
         return {(names[0], 'train'): [('{}/{}.jpg'.format(split, i), i, 0)
                                       for i in range(3)]}
     monkeypatch.setattr(ablation, 'dataset_items', by_split)
-    monkeypatch.setattr(ablation, 'fingerprint', lambda items: {
+    monkeypatch.setattr(ablation, 'fingerprint', lambda items, sizes: {
         'images': len(items), 'digest': ' '.join(i[0] for i in items)})
     found = ablation.check_splits(CONFIG, [], synthetic_root, [0, 2, 2, 4])
     assert read == [0, 2, 4]
@@ -270,15 +270,23 @@ def test_a_folder_holds_the_runs_of_one_data(tmp_path, capsys):
     out = str(tmp_path / 'out')
     record = os.path.join(out, 'data.json')
     first = data(tmp_path / 'a', ['1.jpg', '2.jpg'])
+    more = data(tmp_path / 'b', ['1.jpg', '2.jpg', '3.jpg'])
+    # recorded by a command that left no run of the split (a wrong root,
+    # stopped at once): recorded again, with a note
+    check_data(out, more)
+    capsys.readouterr()
     check_data(out, first)
+    assert 'but holds no run of it: recorded again from "{}"'.format(
+        tmp_path / 'a') in capsys.readouterr().err
     with open(record) as f:
         assert json.load(f) == {'splits': first}
+    os.makedirs(os.path.join(out, 'pmm', 'split0', 'seed1'))  # a run
     check_data(out, first)
-    # a copy, listed in another order
-    check_data(out, data(tmp_path / 'copy', ['2.jpg', '1.jpg'], pids=[1, 0]))
+    # a copy, listed in another order, its identities numbered otherwise
+    # (torchreid numbers DukeMTMC-reID's in the order its folder is listed)
+    check_data(out, data(tmp_path / 'copy', ['2.jpg', '1.jpg'], pids=[5, 7]))
     os.symlink(tmp_path / 'a', tmp_path / 'link')
     check_data(out, data(tmp_path / 'link', ['1.jpg', '2.jpg']))  # a link
-    more = data(tmp_path / 'b', ['1.jpg', '2.jpg', '3.jpg'])
     with pytest.raises(AblationError) as info:
         check_data(out, more)
     assert str(info.value) == (
@@ -324,14 +332,14 @@ def test_a_folder_holds_the_runs_of_one_data(tmp_path, capsys):
     import threading  # lazy: only this check runs a second command
     os.remove(record)
     check_data(out, first)
-    folder = os.open(out, os.O_RDONLY)
-    fcntl.flock(folder, fcntl.LOCK_EX)
+    lock = os.open(os.path.join(out, '.data.lock'), os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)
     later = {'4': first['0']}
     waiting = threading.Thread(target=check_data, args=(out, later))
     waiting.start()
     waiting.join(0.5)
     assert waiting.is_alive()  # blocked by the lock
-    os.close(folder)
+    os.close(lock)
     waiting.join(10)
     with open(record) as f:
         assert sorted(json.load(f)['splits']) == ['0', '4']
@@ -369,24 +377,35 @@ def test_cuhk01_copied_or_linked_is_the_same_data(tmp_path):
             ['cuhk01'], str(root), 2).items()}
     original = prints(first)
     assert original[('cuhk01', 'train')]['images'] == 24  # 6 ids x 4 shots
-    shutil.copytree(first, tmp_path / 'copy')
     os.symlink(first, tmp_path / 'link')
-    assert prints(tmp_path / 'copy') == original
     assert prints(tmp_path / 'link') == original
-    shutil.rmtree(first)
+    # a copy reads the original's images through the copied split file...
+    shutil.copytree(first, tmp_path / 'copy')
+    assert prints(tmp_path / 'copy') == original
+    # ...and its own once the split file names them: the same data
+    splits = tmp_path / 'copy' / 'cuhk01' / 'splits.json'
+    splits.write_text(splits.read_text().replace(str(first),
+                                                 str(tmp_path / 'copy')))
+    assert prints(tmp_path / 'copy') == original
+    shutil.copytree(tmp_path / 'copy', tmp_path / 'stale')
+    shutil.rmtree(tmp_path / 'copy')
     with pytest.raises(FileNotFoundError, match='24 of the 24 images listed '
                        'are missing, e.g. "{}(.|\n)*scripts/cuhk01_splits.py'
-                       .format(re.escape(str(first / 'cuhk01' / 'campus')))):
-        prints(tmp_path / 'copy')
+                       .format(re.escape(str(tmp_path / 'copy' / 'cuhk01')))):
+        prints(tmp_path / 'stale')
 
 
 def test_the_runner_checks_the_data_record_before_any_run(synthetic_root,
-                                                         tmp_path):
+                                                         tmp_path,
+                                                         monkeypatch):
     """scripts/ablation.py compares the folder's data.json with what the
     command reads, after the recipe check and before any run: a record of
     other data stops it, and the record is left as it was."""
+    from pmm_torchreid.study.ablation import Ablation
+    monkeypatch.setattr(Ablation, 'run', lambda *args: pytest.fail(
+        'a run started on other data'))
     out = tmp_path / 'out'
-    out.mkdir()
+    (out / 'pmm_resnet18-none' / 'split0' / 'seed1').mkdir(parents=True)
     record = out / 'data.json'
     record.write_text(json.dumps({'splits': {'0': {'root': '/elsewhere', 'parts': {
         'pmm_synthetic/train': {'images': 1, 'digest': '0123456789abcdef'}}}}}))
@@ -397,7 +416,8 @@ def test_the_runner_checks_the_data_record_before_any_run(synthetic_root,
               str(out), '--seeds', '1', '--settings', 'pmm_resnet18:none'],
              main_script=MAIN)
     assert record.read_bytes() == before
-    assert sorted(os.listdir(out)) == ['data.json', 'recipe.json']
+    assert sorted(os.listdir(out)) == ['.data.lock', 'data.json',
+                                       'pmm_resnet18-none', 'recipe.json']
 
 
 def test_a_setting_seed_or_split_given_twice_is_refused(tmp_path):

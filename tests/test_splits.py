@@ -19,7 +19,7 @@ from pmm_torchreid.data.splits import carve_validation, write_cuhk01_splits
 
 
 def _train(num_ids, cams_per_id, per_cam):
-    return [('img_{}_{}_{}.png'.format(p, c, i), p, c, 0)
+    return [('img_{:03d}_{}_{}.png'.format(p, c, i), p, c, 0)
             for p in range(num_ids) for c in range(cams_per_id[p % len(
                 cams_per_id)]) for i in range(per_cam)]
 
@@ -62,6 +62,22 @@ def test_carved_validation_is_disjoint_complete_and_matchable(
         assert len(qcams) == 1 and held_cams and not qcams & held_cams
     # the same seed draws the same split
     assert carve_validation(train, held, seed) == (rest, query, gallery)
+
+
+def test_the_draw_follows_the_file_names_not_the_numbers():
+    """torchreid numbers DukeMTMC-reID's training identities in the order
+    its folder is listed in: the same files numbered otherwise (a copy on
+    another disk) hold out the same people, with the same queries."""
+    train = _train(40, [2, 3], 2)
+    perm = list(range(40))
+    np.random.RandomState(0).shuffle(perm)
+    renumbered = [(x[0], perm[x[1]]) + x[2:] for x in train]
+
+    def people(carved):
+        return [sorted(x[0] for x in part) for part in carved]
+    for held, seed in [(10, 0), (7, 3)]:
+        assert people(carve_validation(renumbered, held, seed)) == \
+            people(carve_validation(train, held, seed))
 
 
 def test_the_seed_changes_the_held_identities():

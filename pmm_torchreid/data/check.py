@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os.path as osp
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torchreid
 
@@ -50,32 +50,44 @@ def check_dataset(lists: Dict[Tuple[str, str], List[str]],
     return paths, dict(find_bad_images(paths, workers=workers))
 
 
-def fingerprint(items: Iterable[tuple]) -> Dict[str, object]:
+def fingerprint(items: Iterable[tuple],
+                sizes: Optional[Dict[str, int]] = None) -> Dict[str, object]:
     """``{'images': n, 'digest': hex}``: what a list of ``(path, pid, camid,
     ...)`` items holds, whatever the folder it lies in. The digest covers
-    each image's file name, identity, camera and size in bytes, sorted: it
+    each image's file name, camera and size in bytes, and its identity (named
+    by the first file name of that identity's images, since torchreid's
+    training numbers can follow the order a folder is listed in), sorted: it
     changes when images are added, removed, renamed, relabelled or replaced
     by others of another size, and stays the same for a copy of the data
     under another root, a link to it, or a split file that names the images
-    under the root where it was written (CUHK01, VIPeR: absolute paths).
+    under the root where it was written (CUHK01: absolute paths).
+    ``sizes``: file sizes already read (path -> bytes), filled in.
 
     Raises:
         FileNotFoundError: listed images are missing (how many, and one).
     """
+    sizes = {} if sizes is None else sizes
+    items = list(items)
+    names = {}
+    for path, pid, *_ in items:
+        name = osp.basename(path)
+        names[pid] = min(names.get(pid, name), name)
     lines, missing = [], []
     for path, pid, camid, *_ in items:
-        try:
-            size = osp.getsize(path)
-        except OSError:
-            missing.append(path)
-            continue
-        lines.append('{}\t{}\t{}\t{}\n'.format(osp.basename(path), pid,
-                                                camid, size))
+        if path not in sizes:
+            try:
+                sizes[path] = osp.getsize(path)
+            except FileNotFoundError:
+                missing.append(path)
+                continue
+        lines.append('{}\t{}\t{}\t{}\n'.format(osp.basename(path), names[pid],
+                                                camid, sizes[path]))
     if missing:
         raise FileNotFoundError(
-            '{} of the {} images listed are missing, e.g. "{}" (a split file '
-            'written under another data root names that root\'s images; '
-            'write it again, for CUHK01 with scripts/cuhk01_splits.py)'.format(
-                len(missing), len(lines) + len(missing), missing[0]))
+            '{} of the {} images listed are missing, e.g. "{}": the dataset is '
+            'incomplete, or a split file written under another data root '
+            'names that root\'s images (for CUHK01, write it again with '
+            'scripts/cuhk01_splits.py)'.format(
+                len(missing), len(items), missing[0]))
     digest = hashlib.sha256(''.join(sorted(lines)).encode()).hexdigest()
     return {'images': len(lines), 'digest': digest[:16]}

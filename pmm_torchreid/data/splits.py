@@ -37,7 +37,9 @@ def carve_validation(
     """Holds ``num_ids`` training identities out as a validation set.
 
     The identities are drawn uniformly (``random.Random(seed)``, independent
-    of the training seed, so every setting of a study sees the same split).
+    of the training seed, so every setting of a study sees the same split),
+    from the identities in the order of their first image's file name, so
+    that a copy of the data in another folder gives the same draw.
     For each of them, the images of one camera, drawn at random, become
     queries and the images of its other cameras the gallery; an identity seen
     by one camera only goes to the gallery as a distractor.  Same-camera
@@ -57,7 +59,16 @@ def carve_validation(
         ValueError: too few identities, or no held-out identity seen by two
             cameras (no query would have a match).
     """
-    pids = sorted({it[1] for it in train})
+    # identities in the order of their first file name: torchreid's training
+    # numbers can follow the order a folder is listed in (DukeMTMC-reID), so
+    # a copy of the data elsewhere would hold out other people; where the
+    # numbers follow the names (Market-1501, CUHK01), this is their order
+    first = {}
+    for it in train:
+        name = osp.basename(it[0])
+        first[it[1]] = min(first.get(it[1], name), name)
+    pids = sorted(first, key=lambda pid: (first[pid], pid))
+    order = {pid: i for i, pid in enumerate(pids)}
     if not 1 <= num_ids <= len(pids) - 2:
         raise ValueError(
             'data.val_ids = {}: expected 1 to {} validation identities (the '
@@ -71,7 +82,7 @@ def carve_validation(
         if it[1] in held:
             by_pid.setdefault(it[1], []).append(tuple(it))
     query, gallery = [], []
-    for pid in sorted(held):
+    for pid in sorted(held, key=order.get):
         items = by_pid[pid]
         cams = sorted({it[2] for it in items})
         qcam = rng.choice(cams) if len(cams) > 1 else None

@@ -271,7 +271,7 @@ def check_splits(config_file: str, opts: Sequence[str], root: str,
     trained = sources + (list(cfg.data.targets) if cfg.data.load_train_targets
                          else [])
     parts = ('train', 'query', 'gallery') if cfg.data.combineall else ('train',)
-    seen, found = {}, OrderedDict()
+    seen, found, sizes = {}, OrderedDict(), {}
     for split in dict.fromkeys(splits):
         try:
             check_paths(cfg)
@@ -281,7 +281,7 @@ def check_splits(config_file: str, opts: Sequence[str], root: str,
                 cuhk03_classic_split=cfg.cuhk03.classic_split,
                 market1501_500k=cfg.market1501.use_500k_distractors)
             prints = OrderedDict(
-                ('{}/{}'.format(name, part), fingerprint(items))
+                ('{}/{}'.format(name, part), fingerprint(items, sizes))
                 for (name, part), items in lists.items())
         except Exception as error:  # torchreid raises many kinds
             raise AblationError('cannot read split {} of {} under "{}": {}: {}'
@@ -311,8 +311,9 @@ def data_root(root: str) -> str:
     return osp.abspath(osp.expanduser(root or '.'))
 
 
-#: the file of a study folder that records what data its runs read
-DATA_FILE = 'data.json'
+#: the file of a study folder that records what data its runs read, and
+#: the file commands lock while they read and write it
+DATA_FILE, DATA_LOCK = 'data.json', '.data.lock'
 
 
 def _read_data_record(path: str) -> dict:
@@ -350,7 +351,9 @@ def check_data(out: str, found: Dict[str, dict]) -> None:
     existed) is noted on stderr: the record then starts with this command.
 
     Commands started together on one folder (other splits, say) take turns
-    (a lock on the folder), so that neither loses the other's record.
+    (a lock on ``<out>/.data.lock``), so that neither loses the other's
+    record. A split recorded by an earlier command that left no run of it
+    (a wrong ``--root``, stopped at once) is recorded again, with a note.
 
     Raises:
         AblationError: a split's data differs from what the folder's runs
@@ -360,12 +363,16 @@ def check_data(out: str, found: Dict[str, dict]) -> None:
     if fcntl is None:  # pragma: no cover - not POSIX
         _check_data(out, found)
         return
-    folder = os.open(out, os.O_RDONLY)
+    lock = os.open(osp.join(out, DATA_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(folder, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as error:  # some network file systems lock nothing
+            print('note: no lock on "{}" ({}); do not start two commands on '
+                  'this folder at once'.format(out, error), file=sys.stderr)
         _check_data(out, found)
     finally:
-        os.close(folder)  # and the lock with it
+        os.close(lock)  # and the lock with it
 
 
 def _check_data(out: str, found: Dict[str, dict]) -> None:
@@ -394,6 +401,14 @@ def _check_data(out: str, found: Dict[str, dict]) -> None:
                           else '')
                   for part, fp in entry['parts'].items()
                   if part in there['parts'] and there['parts'][part] != fp]
+        if differ and not glob.glob(osp.join(glob.escape(out), '*',
+                                             'split{}'.format(split))):
+            print('note: "{}" recorded other data for split {} (from the '
+                  'root "{}") but holds no run of it: recorded again from '
+                  '"{}"'.format(path, split, there['root'], entry['root']),
+                  file=sys.stderr)
+            there = record[split] = {'root': entry['root'], 'parts': {}}
+            changed, differ = True, []
         if differ:
             raise AblationError(
                 '"{}" holds runs of split {} that read other data than the '
