@@ -35,7 +35,6 @@ import time
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torchreid
 import yaml
 from yacs.config import CfgNode as CN
 
@@ -48,7 +47,7 @@ from pmm_torchreid.config.files import (
     merge_file,
     merge_list,
 )
-from pmm_torchreid.data.check import fingerprint
+from pmm_torchreid.data.check import dataset_items, fingerprint
 from pmm_torchreid.data.splits import carve_validation
 from pmm_torchreid.launch import read_results
 from pmm_torchreid.models.families import takes_no_mix, uses_pmm_engine
@@ -388,13 +387,12 @@ def train_items(cfg: CN) -> List[tuple]:
     """The training items ``(path, pid, camid, ...)`` of ``cfg``'s source
     dataset (read as a run reads it; its folder must exist)."""
     check_paths(cfg)
-    dataset = torchreid.data.datasets.init_image_dataset(
-        cfg.data.sources[0], transform=None, mode='train', root=cfg.data.root,
-        split_id=cfg.data.split_id, combineall=False, verbose=False,
+    source = cfg.data.sources[0]
+    return dataset_items(
+        [source], cfg.data.root, cfg.data.split_id,
         cuhk03_labeled=cfg.cuhk03.labeled_images,
         cuhk03_classic_split=cfg.cuhk03.classic_split,
-        market1501_500k=cfg.market1501.use_500k_distractors)
-    return list(dataset.train)
+        market1501_500k=cfg.market1501.use_500k_distractors)[(source, 'train')]
 
 
 #: above this share of the training identities held out, the chooser warns
