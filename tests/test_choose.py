@@ -410,6 +410,46 @@ def test_models_are_chosen_as_the_runner_trains_them(tmp_path):
                 ['bdb_resnet18', 'pmm_resnet18'], VAL_IDS, opts=TINY)
 
 
+def test_a_model_value_carries_its_options(tmp_path):
+    """--key model.name with the runner's ,KEY=VALUE options: BDB with its
+    bands competes with BDB; the option reaches the runs' command lines and
+    the chosen config, and its own folder; options that set what the chooser
+    sets, the images read, the model itself, or what the overrides set are
+    refused, and so is an option that is not KEY=VALUE."""
+    values = ['bdb_resnet18', 'bdb_resnet18,bdb.bands=4']
+    chooser = Chooser(CONFIG, str(tmp_path / 'out'), 'model.name', values,
+                      VAL_IDS, opts=TINY)
+    assert chooser.texts == values and chooser.values == values
+    plain, bands = chooser.settings
+    assert [chosen_config(CONFIG, TINY, s).bdb.bands for s in (plain, bands)
+            ] == [0, 4]
+    assert (chosen_config(CONFIG, TINY, bands).model.name,
+            chosen_config(CONFIG, TINY, bands).pmm.mix) == ('bdb_resnet18',
+                                                            'none')
+    assert plain.slug != bands.slug
+    commands = chooser.commands()
+    assert len(commands) == 4  # 2 values x 2 seeds
+    for command in commands:
+        folder = command[command.index('data.save_dir') + 1]
+        with_bands = os.sep + bands.slug + os.sep in folder
+        assert with_bands == (os.sep + plain.slug + os.sep not in folder)
+        assert ('bdb.bands' in command) == with_bands
+        if with_bands:
+            assert command[command.index('bdb.bands') + 1] == '4'
+    refused = {
+        'bdb_resnet18,bdb.bands': 'is not KEY=VALUE',
+        'bdb_resnet18,data.root=x': 'sets data.root',
+        'bdb_resnet18,train.seed=3': 'sets train.seed',
+        'bdb_resnet18,model.name=pmm_resnet18': 'sets model.name',
+        'bdb_resnet18,train.max_epoch=2': 'so do the overrides',
+        'pmm_resnet18,bdb.bands=4': "the band branch is BDB's",
+    }
+    for value, message in refused.items():
+        with pytest.raises(ChooseError, match=message):
+            Chooser(CONFIG, str(tmp_path / 'out'), 'model.name',
+                    ['bdb_resnet18', value], VAL_IDS, opts=TINY)
+
+
 # --------------------------------------------------------------------------
 # end to end: two tiny runs, a rerun, the chosen config trained
 # --------------------------------------------------------------------------

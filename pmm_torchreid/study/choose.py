@@ -7,7 +7,8 @@ pool, resume and recipe check), each run with ``data.val_ids N``: it trains on
 the rest of the training set and evaluates on the ``N`` held-out identities,
 never on the test split.  A value's setting is the config's own model (and mix)
 with ``KEY=VALUE`` (for ``model.name``, the value's model as the ablation runner
-trains it: :func:`value_base`); its runs lie in
+trains it: :func:`value_base`, with the runner's ``,KEY=VALUE`` options a value
+may carry, e.g. ``bdb_osnet_x0_25,bdb.bands=4``); its runs lie in
 ``<out>/<KEY>=<VALUE>/split<K>/seed<S>/``.
 
 The value with the best mean validation mAP over the seeds wins (on equal
@@ -64,7 +65,8 @@ from pmm_torchreid.study.ablation import (
 from pmm_torchreid.utils.io import atomic_write
 
 __all__ = ['ChooseError', 'DEFAULT_SEEDS', 'RUNNER_KEYS', 'LAUNCHER',
-           'parse_value', 'ValueSetting', 'base_setting', 'value_base',
+           'parse_value', 'split_options', 'ValueSetting', 'base_setting',
+           'value_base',
            'summarize', 'pick', 'verdict', 'format_table', 'read_validation',
            'train_items', 'held_out_note', 'portable_dump', 'chosen_config',
            'Chooser']
@@ -201,6 +203,31 @@ def base_setting(cfg: CN) -> Tuple[str, List[str]]:
     return spec, extra
 
 
+def split_options(key: str, text: str) -> Tuple[str, List[str]]:
+    """``(model, [KEY, VALUE, ...])``: a ``model.name`` value may carry the
+    ablation runner's ``,KEY=VALUE`` options, as its settings do
+    (``bdb_osnet_x0_25,bdb.bands=4``), so that a model's variants compete
+    with the others on validation.  Any other key, or a value without a
+    comma: ``(text, [])`` (a list such as ``[1, 1]`` keeps its comma).
+
+    Raises:
+        ChooseError: an option that is not ``KEY=VALUE``.
+    """
+    if key != 'model.name' or ',' not in text:
+        return text, []
+    head, *extras = text.split(',')
+    pairs: List[str] = []
+    for extra in extras:
+        option, eq, value = extra.partition('=')
+        if not eq or not option:
+            raise ChooseError(
+                '--values {!r}: {!r} is not KEY=VALUE (a model.name value is '
+                'MODEL[,KEY=VALUE...], like a setting of scripts/ablation.py)'
+                .format(text, extra))
+        pairs += [option, value]
+    return head, pairs
+
+
 def value_base(cfg: CN, key: str, value, config_file: str = ''
                ) -> Tuple[str, List[str]]:
     """:func:`base_setting` of the config with ``KEY VALUE``, for the one key
@@ -238,9 +265,10 @@ class ValueSetting(Setting):
     Its label, and the name of its run folder, is ``KEY=VALUE``."""
 
     def __init__(self, base: str, extra: Sequence[str], key: str, value,
-                 text: str):
+                 text: str, options: Sequence[str] = ()):
         super().__init__(base)
-        self.overrides += list(extra) + [key, text]
+        head = split_options(key, text)[0] if options else text
+        self.overrides += list(extra) + [key, head] + list(options)
         self.key, self.value, self.text = key, value, text
         self.spec = '{}={}'.format(key, text)
 
@@ -547,7 +575,26 @@ class Chooser(object):
             raise ChooseError('--values {}: expected 2 values or more to '
                               'choose from'.format(list(values)))
         self.cfg = cfg
-        parsed = [parse_value(cfg, key, text) for text in values]
+        parsed, options = [], []
+        for text in values:
+            head, pairs = split_options(key, text)
+            for option in pairs[0::2]:
+                if option == key or option in NOT_CHOICES:
+                    raise ChooseError(
+                        '--values {!r} sets {}: the chooser sets it, or it '
+                        'changes the validation set or the images read; a '
+                        'value\'s options may set the model\'s own keys (e.g. '
+                        'bdb.bands=4)'.format(text, option))
+                if option in typed:
+                    raise ChooseError(
+                        '--values {!r} sets {}, and so do the overrides, '
+                        'which come last and would win: give it in one '
+                        'place'.format(text, option))
+            value, canonical = parse_value(cfg, key, head)
+            if pairs:  # the model with its options, as typed
+                value = canonical = canonical + text[len(head):]
+            parsed.append((value, canonical))
+            options.append(pairs)
         self.values = [v for v, _ in parsed]
         self.texts = [t for _, t in parsed]
         for i, text in enumerate(self.texts):
@@ -556,8 +603,9 @@ class Chooser(object):
                                   '({})'.format(values[self.texts.index(text)],
                                                 values[i], text))
         self.settings = [
-            ValueSetting(*value_base(cfg, key, v, config_file), key, v, t)
-            for v, t in parsed]
+            ValueSetting(*value_base(cfg, key, split_options(key, t)[0],
+                                     config_file), key, v, t, pairs)
+            for (v, t), pairs in zip(parsed, options)]
         slugs = [s.slug for s in self.settings]
         for i, slug in enumerate(slugs):
             if slug in slugs[:i]:
