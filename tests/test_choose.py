@@ -419,7 +419,9 @@ def test_a_model_value_carries_its_options(tmp_path):
     values = ['bdb_resnet18', 'bdb_resnet18,bdb.bands=4']
     chooser = Chooser(CONFIG, str(tmp_path / 'out'), 'model.name', values,
                       VAL_IDS, opts=TINY)
-    assert chooser.texts == values and chooser.values == values
+    assert chooser.texts == values
+    assert chooser.values == ['bdb_resnet18', 'bdb_resnet18']  # the model
+    assert chooser.options == [[], ['bdb.bands', '4']]
     plain, bands = chooser.settings
     assert [chosen_config(CONFIG, TINY, s).bdb.bands for s in (plain, bands)
             ] == [0, 4]
@@ -436,18 +438,51 @@ def test_a_model_value_carries_its_options(tmp_path):
         assert ('bdb.bands' in command) == with_bands
         if with_bands:
             assert command[command.index('bdb.bands') + 1] == '4'
+    # the choice records the model, its options and the text; chosen.yaml
+    # trains BDB with the bands
+    for (seed, value), mAP in zip([(s, v) for v in (0, 1) for s in (1, 2)],
+                                  [30.0, 31.0, 40.0, 41.0]):
+        fake_record(chooser.run_dir(value, seed), mAP, mAP)
+    choice = chooser.choose()
+    assert (choice['chosen'], choice['chosen_text'],
+            choice['chosen_options']) == ('bdb_resnet18',
+                                          'bdb_resnet18,bdb.bands=4',
+                                          ['bdb.bands', '4'])
+    assert [v['value_options'] for v in choice['per_value']] == [
+        [], ['bdb.bands', '4']]
+    cfg = demo_config()
+    merge_file(cfg, str(tmp_path / 'out' / 'chosen.yaml'))
+    assert (cfg.model.name, cfg.bdb.bands, cfg.pmm.mix) == ('bdb_resnet18', 4,
+                                                            'none')
     refused = {
         'bdb_resnet18,bdb.bands': 'is not KEY=VALUE',
+        'bdb_resnet18,bdb.bands=4,bdb.bands=0': 'sets bdb.bands twice',
+        'bdb_resnet18,bdb.bands=0': 'give the same config',
+        ',bdb.bands=4': 'no model before the options',
+        'pmm_resnet18:random_mix': r'pmm_resnet18,pmm.mix=random_mix',
+        'bdb_resnet18, bdb.bands=4': 'has a space',
         'bdb_resnet18,data.root=x': 'sets data.root',
         'bdb_resnet18,train.seed=3': 'sets train.seed',
         'bdb_resnet18,model.name=pmm_resnet18': 'sets model.name',
         'bdb_resnet18,train.max_epoch=2': 'so do the overrides',
+        'bdb_resnet18,pmm.block_size=[1, 1]': 'cannot hold a comma',
         'pmm_resnet18,bdb.bands=4': "the band branch is BDB's",
     }
     for value, message in refused.items():
         with pytest.raises(ChooseError, match=message):
             Chooser(CONFIG, str(tmp_path / 'out'), 'model.name',
                     ['bdb_resnet18', value], VAL_IDS, opts=TINY)
+    assert 'train.max_epoch' in TINY[0::2]  # the overrides' case above
+    # under a BDB config, a PMM value that brings its own mix is accepted
+    bdb = demo_config()
+    bdb.model.name, bdb.pmm.mix = 'bdb_resnet18', 'none'
+    path = str(tmp_path / 'bdb.yaml')
+    with open(path, 'w') as f:
+        f.write(bdb.dump())
+    chooser = Chooser(path, str(tmp_path / 'out2'), 'model.name',
+                      ['bdb_resnet18', 'pmm_resnet18,pmm.mix=hard_mix'],
+                      VAL_IDS, opts=TINY)
+    assert chosen_config(path, TINY, chooser.settings[1]).pmm.mix == 'hard_mix'
 
 
 # --------------------------------------------------------------------------

@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--values', nargs='+', required=True,
                         help='its values, 2 or more, as YAML/Python literals '
                         '(0.0625, 30, "[1, 1]", hard_mix); a model.name value '
-                        'may carry the model\'s options as the ablation '
-                        'runner\'s settings do (bdb_osnet_x0_25,bdb.bands=4)')
+                        'may carry ,KEY=VALUE options as the ablation '
+                        'runner\'s settings do (bdb_osnet_x0_25,bdb.bands=4; '
+                        'pmm_osnet_x0_25,pmm.mix=none)')
     parser.add_argument('--val-ids', type=int, required=True,
                         help='training identities held out for validation '
                         '(data.val_ids; at least 2, leaving 2 to train on)')

@@ -204,31 +204,52 @@ def base_setting(cfg: CN) -> Tuple[str, List[str]]:
 
 
 def split_options(key: str, text: str) -> Tuple[str, List[str]]:
-    """``(model, [KEY, VALUE, ...])``: a ``model.name`` value may carry the
-    ablation runner's ``,KEY=VALUE`` options, as its settings do
+    """``(model, [KEY, VALUE, ...])``: a ``model.name`` value may carry
+    ``,KEY=VALUE`` options, as the ablation runner's settings do
     (``bdb_osnet_x0_25,bdb.bands=4``), so that a model's variants compete
-    with the others on validation.  Any other key, or a value without a
-    comma: ``(text, [])`` (a list such as ``[1, 1]`` keeps its comma).
+    with the others on validation (a mix is an option too:
+    ``pmm_osnet_x0_25,pmm.mix=random_mix``).  Any other key, or a value
+    without a comma: ``(text, [])`` (a list such as ``[1, 1]`` keeps its
+    comma).
 
     Raises:
-        ChooseError: an option that is not ``KEY=VALUE``.
+        ChooseError: no model before the options, ``MODEL:MIX``, an option
+            that is not ``KEY=VALUE`` (an option's value cannot hold a
+            comma), a key with a space, or a key given twice.
     """
-    if key != 'model.name' or ',' not in text:
+    if key != 'model.name' or (',' not in text and ':' not in text):
         return text, []
     head, *extras = text.split(',')
+    if not head.strip():
+        raise ChooseError('--values {!r}: no model before the options '
+                          '(expected MODEL[,KEY=VALUE...])'.format(text))
+    if ':' in head:
+        model, _, mix = head.partition(':')
+        raise ChooseError(
+            '--values {!r}: a model.name value takes its mix as an option, '
+            '{},pmm.mix={} (MODEL:MIX is the ablation runner\'s form)'.format(
+                text, model, mix))
     pairs: List[str] = []
     for extra in extras:
         option, eq, value = extra.partition('=')
         if not eq or not option:
             raise ChooseError(
                 '--values {!r}: {!r} is not KEY=VALUE (a model.name value is '
-                'MODEL[,KEY=VALUE...], like a setting of scripts/ablation.py)'
-                .format(text, extra))
+                'MODEL[,KEY=VALUE...]; an option\'s value cannot hold a comma: '
+                'give a list in the config file or the overrides)'.format(
+                    text, extra))
+        if option != option.strip() or ' ' in option:
+            raise ChooseError('--values {!r}: the option key {!r} has a space'
+                              .format(text, option))
+        if option in pairs[0::2]:
+            raise ChooseError('--values {!r} sets {} twice'.format(
+                text, option))
         pairs += [option, value]
     return head, pairs
 
 
-def value_base(cfg: CN, key: str, value, config_file: str = ''
+def value_base(cfg: CN, key: str, value, config_file: str = '',
+               options: Sequence[str] = (), text: str = ''
                ) -> Tuple[str, List[str]]:
     """:func:`base_setting` of the config with ``KEY VALUE``, for the one key
     that changes what a setting is, ``model.name``: each model then trains as
@@ -244,13 +265,16 @@ def value_base(cfg: CN, key: str, value, config_file: str = ''
     """
     if key != 'model.name':
         return base_setting(cfg)
+    mix = dict(zip(options[0::2], options[1::2])).get('pmm.mix', 'none')
     if uses_pmm_engine(value) and not takes_no_mix(value) and \
-            takes_no_mix(cfg.model.name):
+            takes_no_mix(cfg.model.name) and mix == 'none':
         raise ChooseError(
             '--values {}: config file "{}" trains {}, which takes no mix '
             '(pmm.mix {!r}), so the {} runs would not mix at all; give a PMM '
-            'config, e.g. the chosen.yaml of a share choice'.format(
-                value, config_file, cfg.model.name, cfg.pmm.mix, value))
+            'config, e.g. the chosen.yaml of a share choice, or the mix as '
+            'an option ({},pmm.mix=hard_mix)'.format(
+                text or value, config_file, cfg.model.name, cfg.pmm.mix,
+                value, value))
     other = cfg.clone()
     other.defrost()
     other.model.name = value
@@ -261,8 +285,9 @@ def value_base(cfg: CN, key: str, value, config_file: str = ''
 
 class ValueSetting(Setting):
     """The setting of one value: the config's model, or for ``model.name``
-    the value's (``base``, see :func:`value_base`), with ``KEY VALUE`` last.
-    Its label, and the name of its run folder, is ``KEY=VALUE``."""
+    the value's (``base``, see :func:`value_base`), with ``KEY VALUE`` and
+    then the value's own ``options`` (:func:`split_options`) last.  Its
+    label, and the name of its run folder, is ``KEY=VALUE`` as typed."""
 
     def __init__(self, base: str, extra: Sequence[str], key: str, value,
                  text: str, options: Sequence[str] = ()):
@@ -592,7 +617,7 @@ class Chooser(object):
                         'place'.format(text, option))
             value, canonical = parse_value(cfg, key, head)
             if pairs:  # the model with its options, as typed
-                value = canonical = canonical + text[len(head):]
+                canonical += text[len(head):]
             parsed.append((value, canonical))
             options.append(pairs)
         self.values = [v for v, _ in parsed]
@@ -602,9 +627,10 @@ class Chooser(object):
                 raise ChooseError('--values: {!r} and {!r} are the same value '
                                   '({})'.format(values[self.texts.index(text)],
                                                 values[i], text))
+        self.options = options
         self.settings = [
-            ValueSetting(*value_base(cfg, key, split_options(key, t)[0],
-                                     config_file), key, v, t, pairs)
+            ValueSetting(*value_base(cfg, key, v, config_file, pairs, t),
+                         key, v, t, pairs)
             for (v, t), pairs in zip(parsed, options)]
         slugs = [s.slug for s in self.settings]
         for i, slug in enumerate(slugs):
@@ -618,6 +644,15 @@ class Chooser(object):
             check_settings(self.settings, config_file, self.run_opts)
         except AblationError as error:
             raise ChooseError(str(error)) from None
+        if any(options):  # two texts, one config: the same runs twice
+            dumps = [chosen_config(config_file, self.opts, setting, root).dump()
+                     for setting in self.settings]
+            for i, dump in enumerate(dumps):
+                if dump in dumps[:i]:
+                    raise ChooseError(
+                        '--values: {!r} and {!r} give the same config (the '
+                        'same runs twice)'.format(
+                            self.texts[dumps.index(dump)], self.texts[i]))
         self.split = int(cfg.data.split_id)
         self.study = _Runs(main_script, config_file, out, self.settings,
                            [self.split], self.seeds, self.run_opts, root=root,
@@ -801,6 +836,7 @@ class Chooser(object):
             overrides=self.opts, root=self.root,
             per_value=[OrderedDict(
                 value=self.values[i], text=row['text'],
+                value_options=self.options[i],
                 options=self.settings[i].options(),
                 mAP=OrderedDict(zip(map(str, self.seeds), row['mAP'])),
                 rank1=OrderedDict(zip(map(str, self.seeds), row['rank1'])),
@@ -808,6 +844,7 @@ class Chooser(object):
                 rank1_mean=row['rank1_mean'], rank1_std=row['rank1_std'],
                 run_dirs=dirs[row['text']]) for i, row in enumerate(rows)],
             chosen=self.values[best], chosen_text=self.texts[best],
+            chosen_options=self.options[best],
             tie=bool(choice['tied_with']), tied_with=choice['tied_with'],
             runner_up=self.texts[choice['runner_up']],
             within_spread=choice['within_spread'],
