@@ -473,6 +473,13 @@ def test_a_model_value_carries_its_options(tmp_path):
             Chooser(CONFIG, str(tmp_path / 'out'), 'model.name',
                     ['bdb_resnet18', value], VAL_IDS, opts=TINY)
     assert 'train.max_epoch' in TINY[0::2]  # the overrides' case above
+    # options go with model.name only; a list value keeps its comma
+    with pytest.raises(ChooseError, match='go with --key model.name only'):
+        Chooser(CONFIG, str(tmp_path / 'out'), 'pmm.mix',
+                ['hard_mix', 'cutmix,pmm.top_k=2'], VAL_IDS, opts=TINY)
+    assert Chooser(CONFIG, str(tmp_path / 'out'), 'train.stepsize',
+                   ['[5, 10]', '[6, 12]'], VAL_IDS, opts=TINY).values == [
+        [5, 10], [6, 12]]
     # under a BDB config, a PMM value that brings its own mix is accepted
     bdb = demo_config()
     bdb.model.name, bdb.pmm.mix = 'bdb_resnet18', 'none'

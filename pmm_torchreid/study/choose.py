@@ -215,9 +215,19 @@ def split_options(key: str, text: str) -> Tuple[str, List[str]]:
     Raises:
         ChooseError: no model before the options, ``MODEL:MIX``, an option
             that is not ``KEY=VALUE`` (an option's value cannot hold a
-            comma), a key with a space, or a key given twice.
+            comma), a key with a space, a key given twice, or options on a
+            value of another key.
     """
-    if key != 'model.name' or (',' not in text and ':' not in text):
+    if key != 'model.name':
+        head, comma, rest = text.partition(',')
+        if comma and '[' not in head and '=' in rest.split(',')[0] and \
+                '.' in rest.split('=')[0]:
+            raise ChooseError(
+                '--values {!r}: ,KEY=VALUE options go with --key model.name '
+                'only (a value of {} is one value); give the option in the '
+                'config file or the overrides'.format(text, key))
+        return text, []
+    if ',' not in text and ':' not in text:
         return text, []
     head, *extras = text.split(',')
     if not head.strip():
