@@ -127,7 +127,8 @@ def assert_same_checkpoints(a, b):
     optimiser (every parameter's state and the groups), the scheduler, the
     gradient scaler, and every random-number state the run resumes from
     (torch's, NumPy's, Python's, CUDA's and the mixing generator)."""
-    assert a['epoch'] == b['epoch'] and a['rank1'] == b['rank1']
+    assert a['epoch'] == b['epoch'] and a.get('rank1') == b.get('rank1')
+    assert a.get('periodic') == b.get('periodic')
     _same(a['state_dict'], b['state_dict'], 'state_dict')
     assert len(a['optimizer']['state']) == len(b['optimizer']['state']) > 0
     _same(a['optimizer'], b['optimizer'], 'optimizer')

@@ -248,6 +248,8 @@ def setup(*opts, config='configs/pmm_demo.yaml'):
     (['train.optim', 'adamw'], ['train.optim', 'amsgrad']),
     (['train.lr_scheduler', 'step'], ['train.lr_scheduler', 'multi_step']),
     (['test.eval_freq', '0'], ['test.eval_freq', '-1']),
+    (['train.checkpoint_freq', '-1'], ['train.checkpoint_freq', '-1', '>= 1',
+                                       'or 0']),
     (['test.visrank', 'True'], ['test.visrank', 'test.evaluate']),
     (['loss.name', 'triplet'], ['loss.name', "'pmm' exactly"]),
     (['data.cutout_prob', '1.5'], ['data.cutout_prob', '[0, 1]']),

@@ -11,6 +11,7 @@ from pmm_torchreid.data import Cutout
 from pmm_torchreid.engine import PMMEngine, RecordedPMMEngine
 from pmm_torchreid.engine.losses import batch_hard_triplet, smoothed_cross_entropy
 from pmm_torchreid.engine.optim import WarmupMultiStepLR
+from pmm_torchreid.engine.records import periodic_checkpoint_due
 from pmm_torchreid.utils.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -169,6 +170,47 @@ def test_save_model_writes_plain_safe_checkpoints(tmp_path):
         'model-best.pth.tar', 'model.pth.tar-5']  # no temporary left over
     assert set(load_checkpoint(str(fpath))) >= {
         'state_dict', 'optimizer', 'scheduler', 'pmm_generator', 'rng_state'}
+
+
+def test_periodic_checkpoints_fall_between_torchreids_own():
+    # torchreid saves after each evaluation and after the last epoch
+    def due(freq, max_epoch, eval_freq, start_eval=0):
+        return [e for e in range(1, max_epoch + 1) if periodic_checkpoint_due(
+            e, freq, max_epoch, eval_freq, start_eval)]
+    assert due(1, 5, -1) == [1, 2, 3, 4]  # evaluated only at the end
+    assert due(2, 10, 4) == [2, 6]  # 4 and 8 evaluate, 10 is the last
+    assert due(2, 10, 4, start_eval=6) == [2, 4, 6]  # 4 is before start_eval
+    assert due(3, 9, 1) == []  # every epoch evaluates and saves
+    assert due(0, 9, -1) == []
+
+
+def test_periodic_checkpoints_replace_each_other_and_keep_the_evaluated(
+        tmp_path):
+    engine = _engine(recorded=True)
+    folder = tmp_path / 'model'
+
+    def files():
+        return sorted(os.listdir(folder))
+    engine.save_model(0, None, str(tmp_path), periodic=True)
+    first = load_checkpoint(str(folder / 'model.pth.tar-1'))
+    assert first['periodic'] is True and 'rank1' not in first
+    engine.save_model(1, None, str(tmp_path), periodic=True)
+    assert files() == ['model.pth.tar-2']  # tar-1 is replaced
+    engine.save_model(2, 0.5, str(tmp_path))  # after an evaluation
+    assert files() == ['model.pth.tar-3']
+    evaluated = load_checkpoint(str(folder / 'model.pth.tar-3'))
+    assert evaluated['rank1'] == 0.5 and 'periodic' not in evaluated
+    engine.save_model(3, None, str(tmp_path), periodic=True)
+    engine.save_model(4, 0.6, str(tmp_path))
+    assert files() == ['model.pth.tar-3', 'model.pth.tar-5']
+    # a periodic checkpoint the run resumed from goes when the next is
+    # written, but only from the run's own folder
+    other = tmp_path / 'elsewhere.pth.tar-5'
+    other.write_bytes(b'x')
+    engine.replaceable_checkpoint = str(other)
+    engine.save_model(5, None, str(tmp_path), periodic=True)
+    assert other.exists()
+    assert files() == ['model.pth.tar-3', 'model.pth.tar-5', 'model.pth.tar-6']
 
 
 def test_save_checkpoint_replaces_atomically(tmp_path, monkeypatch):

@@ -114,6 +114,41 @@ def test_without_the_rng_states_the_resumed_run_differs(runs, tmp_path):
                for k in a['state_dict'] if a['state_dict'][k].is_floating_point())
 
 
+def test_a_periodic_checkpoint_resumes_a_killed_run_exactly(synthetic_root,
+                                                            tmp_path):
+    # evaluated only at the end, so torchreid alone would save nothing before
+    no_eval = ['test.eval_freq', '-1', 'train.max_epoch', '3']
+    plain = str(tmp_path / 'plain')
+    plain_out = run_main(main_args(synthetic_root, plain, *no_eval))
+    assert os.listdir(osp.join(plain, 'model')) == ['model.pth.tar-3']
+    # the same run with train.checkpoint_freq 1, killed while its last
+    # checkpoint waits to be renamed into place
+    killed, marker = str(tmp_path / 'killed'), str(tmp_path / 'marker')
+    periodic = no_eval + ['train.checkpoint_freq', '1']
+    out = kill_at_marker(
+        faulty('pause_before_rename:model.pth.tar-3', marker,
+               main_args(synthetic_root, killed, *periodic)), marker)
+    assert out.count('Periodic checkpoint saved') == 2
+    folder = osp.join(killed, 'model')
+    # tar-2 replaced tar-1; tar-3 exists only under its temporary name
+    assert [f for f in os.listdir(folder) if not f.endswith('.tmp')] == [
+        'model.pth.tar-2']
+    ckpt = load_checkpoint(osp.join(folder, 'model.pth.tar-2'))
+    assert ckpt['epoch'] == 2 and ckpt['periodic'] is True
+    assert 'rank1' not in ckpt  # no evaluation behind it
+    out = run_main(main_args(synthetic_root, killed, *periodic, 'model.resume',
+                             osp.join(folder, 'model.pth.tar-2')))
+    assert 'Restored the random-number states' in out
+    assert 'epoch: [3/3]' in out and 'epoch: [2/3]' not in out
+    # the periodic checkpoint it resumed from went once tar-3 was written
+    assert os.listdir(folder) == ['model.pth.tar-3']
+    # neither the periodic saves nor the kill changed the run
+    assert_same_checkpoints(
+        load_checkpoint(osp.join(folder, 'model.pth.tar-3')),
+        load_checkpoint(osp.join(plain, 'model', 'model.pth.tar-3')))
+    assert final_metrics(out) == final_metrics(plain_out)
+
+
 def test_kill_before_rename_keeps_the_old_file_of_that_name(runs, tmp_path):
     root, straight, _, _, _ = runs
     save_dir = str(tmp_path / 'log')

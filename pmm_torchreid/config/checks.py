@@ -179,6 +179,9 @@ def check_config(cfg: CN) -> None:
         if not value >= 1:
             fail(key, value, 'a number of seconds >= 1 (how long a rank of a '
                  'distributed run waits for the others)')
+    if cfg.train.checkpoint_freq < 0:
+        fail('train.checkpoint_freq', cfg.train.checkpoint_freq,
+             'a number of epochs >= 1, or 0 (no periodic checkpoints)')
     if cfg.test.eval_freq == 0 or cfg.test.eval_freq < -1:
         fail('test.eval_freq', cfg.test.eval_freq,
              'a number of epochs >= 1, or -1 (only at the end)')

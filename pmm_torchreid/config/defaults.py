@@ -172,6 +172,10 @@ def add_pmm_config(cfg: CN) -> CN:
     # seconds the other ranks wait while rank 0 alone evaluates (or draws the
     # training pictures) before they stop with an error
     cfg.test.dist_eval_timeout = 7200
+    # a checkpoint after every N epochs besides those torchreid writes after
+    # an evaluation and at the end (0: none), so that a killed run resumes
+    # near where it stopped; each replaces the one before it
+    cfg.train.checkpoint_freq = 0
 
     cfg.data.cutout_size = 64  # side of the Cutout square (transform 'cutout')
     cfg.data.cutout_prob = 0.5  # probability of Cutout per image

@@ -153,7 +153,7 @@ def comparison_engine_kwargs(cfg: CN) -> dict:
 def engine_run_kwargs(cfg: CN) -> dict:
     """Arguments of torchreid's ``Engine.run``."""
     kwargs = _same_names(cfg.train, 'max_epoch start_epoch fixbase_epoch '
-                         'open_layers print_freq')
+                         'open_layers print_freq checkpoint_freq')
     kwargs.update(_same_names(cfg.test, 'start_eval eval_freq dist_metric '
                               'normalize_feature visrank visrank_topk '
                               'ranks rerank'))

@@ -8,6 +8,10 @@ triplet engines alike) and adds:
 - **safe checkpoints**: torchreid's file names and keys, plain numbers (its
   NumPy rank-1 breaks ``torch.load(weights_only=True)``), atomic writes, and
   the random-number states, so a resumed run repeats an uninterrupted one;
+- **periodic checkpoints** (``run(checkpoint_freq=N)``, ``train.checkpoint_freq``):
+  after every N-th epoch that torchreid would not save after (it saves only
+  after an evaluation and at the end), so that a killed run resumes near where
+  it was; each replaces the one before it (:func:`periodic_checkpoint_due`);
 - **results**: the latest Rank-1/mAP of every target, and the time spent in
   training epochs (``results.json`` is written from them);
 - **curves**: ``<save_dir>/curves.csv``, per epoch the mean of every number
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import os.path as osp
 import shutil
 import time
@@ -54,7 +59,8 @@ from pmm_torchreid.utils.checkpoint import (
 from pmm_torchreid.utils.io import atomic_write
 from pmm_torchreid.utils.torchreid_internals import engine_metrics_swapped
 
-__all__ = ['RunRecordsMixin', 'with_run_records', 'fast_ranking']
+__all__ = ['RunRecordsMixin', 'with_run_records', 'fast_ranking',
+           'periodic_checkpoint_due']
 
 #: the arguments of torchreid's ``Engine.run`` (to read ``save_dir``,
 #: ``test_only``, ... however they were passed)
@@ -75,6 +81,22 @@ def fast_ranking():
     sees a view of its ``metrics`` package with that one function swapped;
     restored afterwards)."""
     return engine_metrics_swapped(_evaluate_rank)
+
+
+def periodic_checkpoint_due(epoch: int, checkpoint_freq: int, max_epoch: int,
+                            eval_freq: int, start_eval: int = 0) -> bool:
+    """Whether a periodic checkpoint is written after ``epoch`` (1-based, the
+    epochs trained so far): every ``checkpoint_freq`` epochs (0: never),
+    except where torchreid's ``run`` saves anyway, after an evaluation
+    (``eval_freq``, ``start_eval``) and after the last epoch.
+
+        >>> [e for e in range(1, 11) if periodic_checkpoint_due(e, 2, 10, 4)]
+        [2, 6]
+    """
+    if checkpoint_freq <= 0 or epoch % checkpoint_freq or epoch >= max_epoch:
+        return False
+    evaluated = epoch >= start_eval and eval_freq > 0 and epoch % eval_freq == 0
+    return not evaluated
 
 
 class _NullWriter(object):
@@ -101,6 +123,11 @@ class RunRecordsMixin(object):
     """
 
     last_checkpoint = None  # path of the newest checkpoint this run wrote
+    checkpoint_freq = 0  # periodic checkpoints every N epochs (0: none)
+    # the periodic checkpoint that the next checkpoint replaces (it is
+    # deleted once that one is written), also the one a run resumed from
+    replaceable_checkpoint = None
+    _run_args = None
     train_seconds = 0.0  # time spent in training epochs (not evaluation)
     vis_freq = 0
     _curves = None
@@ -117,9 +144,20 @@ class RunRecordsMixin(object):
     # ------------------------------------------------------------------
     # the run, its epochs and steps
     # ------------------------------------------------------------------
-    def run(self, *args, **kwargs):
+    def run(self, *args, checkpoint_freq=None, **kwargs):
+        """torchreid's ``Engine.run``, plus ``checkpoint_freq`` (default: the
+        ``checkpoint_freq`` attribute, 0): a checkpoint after every that many
+        epochs besides torchreid's own (:func:`periodic_checkpoint_due`)."""
         bound = RUN_SIGNATURE.bind(self, *args, **kwargs)
         bound.apply_defaults()
+        if checkpoint_freq is not None:
+            if isinstance(checkpoint_freq, bool) or \
+                    not isinstance(checkpoint_freq, int) or checkpoint_freq < 0:
+                raise ValueError('checkpoint_freq = {!r}: expected a number of '
+                                 'epochs >= 0 (0: no periodic checkpoints)'
+                                 .format(checkpoint_freq))
+            self.checkpoint_freq = checkpoint_freq
+        self._run_args = bound.arguments
         self.save_dir = bound.arguments['save_dir']
         training = not bound.arguments['test_only']
         if training and self.vis_freq > 0:
@@ -169,6 +207,11 @@ class RunRecordsMixin(object):
             if distributed.is_main():
                 self.write_pictures()
             distributed.wait_for_main('the training pictures')
+        args = self._run_args
+        if args is not None and periodic_checkpoint_due(
+                self.epoch + 1, self.checkpoint_freq, args['max_epoch'],
+                args['eval_freq'], args['start_eval']):
+            self.save_model(self.epoch, None, args['save_dir'], periodic=True)
         return result
 
     def forward_backward(self, data):
@@ -242,11 +285,16 @@ class RunRecordsMixin(object):
     # ------------------------------------------------------------------
     # checkpoints
     # ------------------------------------------------------------------
-    def save_model(self, epoch, rank1, save_dir, is_best=False):
+    def save_model(self, epoch, rank1, save_dir, is_best=False, periodic=False):
         """Writes ``<save_dir>/<name>/model.pth.tar-<epoch + 1>`` (the
         network's own keys, without a ``module.`` prefix).  With several
         processes every rank calls it (the random-number states of all are
-        gathered) and rank 0 writes."""
+        gathered) and rank 0 writes.
+
+        ``rank1`` None (a checkpoint without an evaluation) leaves out the
+        ``rank1`` entry.  A ``periodic`` checkpoint has ``'periodic': True``
+        and is deleted when the next checkpoint of the run (in the same
+        folder) has been written."""
         extra = self.extra_checkpoint_state()
         for name in self.get_model_names():
             fpath = osp.join(
@@ -259,19 +307,36 @@ class RunRecordsMixin(object):
             state = {
                 'state_dict': unwrap(self._models[name]).state_dict(),
                 'epoch': int(epoch) + 1,
-                'rank1': float(rank1),
                 'optimizer': self._optims[name].state_dict(),
                 'scheduler': scheduler.state_dict()
                 if scheduler is not None else None,
             }
+            if rank1 is not None:
+                state['rank1'] = float(rank1)
+            if periodic:
+                state['periodic'] = True
             state.update(extra)
             save_checkpoint(state, fpath)
             self.last_checkpoint = fpath
-            print('Checkpoint saved to "{}"'.format(fpath))
+            print('{} saved to "{}"'.format(
+                'Periodic checkpoint' if periodic else 'Checkpoint', fpath))
+            self._replace_periodic(fpath, periodic)
             if is_best:
                 best = osp.join(save_dir, name, 'model-best.pth.tar')
                 with open(fpath, 'rb') as src, atomic_write(best) as dst:
                     shutil.copyfileobj(src, dst)
+
+    def _replace_periodic(self, fpath: str, periodic: bool) -> None:
+        """Deletes the periodic checkpoint that ``fpath`` (just written)
+        replaces: the run's previous one, in the same folder."""
+        old = self.replaceable_checkpoint
+        if old and osp.abspath(old) != osp.abspath(fpath) and \
+                osp.dirname(osp.abspath(old)) == osp.dirname(osp.abspath(fpath)):
+            try:
+                os.remove(old)
+            except FileNotFoundError:
+                pass
+        self.replaceable_checkpoint = fpath if periodic else None
 
     def extra_checkpoint_state(self) -> Dict:
         """More checkpoint entries (plain values or tensors): the random-number

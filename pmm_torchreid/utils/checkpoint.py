@@ -133,7 +133,9 @@ def resume_from_checkpoint(
     With ``engine`` (a :class:`pmm_torchreid.engine.records.RunRecordsMixin`
     engine), the random-number states saved with the checkpoint are restored
     too, so that the resumed run continues exactly as the uninterrupted one
-    (call it last, right before ``engine.run``).  ``map_location`` is
+    (call it last, right before ``engine.run``), and a periodic checkpoint
+    (``train.checkpoint_freq``) is deleted once the run has written its next
+    checkpoint in the same folder.  ``map_location`` is
     :func:`load_checkpoint`'s.
     """
     print('Loading checkpoint from "{}"'.format(fpath))
@@ -156,6 +158,8 @@ def resume_from_checkpoint(
         print('Loaded scheduler')
     if engine is not None:
         engine.restore_checkpoint_state(checkpoint)
+        if checkpoint.get('periodic'):  # the run's next checkpoint replaces it
+            engine.replaceable_checkpoint = fpath
     start_epoch = int(checkpoint['epoch'])
     print('Last epoch = {}'.format(start_epoch))
     if checkpoint.get('rank1') is not None:
