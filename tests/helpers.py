@@ -19,9 +19,10 @@ CONFIG = osp.join(ROOT, 'configs', 'pmm_demo.yaml')
 DRIVER = osp.join(ROOT, 'tests', 'fault_driver.py')
 
 #: every child process: one thread (bit-exact CPU results, and two test
-#: workers share the two cores), the CPU, and this checkout first on the path
+#: workers share the two cores), the CPU, unbuffered output (a test reads what
+#: a child it killed printed), and this checkout first on the path
 ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1',
-           CUDA_VISIBLE_DEVICES='',
+           CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1',
            PYTHONPATH=os.pathsep.join(
                [ROOT] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
 

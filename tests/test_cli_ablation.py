@@ -100,6 +100,12 @@ def test_outputs_and_the_recipe_check(tmp_path):
     check_recipe(out, recipe)  # the same recipe: accepted
     with pytest.raises(AblationError, match='holds runs of another recipe'):
         check_recipe(out, recipe_of(CONFIG, ['train.max_epoch', '2']))
+    # periodic checkpoints do not change the runs: they may be added later
+    check_recipe(out, recipe_of(CONFIG, ['train.max_epoch', '1',
+                                         'train.checkpoint_freq', '5']))
+    with pytest.raises(AblationError, match='holds runs of another recipe'):
+        check_recipe(out, recipe_of(CONFIG, ['train.checkpoint_freq', '5',
+                                             'train.max_epoch', '2']))
     text = write_outputs(out, [], [Setting('pmm')], [0], recipe)
     # no run finished; the network's size is known all the same (ResNet-50)
     assert '| pmm | - | - | - | 31.120 | 1536 |' in text

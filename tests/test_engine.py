@@ -213,6 +213,14 @@ def test_periodic_checkpoints_replace_each_other_and_keep_the_evaluated(
     assert files() == ['model.pth.tar-3', 'model.pth.tar-5', 'model.pth.tar-6']
 
 
+@pytest.mark.parametrize('freq', [-1, 2.5, True])
+def test_run_refuses_a_checkpoint_freq_that_is_no_count(freq, tmp_path):
+    engine = _engine(recorded=True)
+    with pytest.raises(ValueError, match='checkpoint_freq = .*>= 0'):
+        engine.run(save_dir=str(tmp_path), max_epoch=1, checkpoint_freq=freq)
+    assert not os.listdir(tmp_path)  # refused before any training
+
+
 def test_save_checkpoint_replaces_atomically(tmp_path, monkeypatch):
     fpath = str(tmp_path / 'ckpt.pth')
     save_checkpoint({'epoch': 1}, fpath)

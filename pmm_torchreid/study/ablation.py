@@ -441,9 +441,22 @@ def _recipe_lines(recipe: dict) -> List[str]:
         'overrides: {}'.format(' '.join(recipe.get('opts', [])))]
 
 
+#: keys that decide when a run saves, not what it trains (a run with periodic
+#: checkpoints equals the run without them): the runs of a folder may differ
+#: in them, so that a study can start saving periodically half-way
+BOOKKEEPING_KEYS = ('train.checkpoint_freq',)
+
+
+def _training_opts(opts: Sequence[str]) -> List[str]:
+    """``opts`` without the :data:`BOOKKEEPING_KEYS` pairs."""
+    return [item for key, value in zip(opts[0::2], opts[1::2])
+            if key not in BOOKKEEPING_KEYS for item in (key, value)]
+
+
 def check_recipe(out: str, recipe: dict) -> None:
     """The folder's runs must all share one recipe (else skipping is wrong):
-    writes ``<out>/recipe.json`` on first use, compares with it later.
+    writes ``<out>/recipe.json`` on first use, compares with it later
+    (:data:`BOOKKEEPING_KEYS` left out of the comparison).
 
     Raises:
         AblationError: ``out`` holds runs of another recipe (with the
@@ -454,8 +467,11 @@ def check_recipe(out: str, recipe: dict) -> None:
         with open(path) as f:
             old = json.load(f)
         # keys added to the plugin since, at their defaults, do not count
-        if old.get('opts') != recipe.get('opts') or dump_differences(
-                old.get('config', ''), recipe.get('config', '')):
+        differ = [key for key in dump_differences(
+            old.get('config', ''), recipe.get('config', ''))
+            if key not in BOOKKEEPING_KEYS]
+        if differ or _training_opts(old.get('opts') or []) != \
+                _training_opts(recipe.get('opts') or []):
             diff = [line for line in difflib.unified_diff(
                 _recipe_lines(old), _recipe_lines(recipe), 'there', 'now',
                 n=0, lineterm='')
